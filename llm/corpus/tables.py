@@ -1,0 +1,204 @@
+"""The raw and clean document tables: Arrow schemas, pandera checks, batched Parquet I/O.
+
+Both tables are directories of `part-NNNNN.parquet` files written in row groups of a bounded
+number of documents, so no stage ever holds the corpus in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Iterator
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from llm.errors import DataValidationError
+
+RAW_ARROW_SCHEMA = pa.schema(
+    [
+        ("doc_id", pa.string()),
+        ("source", pa.string()),
+        ("uri", pa.string()),
+        ("text", pa.string()),
+        ("n_bytes", pa.int64()),
+        ("n_decode_errors", pa.int64()),
+    ]
+)
+CLEAN_ARROW_SCHEMA = pa.schema(
+    [
+        ("doc_id", pa.string()),
+        ("source", pa.string()),
+        ("uri", pa.string()),
+        ("text", pa.string()),
+        ("n_bytes", pa.int64()),
+    ]
+)
+MAX_FILE_BYTES = 256 * 1024 * 1024
+MAX_LISTED_FAILURES = 20
+
+
+def content_id(text: str) -> str:
+    """The stable id of a document: a hash of its text as read."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+# ----------------------------------------------------------------------------- schemas
+def _schemas():
+    # Imported lazily: pandera takes a second to import and only the writers need it.
+    import pandera.pandas as pdx
+
+    def common() -> dict:
+        return {
+            "doc_id": pdx.Column(str, pdx.Check.str_matches(r"^[0-9a-f]{32}$"), nullable=False),
+            "source": pdx.Column(str, pdx.Check.str_length(min_value=1), nullable=False),
+            "uri": pdx.Column(str, pdx.Check.str_length(min_value=1), nullable=False),
+            "text": pdx.Column(
+                str,
+                pdx.Check(lambda s: s.str.strip().str.len() > 0, element_wise=False, error="text is not blank"),
+                nullable=False,
+            ),
+            "n_bytes": pdx.Column("int64", pdx.Check.gt(0), nullable=False),
+        }
+
+    n_bytes_matches = pdx.Check(
+        lambda df: df["text"].map(lambda t: len(t.encode("utf-8"))) == df["n_bytes"],
+        error="n_bytes == UTF-8 length of text",
+    )
+    raw = pdx.DataFrameSchema(
+        {**common(), "n_decode_errors": pdx.Column("int64", pdx.Check.ge(0), nullable=False)},
+        checks=[n_bytes_matches],
+        strict=True,
+        name="raw",
+    )
+    clean_cols = common()
+    clean_cols["doc_id"] = pdx.Column(
+        str, pdx.Check.str_matches(r"^[0-9a-f]{32}$"), nullable=False, unique=True
+    )
+    clean = pdx.DataFrameSchema(clean_cols, checks=[n_bytes_matches], strict=True, name="clean")
+    return {"raw": raw, "clean": clean}
+
+
+_SCHEMA_CACHE: dict = {}
+
+
+def schema(name: str):
+    """The pandera schema of the `raw` or `clean` table."""
+    if not _SCHEMA_CACHE:
+        _SCHEMA_CACHE.update(_schemas())
+    return _SCHEMA_CACHE[name]
+
+
+def validate_frame(df: pd.DataFrame, name: str) -> None:
+    """Validate a batch; raise DataValidationError listing failing checks and rows."""
+    import pandera.errors
+
+    try:
+        schema(name).validate(df, lazy=True)
+    except pandera.errors.SchemaErrors as e:
+        raise DataValidationError(describe_failures(e.failure_cases, df, name)) from None
+
+
+def describe_failures(cases: pd.DataFrame, df: pd.DataFrame, name: str) -> str:
+    """One line per failing (check, row): a table-wide check is listed once, not per column."""
+    seen: set[tuple] = set()
+    lines: list[str] = []
+    for _, case in cases.iterrows():
+        table_wide = case.get("schema_context") == "DataFrameSchema"
+        column = None if table_wide else case.get("column")
+        idx = case.get("index")
+        key = (str(case.get("check")), column, None if idx is None or pd.isna(idx) else int(idx))
+        if key in seen:
+            continue
+        seen.add(key)
+        where = ""
+        if key[2] is not None and key[2] in df.index:
+            row = df.loc[key[2]]
+            where = f" at row {key[2]} (uri={row.get('uri', '?')!s}, doc_id={row.get('doc_id', '?')!s})"
+        value = "" if table_wide else f": value {_short(case.get('failure_case'))!r}"
+        col = f"column {column!r}" if isinstance(column, str) else "table"
+        lines.append(f"  - {col}: check '{key[0]}' failed{where}{value}")
+    head = f"{name} table failed validation: {len(lines)} failure(s)"
+    if len(lines) > MAX_LISTED_FAILURES:
+        lines = lines[:MAX_LISTED_FAILURES] + [f"  ... and {len(lines) - MAX_LISTED_FAILURES} more"]
+    return "\n".join([head, *lines])
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ----------------------------------------------------------------------------- I/O
+class TableWriter:
+    """Writes validated batches of rows to part-NNNNN.parquet files in `directory`."""
+
+    def __init__(self, directory: Path, arrow_schema: pa.Schema, name: str, validate: bool = True):
+        self.directory = Path(directory)
+        self.arrow_schema = arrow_schema
+        self.name = name
+        self.validate = validate
+        self._writer: pq.ParquetWriter | None = None
+        self._file_bytes = 0
+        self._files = 0
+        self.rows = 0
+
+    def write(self, rows: dict[str, list]) -> None:
+        table = pa.Table.from_pydict(rows, schema=self.arrow_schema)
+        if table.num_rows == 0:
+            return
+        if self.validate:
+            validate_frame(table.to_pandas(), self.name)
+        if self._writer is None or self._file_bytes >= MAX_FILE_BYTES:
+            self._roll()
+        assert self._writer is not None
+        self._writer.write_table(table)
+        self._file_bytes += table.nbytes
+        self.rows += table.num_rows
+
+    def _roll(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        path = self.directory / f"part-{self._files:05d}.parquet"
+        self._writer = pq.ParquetWriter(path, self.arrow_schema, compression="zstd")
+        self._files += 1
+        self._file_bytes = 0
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> "TableWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def table_files(directory: Path) -> list[Path]:
+    files = sorted(Path(directory).glob("part-*.parquet"))
+    if not files:
+        from llm.errors import UserError
+
+        raise UserError(f"{directory}: no table found (run the stage that writes it first)")
+    return files
+
+
+def iter_batches(directory: Path, columns: list[str] | None = None, batch_size: int = 256) -> Iterator[pa.RecordBatch]:
+    """Record batches of a table, in order, bounded in size."""
+    for path in table_files(directory):
+        pf = pq.ParquetFile(path)
+        yield from pf.iter_batches(batch_size=batch_size, columns=columns)
+
+
+def count_rows(directory: Path) -> int:
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in table_files(directory))
+
+
+def sum_column(directory: Path, column: str) -> int:
+    total = 0
+    for batch in iter_batches(directory, [column], batch_size=65536):
+        total += int(pa.compute.sum(batch.column(0)).as_py() or 0)
+    return total

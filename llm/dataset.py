@@ -1,0 +1,126 @@
+"""A PyTorch dataset over the token shards.
+
+The shards are memory-mapped: only the blocks handed out are read and copied. A split's token
+stream is cut into non-overlapping blocks of `block_size + 1` tokens (x = block[:-1],
+y = block[1:]); each epoch visits the blocks in a seeded permutation. The position (epoch and
+index) is the dataset's state, so training resumes exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from llm.shards import open_split, token_stream
+
+
+class TokenBlocks(torch.utils.data.IterableDataset):
+    def __init__(
+        self,
+        shards_dir: str | Path,
+        split: str,
+        block_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        epochs: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        super().__init__()
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.tables = open_split(shards_dir, split)  # keeps the memory maps alive
+        self.pieces = [arr for t in self.tables for arr in token_stream(t) if len(arr)]
+        self.starts = np.cumsum([0] + [len(a) for a in self.pieces])
+        self.n_tokens = int(self.starts[-1])
+        self.block_size = block_size
+        self.n_blocks = (self.n_tokens - 1) // block_size
+        if self.n_blocks < world_size:
+            raise ValueError(
+                f"split {split!r} has {self.n_tokens} tokens: too few for one block of {block_size + 1} per process"
+            )
+        self.seed, self.shuffle, self.epochs = seed, shuffle, epochs
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self.index = 0
+        self._order_cache: tuple[int, np.ndarray] | None = None
+
+    # -- blocks
+    def tokens(self, start: int, stop: int) -> np.ndarray:
+        """Tokens [start, stop) of the stream, crossing shard boundaries where needed."""
+        first = int(np.searchsorted(self.starts, start, side="right")) - 1
+        parts = []
+        i = first
+        while start < stop:
+            offset = start - int(self.starts[i])
+            take = min(stop - start, len(self.pieces[i]) - offset)
+            parts.append(self.pieces[i][offset : offset + take])
+            start += take
+            i += 1
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def block(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = b * self.block_size
+        chunk = torch.from_numpy(self.tokens(start, start + self.block_size + 1).astype(np.int64))
+        return chunk[:-1], chunk[1:]
+
+    def order(self, epoch: int) -> np.ndarray:
+        """This process's blocks for an epoch: a seeded permutation, dealt round-robin to ranks."""
+        if self._order_cache is None or self._order_cache[0] != epoch:
+            if self.shuffle:
+                perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_blocks)
+            else:
+                perm = np.arange(self.n_blocks)
+            usable = (self.n_blocks // self.world_size) * self.world_size  # equal count per rank
+            self._order_cache = (epoch, perm[:usable][self.rank :: self.world_size])
+        return self._order_cache[1]
+
+    def __len__(self) -> int:
+        return self.n_blocks // self.world_size
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while self.epochs is None or self.epoch < self.epochs:
+            order = self.order(self.epoch)
+            while self.index < len(order):
+                b = int(order[self.index])
+                self.index += 1
+                yield self.block(b)
+            self.epoch += 1
+            self.index = 0
+
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Stacked (x, y) batches of shape (batch_size, block_size); the last partial batch of a
+        finite pass is yielded too."""
+        xs, ys = [], []
+        for x, y in self:
+            xs.append(x)
+            ys.append(y)
+            if len(xs) == batch_size:
+                yield torch.stack(xs), torch.stack(ys)
+                xs, ys = [], []
+        if xs:
+            yield torch.stack(xs), torch.stack(ys)
+
+    # -- position
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "index": self.index,
+            "seed": self.seed,
+            "block_size": self.block_size,
+            "n_tokens": self.n_tokens,
+            "rank": self.rank,
+            "world_size": self.world_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("seed", "block_size", "n_tokens", "world_size"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"cannot resume: {key} was {state[key]}, is now {getattr(self, key)}")
+        self.epoch = int(state["epoch"])
+        self.index = int(state["index"])

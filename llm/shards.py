@@ -1,0 +1,222 @@
+"""Stage `shards`: data/clean + tokenizer -> data/shards/{train,val}/*.arrow + manifest.json.
+
+Each shard is an Arrow IPC file (uncompressed, so it memory-maps without copying) with one
+row per document: `doc_id`, `source`, `n_bytes` (UTF-8 bytes of its text, for bits-per-byte)
+and `tokens`, a list of ids in the smallest unsigned type that holds the vocabulary. The
+documents of a split, concatenated in order, are its token stream.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from tqdm import tqdm
+
+from llm.config import ShardsParams, SplitParams, group_dict
+from llm.corpus.tables import count_rows, iter_batches
+from llm.errors import UserError
+from llm.io import atomic_dir, file_sha256, write_json
+from llm.parallel import ordered_map, resolve_workers
+from llm.progress import progress_enabled
+from llm.split import SPLITS, split_of
+from llm.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned integer type that holds every id of the vocabulary."""
+    for dt in (np.uint8, np.uint16, np.uint32):
+        if vocab_size - 1 <= np.iinfo(dt).max:
+            return np.dtype(dt)
+    return np.dtype(np.uint64)
+
+
+def shard_schema(dtype: np.dtype) -> pa.Schema:
+    return pa.schema(
+        [
+            ("doc_id", pa.string()),
+            ("source", pa.string()),
+            ("n_bytes", pa.int64()),
+            ("tokens", pa.list_(pa.from_numpy_dtype(dtype))),
+        ]
+    )
+
+
+# ----------------------------------------------------------------------------- workers
+_STATE: dict[str, Any] = {}
+
+
+def _init_worker(model_path: str, append_eos: bool, dtype: str) -> None:
+    _STATE["tok"] = Tokenizer(model_path)
+    _STATE["append_eos"] = append_eos
+    _STATE["dtype"] = np.dtype(dtype)
+
+
+def _encode_batch(texts: list[str]) -> list[np.ndarray]:
+    tok: Tokenizer = _STATE["tok"]
+    eos = [tok.eos_id] if _STATE["append_eos"] and tok.eos_id >= 0 else []
+    return [np.asarray(ids + eos, dtype=_STATE["dtype"]) for ids in tok.encode_batch(texts)]
+
+
+# ----------------------------------------------------------------------------- writer
+@dataclass
+class _Split:
+    directory: Path
+    schema: pa.Schema
+    shard_tokens: int
+    shards: list[dict] = field(default_factory=list)
+    _writer: Any = None
+    _sink: Any = None
+    _current: dict | None = None
+
+    def add(self, doc_ids: list[str], sources: list[str], n_bytes: list[int], arrays: list[np.ndarray]) -> None:
+        if not arrays:
+            return
+        if self._writer is None:
+            self._open()
+        lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
+        offsets = np.zeros(len(arrays) + 1, dtype=np.int32)  # one batch of documents stays far below 2**31 tokens
+        np.cumsum(lengths, out=offsets[1:])
+        tokens = pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(arrays)))
+        columns = [pa.array(doc_ids, pa.string()), pa.array(sources, pa.string()), pa.array(n_bytes, pa.int64()), tokens]
+        batch = pa.record_batch(columns, schema=self.schema)
+        self._writer.write_batch(batch)
+        cur = self._current
+        assert cur is not None
+        cur["documents"] += len(arrays)
+        cur["tokens"] += int(lengths.sum())
+        cur["bytes"] += int(sum(n_bytes))
+        if cur["tokens"] >= self.shard_tokens:
+            self._close()
+
+    def _open(self) -> None:
+        index = len(self.shards)
+        path = self.directory / f"{index:05d}.arrow"
+        self._sink = pa.OSFile(str(path), "wb")
+        self._writer = pa.ipc.new_file(self._sink, self.schema)
+        self._current = {"path": f"{self.directory.name}/{path.name}", "documents": 0, "tokens": 0, "bytes": 0}
+
+    def _close(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()
+        self._sink.close()
+        assert self._current is not None
+        self._current["sha256"] = file_sha256(self.directory.parent / self._current["path"])
+        self.shards.append(self._current)
+        self._writer = self._sink = self._current = None
+
+    def finish(self) -> dict:
+        self._close()
+        return {
+            "documents": sum(s["documents"] for s in self.shards),
+            "tokens": sum(s["tokens"] for s in self.shards),
+            "bytes": sum(s["bytes"] for s in self.shards),
+            "shards": self.shards,
+        }
+
+
+def write_shards(
+    params: ShardsParams, split: SplitParams, clean_dir: Path, tokenizer_dir: Path, out_dir: Path, metrics_path: Path
+) -> dict:
+    tok = Tokenizer.load(tokenizer_dir)
+    dtype = token_dtype(tok.vocab_size)
+    workers = resolve_workers(params.num_workers)
+    total = count_rows(clean_dir)
+    log.info("shards: tokenizing %d documents with %d worker(s) into %s shards", total, workers, dtype.name)
+    schema = shard_schema(dtype)
+    with atomic_dir(out_dir) as tmp:
+        writers = {}
+        for name in SPLITS:
+            (tmp / name).mkdir()
+            writers[name] = _Split(tmp / name, schema, params.shard_tokens)
+        meta_batches: list = []
+
+        def texts():
+            for batch in iter_batches(clean_dir, ["doc_id", "source", "text", "n_bytes"], params.batch_docs):
+                meta_batches.append((batch.column(0).to_pylist(), batch.column(1).to_pylist(), batch.column(3).to_pylist()))
+                yield batch.column(2).to_pylist()
+
+        bar = tqdm(total=total, desc="shards", unit="doc", disable=not progress_enabled(), mininterval=1.0)
+        init = (str(tok.path), params.append_eos, dtype.str)
+        for arrays in ordered_map(_encode_batch, texts(), workers, _init_worker, init):
+            doc_ids, sources, n_bytes = meta_batches.pop(0)
+            sides = [split_of(d, split) for d in doc_ids]
+            for name in SPLITS:
+                keep = [i for i, s in enumerate(sides) if s == name]
+                writers[name].add(
+                    [doc_ids[i] for i in keep], [sources[i] for i in keep], [n_bytes[i] for i in keep], [arrays[i] for i in keep]
+                )
+            bar.update(len(doc_ids))
+        bar.close()
+        splits = {name: w.finish() for name, w in writers.items()}
+        for name, info in splits.items():
+            if info["documents"] == 0:
+                raise UserError(
+                    f"shards: the {name} split is empty ({total} documents; split.val_fraction={split.val_fraction}); "
+                    "add documents or change split.val_fraction"
+                )
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "dtype": dtype.name,
+            "tokenizer": {
+                "sha256": tok.sha256(),
+                "vocab_size": tok.vocab_size,
+                "eos_id": tok.eos_id,
+                "bos_id": tok.bos_id,
+                "pad_id": tok.pad_id,
+            },
+            "params": {"shards": group_dict(params), "split": group_dict(split)},
+            "splits": splits,
+        }
+        write_json(tmp / MANIFEST, manifest)
+    summary = {
+        "dtype": dtype.name,
+        "vocab_size": tok.vocab_size,
+        **{f"{name}_{k}": info[k] for name, info in splits.items() for k in ("documents", "tokens", "bytes")},
+        **{f"{name}_shards": len(info["shards"]) for name, info in splits.items()},
+    }
+    write_json(metrics_path, summary)
+    log.info(
+        "shards: train %d docs / %d tokens in %d shard(s); val %d docs / %d tokens in %d shard(s)",
+        splits["train"]["documents"], splits["train"]["tokens"], len(splits["train"]["shards"]),
+        splits["val"]["documents"], splits["val"]["tokens"], len(splits["val"]["shards"]),
+    )
+    return manifest
+
+
+def read_manifest(shards_dir: str | Path) -> dict:
+    from llm.io import read_json
+
+    path = Path(shards_dir) / MANIFEST
+    if not path.is_file():
+        raise UserError(f"{path}: shard manifest not found (run `llm shards` first)")
+    return read_json(path)
+
+
+def open_split(shards_dir: str | Path, split: str) -> list[pa.Table]:
+    """The shards of a split as memory-mapped Arrow tables (no data is copied into memory)."""
+    manifest = read_manifest(shards_dir)
+    if split not in manifest["splits"]:
+        raise UserError(f"{shards_dir}: no split {split!r} (have: {', '.join(manifest['splits'])})")
+    tables = []
+    for shard in manifest["splits"][split]["shards"]:
+        source = pa.memory_map(str(Path(shards_dir) / shard["path"]), "r")
+        tables.append(pa.ipc.open_file(source).read_all())
+    return tables
+
+
+def token_stream(table: pa.Table) -> list[np.ndarray]:
+    """The token ids of a shard as zero-copy numpy views, one per record batch."""
+    out = []
+    for chunk in table.column("tokens").chunks:
+        out.append(chunk.flatten().to_numpy(zero_copy_only=True))
+    return out

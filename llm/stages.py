@@ -1,0 +1,75 @@
+"""The pipeline's stages: where each reads and writes, and the function that runs it.
+
+This is the stage contract the CLI, dvc.yaml and the Dagster assets share: a stage is a
+function of (params, project root) that writes its outputs atomically and returns its report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from llm.config import Params
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where every artifact lives, relative to the project root."""
+
+    root: Path
+
+    @property
+    def raw(self) -> Path:
+        return self.root / "data" / "raw"
+
+    @property
+    def clean(self) -> Path:
+        return self.root / "data" / "clean"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "data" / "tokenizer"
+
+    @property
+    def shards(self) -> Path:
+        return self.root / "data" / "shards"
+
+    def metrics(self, stage: str) -> Path:
+        return self.root / "metrics" / f"{stage}.json"
+
+
+def run_ingest(params: Params, root: Path) -> dict:
+    from llm.corpus.ingest import ingest
+
+    lay = Layout(root)
+    return ingest(params.ingest, root, lay.raw, lay.metrics("ingest"))
+
+
+def run_clean(params: Params, root: Path) -> dict:
+    from llm.corpus.clean import clean
+
+    lay = Layout(root)
+    return clean(params.clean, params.seed, lay.raw, lay.clean, lay.metrics("clean"))
+
+
+def run_tokenizer(params: Params, root: Path) -> dict:
+    from llm.tokenizer import train_tokenizer
+
+    lay = Layout(root)
+    return train_tokenizer(params.tokenizer, params.split, params.seed, lay.clean, lay.tokenizer, lay.metrics("tokenizer"))
+
+
+def run_shards(params: Params, root: Path) -> dict:
+    from llm.shards import write_shards
+
+    lay = Layout(root)
+    return write_shards(params.shards, params.split, lay.clean, lay.tokenizer, lay.shards, lay.metrics("shards"))
+
+
+STAGES: dict[str, Callable[[Params, Path], dict]] = {
+    "ingest": run_ingest,
+    "clean": run_clean,
+    "tokenizer": run_tokenizer,
+    "shards": run_shards,
+}

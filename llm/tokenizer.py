@@ -1,0 +1,213 @@
+"""Stage `tokenizer`: the train split of data/clean -> a sentencepiece model + stats.
+
+Normalisation is the identity and whitespace is kept as is, with byte fallback, so
+`decode(encode(x)) == x` holds exactly for cleaned text. Trained on the train split only: the
+val split stays unseen, so the bytes-per-token measured on it is honest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from tqdm import tqdm
+
+from llm.config import SplitParams, TokenizerParams, group_dict
+from llm.corpus.tables import iter_batches
+from llm.errors import UserError
+from llm.io import atomic_dir, file_sha256, write_json
+from llm.parallel import resolve_workers
+from llm.progress import progress_enabled
+from llm.split import split_of
+
+log = logging.getLogger(__name__)
+MODEL_FILE = "tokenizer.model"
+VOCAB_FILE = "tokenizer.vocab"
+STATS_FILE = "stats.json"
+
+
+class Tokenizer:
+    """A trained sentencepiece model with the few operations the pipeline needs."""
+
+    def __init__(self, model_path: str | Path):
+        import sentencepiece as spm
+
+        self.path = Path(model_path)
+        if not self.path.is_file():
+            raise UserError(f"{self.path}: tokenizer model not found (run `llm tokenizer` first)")
+        self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        self.vocab_size = self.sp.get_piece_size()
+        self.eos_id = self.sp.eos_id()
+        self.bos_id = self.sp.bos_id()
+        self.pad_id = self.sp.pad_id()
+        self.unk_id = self.sp.unk_id()
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Tokenizer":
+        return cls(Path(directory) / MODEL_FILE)
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text, out_type=int)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts, out_type=int)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode(list(ids))
+
+    def piece(self, i: int) -> str:
+        return self.sp.id_to_piece(i)
+
+    def sha256(self) -> str:
+        return file_sha256(self.path)
+
+
+def _sample_fraction(doc_id: str, seed: int) -> float:
+    digest = hashlib.sha256(f"tokenizer-sample:{seed}:{doc_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+@dataclass
+class _TrainInput:
+    documents: int = 0
+    bytes: int = 0
+    lines: int = 0
+
+
+def _train_lines(clean_dir: Path, split: SplitParams, keep: float, seed: int, stats: _TrainInput) -> Iterator[str]:
+    """Lines of the sampled train documents: sentencepiece trains on line-sized 'sentences'."""
+    for batch in iter_batches(clean_dir, ["doc_id", "text", "n_bytes"], batch_size=256):
+        for doc_id, text, n_bytes in zip(*(batch.column(i).to_pylist() for i in range(3))):
+            if split_of(doc_id, split) != "train" or (keep < 1.0 and _sample_fraction(doc_id, seed) >= keep):
+                continue
+            stats.documents += 1
+            stats.bytes += n_bytes
+            for line in text.split("\n"):
+                if line.strip():
+                    stats.lines += 1
+                    yield line
+
+
+def train_tokenizer(
+    params: TokenizerParams, split: SplitParams, seed: int, clean_dir: Path, out_dir: Path, stats_path: Path
+) -> dict:
+    import sentencepiece as spm
+
+    train_bytes = 0
+    for batch in iter_batches(clean_dir, ["doc_id", "n_bytes"], batch_size=65536):
+        for doc_id, n in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+            if split_of(doc_id, split) == "train":
+                train_bytes += n
+    if train_bytes == 0:
+        raise UserError("tokenizer: the train split is empty (lower split.val_fraction or add documents)")
+    keep = min(1.0, params.max_train_bytes / train_bytes)
+    threads = resolve_workers(params.num_threads)
+    log.info(
+        "tokenizer: %s, vocab %d, on %.1f%% of %.2f MB of train text, %d thread(s)",
+        params.model_type, params.vocab_size, 100 * keep, train_bytes / 1e6, threads,
+    )
+    used = _TrainInput()
+    lines = _train_lines(clean_dir, split, keep, seed, used)
+    bar = tqdm(lines, desc="tokenizer input", unit="line", disable=not progress_enabled(), mininterval=1.0)
+    model = io.BytesIO()
+    spm.set_random_generator_seed(seed)
+    t0 = time.perf_counter()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(bar),
+            model_writer=model,
+            model_type=params.model_type,
+            vocab_size=params.vocab_size,
+            character_coverage=params.character_coverage,
+            byte_fallback=params.byte_fallback,
+            # Exact round trip: no NFKC, no whitespace squeezing, no dummy prefix.
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True,
+            user_defined_symbols=["\n"],  # a newline is one piece of its own, not a byte token
+            split_digits=True,
+            max_sentencepiece_length=params.max_piece_length,
+            max_sentence_length=1 << 16,
+            input_sentence_size=0,
+            shuffle_input_sentence=False,
+            hard_vocab_limit=params.model_type != "char",
+            unk_id=params.unk_id,
+            bos_id=params.bos_id,
+            eos_id=params.eos_id,
+            pad_id=params.pad_id,
+            num_threads=threads,
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        raise UserError(f"tokenizer: sentencepiece could not train with these params: {str(e).splitlines()[-1]}") from None
+    finally:
+        bar.close()
+    train_seconds = time.perf_counter() - t0
+    with atomic_dir(out_dir) as tmp:
+        (tmp / MODEL_FILE).write_bytes(model.getvalue())
+        tok = Tokenizer(tmp / MODEL_FILE)
+        with open(tmp / VOCAB_FILE, "w", encoding="utf-8") as f:
+            for i in range(tok.vocab_size):
+                f.write(f"{tok.piece(i)}\t{tok.sp.get_score(i):g}\n")
+        stats = {
+            "params": group_dict(params),
+            "vocab_size": tok.vocab_size,
+            "model_sha256": tok.sha256(),
+            "train_documents": used.documents,
+            "train_bytes": used.bytes,
+            "train_lines": used.lines,
+            "train_seconds": round(train_seconds, 2),
+            **tokenizer_stats(tok, clean_dir, split, params.stats_max_bytes),
+        }
+        write_json(tmp / STATS_FILE, stats)
+    write_json(stats_path, stats)
+    log.info(
+        "tokenizer: vocab %d, %.2f bytes/token on val, %.1f%% of the vocab used on val, round trip %s",
+        stats["vocab_size"], stats["val_bytes_per_token"], 100 * stats["val_vocab_coverage"],
+        "exact" if stats["val_roundtrip_failures"] == 0 else f"FAILED on {stats['val_roundtrip_failures']} documents",
+    )
+    return stats
+
+
+def tokenizer_stats(tok: Tokenizer, clean_dir: Path, split: SplitParams, max_bytes: int) -> dict:
+    """Bytes per token, vocabulary use, byte-fallback rate and round-trip on (up to max_bytes of)
+    the val split; the train split stands in when there is no val text."""
+    for side in ("val", "train"):
+        n_docs = n_bytes = n_tokens = n_byte_tokens = n_unk = failures = 0
+        used: set[int] = set()
+        for batch in iter_batches(clean_dir, ["doc_id", "text", "n_bytes"], batch_size=256):
+            ids_texts = [
+                (t, n) for d, t, n in zip(*(batch.column(i).to_pylist() for i in range(3))) if split_of(d, split) == side
+            ]
+            if not ids_texts:
+                continue
+            encoded = tok.encode_batch([t for t, _ in ids_texts])
+            for (text, nb), ids in zip(ids_texts, encoded):
+                n_docs += 1
+                n_bytes += nb
+                n_tokens += len(ids)
+                used.update(ids)
+                n_unk += sum(1 for i in ids if i == tok.unk_id)
+                n_byte_tokens += sum(1 for i in ids if tok.sp.is_byte(i))
+                failures += tok.decode(ids) != text
+            if n_bytes >= max_bytes:
+                break
+        if n_tokens:
+            return {
+                "stats_split": side,
+                "val_documents": n_docs,
+                "val_bytes": n_bytes,
+                "val_tokens": n_tokens,
+                "val_bytes_per_token": round(n_bytes / n_tokens, 4),
+                "val_vocab_coverage": round(len(used) / tok.vocab_size, 4),
+                "val_byte_fallback_fraction": round(n_byte_tokens / n_tokens, 6),
+                "val_unk_fraction": round(n_unk / n_tokens, 6),
+                "val_roundtrip_failures": failures,
+            }
+    raise UserError("tokenizer: no text to measure the tokenizer on")
