@@ -29,6 +29,7 @@ from llm.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+RECORD_BATCH_DOCS = 64
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -76,26 +77,36 @@ class _Split:
     _writer: Any = None
     _sink: Any = None
     _current: dict | None = None
+    _pending: list = field(default_factory=list)
 
     def add(self, doc_ids: list[str], sources: list[str], n_bytes: list[int], arrays: list[np.ndarray]) -> None:
-        if not arrays:
+        """Append documents. A shard closes after the document that takes it to shard_tokens and
+        record batches hold RECORD_BATCH_DOCS documents, so the bytes of every shard depend on
+        the documents alone, not on how the workers batched them."""
+        for row in zip(doc_ids, sources, n_bytes, arrays):
+            if self._writer is None:
+                self._open()
+            cur = self._current
+            assert cur is not None
+            self._pending.append(row)
+            cur["documents"] += 1
+            cur["tokens"] += len(row[3])
+            cur["bytes"] += row[2]
+            if len(self._pending) >= RECORD_BATCH_DOCS:
+                self._flush()
+            if cur["tokens"] >= self.shard_tokens:
+                self._close()
+
+    def _flush(self) -> None:
+        if not self._pending:
             return
-        if self._writer is None:
-            self._open()
-        lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
-        offsets = np.zeros(len(arrays) + 1, dtype=np.int32)  # one batch of documents stays far below 2**31 tokens
-        np.cumsum(lengths, out=offsets[1:])
+        doc_ids, sources, n_bytes, arrays = zip(*self._pending)
+        self._pending = []
+        offsets = np.zeros(len(arrays) + 1, dtype=np.int32)  # RECORD_BATCH_DOCS documents stay far below 2**31 tokens
+        np.cumsum([len(a) for a in arrays], out=offsets[1:])
         tokens = pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(arrays)))
         columns = [pa.array(doc_ids, pa.string()), pa.array(sources, pa.string()), pa.array(n_bytes, pa.int64()), tokens]
-        batch = pa.record_batch(columns, schema=self.schema)
-        self._writer.write_batch(batch)
-        cur = self._current
-        assert cur is not None
-        cur["documents"] += len(arrays)
-        cur["tokens"] += int(lengths.sum())
-        cur["bytes"] += int(sum(n_bytes))
-        if cur["tokens"] >= self.shard_tokens:
-            self._close()
+        self._writer.write_batch(pa.record_batch(columns, schema=self.schema))
 
     def _open(self) -> None:
         index = len(self.shards)
@@ -107,6 +118,7 @@ class _Split:
     def _close(self) -> None:
         if self._writer is None:
             return
+        self._flush()
         self._writer.close()
         self._sink.close()
         assert self._current is not None

@@ -67,6 +67,18 @@ class Tokenizer:
         return file_sha256(self.path)
 
 
+def _machine_independent(model: bytes, num_threads: int) -> bytes:
+    """The model with its recorded trainer spec's thread count set to the param (0 = auto),
+    not the core count of the machine that trained it. The pieces do not depend on threads
+    (tested), so the same params and data give the same file on any machine."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model)
+    proto.trainer_spec.num_threads = num_threads
+    return proto.SerializeToString(deterministic=True)
+
+
 def _sample_fraction(doc_id: str, seed: int) -> float:
     digest = hashlib.sha256(f"tokenizer-sample:{seed}:{doc_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
@@ -150,11 +162,12 @@ def train_tokenizer(
         bar.close()
     train_seconds = time.perf_counter() - t0
     with atomic_dir(out_dir) as tmp:
-        (tmp / MODEL_FILE).write_bytes(model.getvalue())
+        (tmp / MODEL_FILE).write_bytes(_machine_independent(model.getvalue(), params.num_threads))
         tok = Tokenizer(tmp / MODEL_FILE)
         with open(tmp / VOCAB_FILE, "w", encoding="utf-8") as f:
             for i in range(tok.vocab_size):
-                f.write(f"{tok.piece(i)}\t{tok.sp.get_score(i):g}\n")
+                piece = tok.piece(i).replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
+                f.write(f"{piece}\t{tok.sp.get_score(i):g}\n")
         stats = {
             "params": group_dict(params),
             "vocab_size": tok.vocab_size,

