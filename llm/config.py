@@ -27,8 +27,10 @@ class IngestParams(_Group):
     """Local files, directories or globs; .zip/.tar/.tar.gz archives; pkg://PACKAGE/GLOB; fsspec URLs."""
     text_field: str = "text"
     """Field holding the text in .jsonl/.json records and column in .parquet files."""
-    batch_docs: int = Field(1024, ge=1)
-    """Documents per Parquet row group (bounds memory)."""
+    batch_docs: int = Field(256, ge=1)
+    batch_bytes: int = Field(2_000_000, ge=1)
+    """A Parquet row group closes at batch_docs documents or batch_bytes of text, whichever
+    comes first. Row groups are the units of parallel work in clean and shards."""
     max_binary_fraction: float = Field(0.1, ge=0.0, le=1.0)
     """A file whose first 8 KiB has more than this fraction of control characters is binary."""
 
@@ -106,8 +108,7 @@ class CleanParams(_Group):
     language: LanguageParams = LanguageParams()
     pii: PIIParams = PIIParams()
     num_workers: int = Field(0, ge=0)
-    """Processes for the per-document work; 0 = one per CPU core."""
-    batch_docs: int = Field(256, ge=1)
+    """Processes for the per-document work, one raw row group at a time; 0 = one per CPU core."""
 
 
 # ----------------------------------------------------------------------------- split
@@ -136,7 +137,7 @@ class TokenizerParams(_Group):
     pad_id: int = 3
     num_threads: int = Field(0, ge=0)
     """0 = one per CPU core."""
-    stats_max_bytes: int = Field(20_000_000, ge=1000)
+    stats_max_bytes: int = Field(10_000_000, ge=1000)
     """Bytes of val text encoded for the stats (bytes per token, coverage)."""
 
     @model_validator(mode="after")
@@ -160,8 +161,7 @@ class ShardsParams(_Group):
     append_eos: bool = True
     """Append the eos id after every document, so the model learns where documents end."""
     num_workers: int = Field(0, ge=0)
-    """Tokenizer processes; 0 = one per CPU core."""
-    batch_docs: int = Field(64, ge=1)
+    """Tokenizer processes, one clean row group at a time; 0 = one per CPU core."""
 
 
 class Params(BaseModel):

@@ -18,7 +18,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from llm.config import ShardsParams, SplitParams, group_dict
-from llm.corpus.tables import count_rows, iter_batches
+from llm.corpus.tables import count_rows, read_row_group, row_groups
 from llm.errors import UserError
 from llm.io import atomic_dir, file_sha256, write_json
 from llm.parallel import ordered_map, resolve_workers
@@ -61,10 +61,12 @@ def _init_worker(model_path: str, append_eos: bool, dtype: str) -> None:
     _STATE["dtype"] = np.dtype(dtype)
 
 
-def _encode_batch(texts: list[str]) -> list[np.ndarray]:
+def _encode_row_group(task: tuple[str, int]) -> tuple[list[str], list[str], list[int], list[np.ndarray]]:
+    table = read_row_group(task, ["doc_id", "source", "text", "n_bytes"])
     tok: Tokenizer = _STATE["tok"]
     eos = [tok.eos_id] if _STATE["append_eos"] and tok.eos_id >= 0 else []
-    return [np.asarray(ids + eos, dtype=_STATE["dtype"]) for ids in tok.encode_batch(texts)]
+    arrays = [np.asarray(ids + eos, dtype=_STATE["dtype"]) for ids in tok.encode_batch(table.column("text").to_pylist())]
+    return table.column("doc_id").to_pylist(), table.column("source").to_pylist(), table.column("n_bytes").to_pylist(), arrays
 
 
 # ----------------------------------------------------------------------------- writer
@@ -150,17 +152,9 @@ def write_shards(
         for name in SPLITS:
             (tmp / name).mkdir()
             writers[name] = _Split(tmp / name, schema, params.shard_tokens)
-        meta_batches: list = []
-
-        def texts():
-            for batch in iter_batches(clean_dir, ["doc_id", "source", "text", "n_bytes"], params.batch_docs):
-                meta_batches.append((batch.column(0).to_pylist(), batch.column(1).to_pylist(), batch.column(3).to_pylist()))
-                yield batch.column(2).to_pylist()
-
         bar = tqdm(total=total, desc="shards", unit="doc", disable=not progress_enabled(), mininterval=1.0)
         init = (str(tok.path), params.append_eos, dtype.str)
-        for arrays in ordered_map(_encode_batch, texts(), workers, _init_worker, init):
-            doc_ids, sources, n_bytes = meta_batches.pop(0)
+        for doc_ids, sources, n_bytes, arrays in ordered_map(_encode_row_group, row_groups(clean_dir), workers, _init_worker, init):
             sides = [split_of(d, split) for d in doc_ids]
             for name in SPLITS:
                 keep = [i for i, s in enumerate(sides) if s == name]

@@ -191,26 +191,25 @@ def train_tokenizer(
 def tokenizer_stats(tok: Tokenizer, clean_dir: Path, split: SplitParams, max_bytes: int) -> dict:
     """Bytes per token, vocabulary use, byte-fallback rate and round-trip on (up to max_bytes of)
     the val split; the train split stands in when there is no val text."""
+    import numpy as np
+
+    is_byte = np.array([tok.sp.is_byte(i) for i in range(tok.vocab_size)], dtype=bool)
     for side in ("val", "train"):
-        n_docs = n_bytes = n_tokens = n_byte_tokens = n_unk = failures = 0
-        used: set[int] = set()
+        n_docs = n_bytes = failures = 0
+        counts = np.zeros(tok.vocab_size, dtype=np.int64)
         for batch in iter_batches(clean_dir, ["doc_id", "text", "n_bytes"], batch_size=256):
-            ids_texts = [
-                (t, n) for d, t, n in zip(*(batch.column(i).to_pylist() for i in range(3))) if split_of(d, split) == side
-            ]
-            if not ids_texts:
+            docs = [(t, n) for d, t, n in zip(*(batch.column(i).to_pylist() for i in range(3))) if split_of(d, split) == side]
+            if not docs:
                 continue
-            encoded = tok.encode_batch([t for t, _ in ids_texts])
-            for (text, nb), ids in zip(ids_texts, encoded):
-                n_docs += 1
-                n_bytes += nb
-                n_tokens += len(ids)
-                used.update(ids)
-                n_unk += sum(1 for i in ids if i == tok.unk_id)
-                n_byte_tokens += sum(1 for i in ids if tok.sp.is_byte(i))
-                failures += tok.decode(ids) != text
+            texts = [t for t, _ in docs]
+            encoded = tok.encode_batch(texts)
+            failures += sum(a != b for a, b in zip(tok.sp.decode(encoded), texts))
+            counts += np.bincount(np.concatenate([np.asarray(ids, dtype=np.int64) for ids in encoded]), minlength=tok.vocab_size)
+            n_docs += len(docs)
+            n_bytes += sum(n for _, n in docs)
             if n_bytes >= max_bytes:
                 break
+        n_tokens = int(counts.sum())
         if n_tokens:
             return {
                 "stats_split": side,
@@ -218,9 +217,9 @@ def tokenizer_stats(tok: Tokenizer, clean_dir: Path, split: SplitParams, max_byt
                 "val_bytes": n_bytes,
                 "val_tokens": n_tokens,
                 "val_bytes_per_token": round(n_bytes / n_tokens, 4),
-                "val_vocab_coverage": round(len(used) / tok.vocab_size, 4),
-                "val_byte_fallback_fraction": round(n_byte_tokens / n_tokens, 6),
-                "val_unk_fraction": round(n_unk / n_tokens, 6),
+                "val_vocab_coverage": round(int(np.count_nonzero(counts)) / tok.vocab_size, 4),
+                "val_byte_fallback_fraction": round(int(counts[is_byte].sum()) / n_tokens, 6),
+                "val_unk_fraction": round(int(counts[tok.unk_id]) / n_tokens, 6),
                 "val_roundtrip_failures": failures,
             }
     raise UserError("tokenizer: no text to measure the tokenizer on")

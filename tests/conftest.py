@@ -43,7 +43,7 @@ def small_params(sources: list[str], **override: Any) -> dict:
     """params for a fast run on a small corpus: one worker, a small vocabulary."""
     base = {
         "seed": 7,
-        "ingest": {"sources": sources},
+        "ingest": {"sources": sources, "batch_docs": 3},  # several row groups: parallel work units
         "clean": {"num_workers": 1},
         "split": {"val_fraction": 0.25},
         "tokenizer": {"vocab_size": 512, "num_threads": 1},

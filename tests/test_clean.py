@@ -14,6 +14,8 @@ from llm.corpus.clean import (
     clean,
     dedup_key,
     fix_unicode,
+    normal_words,
+    shingles,
     normalize_whitespace,
     quality_failure,
     redact_pii,
@@ -41,12 +43,12 @@ def prose(n_words: int, seed: int) -> str:
     return "\n".join(lines + [" ".join(line)]).strip() + "."
 
 
-def run_clean(tmp_path: Path, docs: dict[str, str], **overrides) -> tuple[dict, list[dict]]:
+def run_clean(tmp_path: Path, docs: dict[str, str], batch_docs: int = 256, **overrides) -> tuple[dict, list[dict]]:
     src = tmp_path / "src"
     src.mkdir(parents=True, exist_ok=True)
     for name, text in docs.items():
         (src / name).write_text(text, encoding="utf-8")
-    ingest(IngestParams(sources=["src"]), tmp_path, tmp_path / "raw", tmp_path / "ingest.json")
+    ingest(IngestParams(sources=["src"], batch_docs=batch_docs), tmp_path, tmp_path / "raw", tmp_path / "ingest.json")
     params = CleanParams.model_validate({"num_workers": 1, **overrides})
     report = clean(params, 1, tmp_path / "raw", tmp_path / "clean", tmp_path / "clean.json")
     return report, pq.read_table(tmp_path / "clean").to_pylist()
@@ -112,8 +114,30 @@ def test_short_repeated_lines_like_speaker_names_do_not_count_as_duplicates():
 
 
 def test_dedup_key_ignores_case_punctuation_and_spacing():
-    assert dedup_key("Hello,  World!\n") == dedup_key("hello world")
-    assert dedup_key("hello world") != dedup_key("hello there world")
+    assert dedup_key(normal_words("Hello,  World!\n")) == dedup_key(normal_words("hello world"))
+    assert dedup_key(normal_words("hello world")) != dedup_key(normal_words("hello there world"))
+
+
+def test_shingles():
+    assert shingles(normal_words("A b, C d e!"), 3) == ["a b c", "b c d", "c d e"]
+    assert shingles(normal_words("A b"), 3) == ["a b"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("ab1_#. \n\t\u00e9\u4e00-")), max_size=80))
+def test_alpha_word_count_matches_the_plain_definition(text):
+    from llm.corpus.clean import _WORD_WITHOUT_LETTER
+
+    words = text.split()
+    plain = sum(1 for w in words if not any(c.isalpha() for c in w))
+    assert len(_WORD_WITHOUT_LETTER.findall(text)) == plain
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("ab &<\n\u00c3\u00a9\u2019\x1b\r")), max_size=60))
+def test_line_wise_ftfy_equals_ftfy_on_the_whole_text(text):
+    expected = ftfy.fix_text(text, normalization="NFC", unescape_html=False if "<" in text else "auto")
+    assert fix_unicode(text) == expected.replace("\u2581", "_")
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -167,6 +191,7 @@ def test_clean_in_parallel_gives_the_same_table(tmp_path: Path):
     docs = {f"{i:02d}.md": f"# Doc {i}\n\n**SPEAKER**  \n" + prose(300, i) for i in range(12)}
     _, serial = run_clean(tmp_path / "one", docs)
     _, parallel = run_clean(tmp_path / "two", docs, num_workers=2, batch_docs=3)
+    assert len(pq.ParquetFile(next((tmp_path / "two" / "raw").iterdir())).metadata.to_dict()["row_groups"]) == 4
     assert serial == parallel and len(serial) == 12
 
 

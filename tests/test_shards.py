@@ -99,7 +99,7 @@ def test_parallel_tokenization_gives_identical_shards(built, tmp_path: Path):
     (tmp_path / "data").mkdir()
     for name in ("clean", "tokenizer"):
         (tmp_path / "data" / name).symlink_to(getattr(Layout(root), name))
-    write_params(tmp_path, deep_update(load(root).model_dump(mode="json"), {"shards": {"num_workers": 2, "batch_docs": 3}}))
+    write_params(tmp_path, deep_update(load(root).model_dump(mode="json"), {"shards": {"num_workers": 2}}))
     run_shards(load(tmp_path), tmp_path)
     a = read_manifest(Layout(root).shards)["splits"]
     b = read_manifest(Layout(tmp_path).shards)["splits"]

@@ -21,7 +21,7 @@ from typing import Any
 from tqdm import tqdm
 
 from llm.config import CleanParams, group_dict
-from llm.corpus.tables import CLEAN_ARROW_SCHEMA, TableWriter, count_rows, iter_batches
+from llm.corpus.tables import CLEAN_ARROW_SCHEMA, TableWriter, count_rows, read_row_group, row_groups
 from llm.errors import UserError
 from llm.io import atomic_dir, write_json
 from llm.parallel import ordered_map, resolve_workers
@@ -50,11 +50,24 @@ _FTFY_NOOP = re.compile(r"[^\x20-\x25\x27-\x7e\n\t]")
 
 
 def fix_unicode(text: str) -> str:
-    """ftfy repair (mojibake, control characters, HTML entities) and NFC normalisation."""
+    """ftfy repair (mojibake, control characters, HTML entities) and NFC normalisation.
+
+    ftfy fixes text line by line; only the lines it could change are handed to it. Whether
+    HTML entities are decoded is decided for the whole document (not when it contains '<'),
+    where ftfy would decide it from the first line with a '<' on.
+    """
     if _FTFY_NOOP.search(text) is not None:
         import ftfy
 
-        text = ftfy.fix_text(text, normalization="NFC")
+        unescape = False if "<" in text else "auto"
+        lines = text.split("\n")
+        last = len(lines) - 1
+        for i, line in enumerate(lines):
+            if _FTFY_NOOP.search(line) is not None:
+                # ftfy sees each line with its newline, as when it splits a text itself.
+                fixed = ftfy.fix_text(line if i == last else line + "\n", normalization="NFC", unescape_html=unescape)
+                lines[i] = fixed if i == last else fixed.removesuffix("\n")
+        text = "\n".join(lines)
     # sentencepiece reserves U+2581 as its space marker; a literal one would decode as a space.
     return text.replace("\u2581", "_")
 
@@ -102,15 +115,22 @@ def _render(node: Any, out: list[str]) -> None:
 
 
 _HSPACE = re.compile(r"[^\S\n]+")
+_ODD_SPACE = re.compile(r"[^\S\n ]")  # whitespace other than a space or a newline
+_SPACE_AROUND_NEWLINE = re.compile(r" ?\n ?")
 _MANY_NEWLINES = re.compile(r"\n{3,}")
 
 
 def normalize_whitespace(text: str) -> str:
     """Runs of spaces, tabs and other non-newline whitespace -> one space; no trailing
-    spaces; at most one blank line in a row; no leading or trailing blank lines."""
-    text = _HSPACE.sub(" ", text)
-    text = "\n".join(line.strip(" ") for line in text.split("\n"))
-    return _MANY_NEWLINES.sub("\n\n", text).strip("\n ")
+    spaces; at most one blank line in a row; no leading or trailing blank lines.
+    Each rewrite runs only where a cheap scan finds something to rewrite."""
+    if "  " in text or _ODD_SPACE.search(text) is not None:
+        text = _HSPACE.sub(" ", text)
+    if " \n" in text or "\n " in text:
+        text = _SPACE_AROUND_NEWLINE.sub("\n", text)
+    if "\n\n\n" in text:
+        text = _MANY_NEWLINES.sub("\n\n", text)
+    return text.strip("\n ")
 
 
 _EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b")
@@ -147,6 +167,10 @@ def redact_pii(text: str, email_token: str, ip_token: str) -> tuple[str, int]:
     return text, count
 
 
+# A whitespace-delimited word none of whose characters is a letter ([^\W\d_] is a letter).
+_WORD_WITHOUT_LETTER = re.compile(r"(?<!\S)(?:(?![^\W\d_])\S)+(?!\S)")
+
+
 def quality_failure(text: str, q) -> str | None:
     """The first Gopher/C4-style heuristic the document fails, or None."""
     n_chars = len(text)
@@ -154,15 +178,15 @@ def quality_failure(text: str, q) -> str | None:
         return "too_short"
     if n_chars > q.max_chars:
         return "too_long"
-    words = text.split()
-    if len(words) < q.min_words:
+    n_words = len(text.split())
+    if n_words < q.min_words:
         return "too_few_words"
-    if words:
-        alpha = sum(1 for w in words if any(c.isalpha() for c in w))
-        if alpha / len(words) < q.min_alpha_word_fraction:
+    if n_words:
+        alpha = n_words - len(_WORD_WITHOUT_LETTER.findall(text))
+        if alpha / n_words < q.min_alpha_word_fraction:
             return "low_alpha_words"
         symbols = text.count("#") + text.count("...") + text.count("\u2026")
-        if symbols / len(words) > q.max_symbol_word_ratio:
+        if symbols / n_words > q.max_symbol_word_ratio:
             return "symbol_ratio"
     lines = [line.strip() for line in text.split("\n")]
     lines = [line for line in lines if line]
@@ -184,18 +208,23 @@ def quality_failure(text: str, q) -> str | None:
 _NON_WORD = re.compile(r"[\W_]+")
 
 
-def dedup_key(text: str) -> str:
-    """Exact-duplicate key: the hash of the text lowercased with punctuation and whitespace
-    collapsed, so copies that differ only in those are caught."""
-    normal = _NON_WORD.sub(" ", text.lower()).strip()
+def normal_words(text: str) -> str:
+    """Lowercased words separated by single spaces: punctuation and spacing do not count."""
+    return _NON_WORD.sub(" ", text.lower()).strip()
+
+
+def dedup_key(normal: str) -> str:
+    """Exact-duplicate key: the hash of the normalised words, so copies that differ only in
+    case, punctuation or spacing are caught."""
     return hashlib.sha256(normal.encode("utf-8")).hexdigest()
 
 
-def shingles(text: str, n: int) -> list[str]:
-    words = _NON_WORD.sub(" ", text.lower()).split()
+def shingles(normal: str, n: int) -> list[str]:
+    """Word n-grams of the normalised words (one shingle for shorter texts)."""
+    words = normal.split(" ")
     if len(words) <= n:
-        return [" ".join(words)]
-    return [" ".join(words[i : i + n]) for i in range(len(words) - n + 1)]
+        return [normal]
+    return list(map(" ".join, zip(*(words[i:] for i in range(n)))))
 
 
 # ----------------------------------------------------------------------------- per document
@@ -261,19 +290,24 @@ def clean_document(row: dict[str, Any], params: CleanParams, seed: int) -> Clean
     out.reason = quality_failure(text, params.quality)
     if out.reason is None and params.language.enabled and not _language(text, params):
         out.reason = "language"
-    if out.reason is None:
+    if out.reason is None and (params.exact_dedup or params.near_dedup.enabled):
+        normal = normal_words(text)
         if params.exact_dedup:
-            out.key = dedup_key(text)
+            out.key = dedup_key(normal)
         if params.near_dedup.enabled:
             import rensa
 
             m = rensa.RMinHash(num_perm=params.near_dedup.num_perm, seed=seed)
-            m.update(shingles(text, params.near_dedup.shingle_words))
+            m.update(shingles(normal, params.near_dedup.shingle_words))
             out.minhash = m
     return out
 
 
-def _clean_batch(rows: list[dict[str, Any]]) -> list[Cleaned]:
+_RAW_COLUMNS = ["doc_id", "source", "uri", "text", "n_bytes"]
+
+
+def _clean_row_group(task: tuple[str, int]) -> list[Cleaned]:
+    rows = read_row_group(task, _RAW_COLUMNS).to_pylist()
     return [clean_document(r, _STATE["params"], _STATE["seed"]) for r in rows]
 
 
@@ -337,11 +371,10 @@ def clean(params: CleanParams, seed: int, raw_dir: Path, out_dir: Path, report_p
         if params.near_dedup.enabled
         else None
     )
-    columns = ["doc_id", "source", "uri", "text", "n_bytes"]
-    batches = (b.to_pylist() for b in iter_batches(raw_dir, columns, params.batch_docs))
+    tasks = row_groups(raw_dir)
     with atomic_dir(out_dir) as tmp, TableWriter(tmp, CLEAN_ARROW_SCHEMA, "clean") as writer:
         bar = tqdm(total=total_docs, desc="clean", unit="doc", disable=not progress_enabled(), mininterval=1.0)
-        for results in ordered_map(_clean_batch, batches, workers, _init_worker, (params, seed)):
+        for results in ordered_map(_clean_row_group, tasks, workers, _init_worker, (params, seed)):
             rows: dict[str, list] = {name: [] for name in CLEAN_ARROW_SCHEMA.names}
             for doc in results:
                 report.documents_in += 1

@@ -16,7 +16,6 @@ from llm.io import atomic_dir, write_json
 from llm.progress import progress_enabled
 
 log = logging.getLogger(__name__)
-FLUSH_BYTES = 32 * 1024 * 1024
 
 
 def ingest(params: IngestParams, root: Path, out_dir: Path, report_path: Path) -> dict:
@@ -38,7 +37,7 @@ def ingest(params: IngestParams, root: Path, out_dir: Path, report_path: Path) -
             rows["n_bytes"].append(n_bytes)
             rows["n_decode_errors"].append(doc.n_decode_errors)
             pending_bytes += n_bytes
-            if len(rows["doc_id"]) >= params.batch_docs or pending_bytes >= FLUSH_BYTES:
+            if len(rows["doc_id"]) >= params.batch_docs or pending_bytes >= params.batch_bytes:
                 writer.write(rows)
                 rows = {name: [] for name in rows}
                 pending_bytes = 0

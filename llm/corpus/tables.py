@@ -12,6 +12,7 @@ from typing import Iterator
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from llm.errors import DataValidationError
@@ -62,10 +63,11 @@ def _schemas():
             "n_bytes": pdx.Column("int64", pdx.Check.gt(0), nullable=False),
         }
 
-    n_bytes_matches = pdx.Check(
-        lambda df: df["text"].map(lambda t: len(t.encode("utf-8"))) == df["n_bytes"],
-        error="n_bytes == UTF-8 length of text",
-    )
+    def utf8_lengths_match(df: pd.DataFrame) -> pd.Series:
+        lengths = pc.binary_length(pa.array(df["text"], type=pa.string())).to_numpy(zero_copy_only=False)
+        return pd.Series(lengths == df["n_bytes"].to_numpy(), index=df.index)
+
+    n_bytes_matches = pdx.Check(utf8_lengths_match, error="n_bytes == UTF-8 length of text")
     raw = pdx.DataFrameSchema(
         {**common(), "n_decode_errors": pdx.Column("int64", pdx.Check.ge(0), nullable=False)},
         checks=[n_bytes_matches],
@@ -161,7 +163,7 @@ class TableWriter:
         if self._writer is not None:
             self._writer.close()
         path = self.directory / f"part-{self._files:05d}.parquet"
-        self._writer = pq.ParquetWriter(path, self.arrow_schema, compression="zstd")
+        self._writer = pq.ParquetWriter(path, self.arrow_schema, compression="zstd", compression_level=1)
         self._files += 1
         self._file_bytes = 0
 
@@ -193,6 +195,16 @@ def iter_batches(directory: Path, columns: list[str] | None = None, batch_size: 
         yield from pf.iter_batches(batch_size=batch_size, columns=columns)
 
 
+def row_groups(directory: Path) -> list[tuple[str, int]]:
+    """(file, row group) pairs of a table, in order: the unit of parallel work downstream."""
+    return [(str(p), i) for p in table_files(directory) for i in range(pq.ParquetFile(p).num_row_groups)]
+
+
+def read_row_group(task: tuple[str, int], columns: list[str]) -> pa.Table:
+    path, index = task
+    return pq.ParquetFile(path).read_row_group(index, columns=columns)
+
+
 def count_rows(directory: Path) -> int:
     return sum(pq.ParquetFile(p).metadata.num_rows for p in table_files(directory))
 
@@ -200,5 +212,5 @@ def count_rows(directory: Path) -> int:
 def sum_column(directory: Path, column: str) -> int:
     total = 0
     for batch in iter_batches(directory, [column], batch_size=65536):
-        total += int(pa.compute.sum(batch.column(0)).as_py() or 0)
+        total += int(pc.sum(batch.column(0)).as_py() or 0)
     return total
