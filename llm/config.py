@@ -137,7 +137,7 @@ class TokenizerParams(_Group):
     pad_id: int = 3
     num_threads: int = Field(0, ge=0)
     """0 = one per CPU core."""
-    stats_max_bytes: int = Field(10_000_000, ge=1000)
+    stats_max_bytes: int = Field(5_000_000, ge=1000)
     """Bytes of val text encoded for the stats (bytes per token, coverage)."""
 
     @model_validator(mode="after")

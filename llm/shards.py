@@ -65,7 +65,8 @@ def _encode_row_group(task: tuple[str, int]) -> tuple[list[str], list[str], list
     table = read_row_group(task, ["doc_id", "source", "text", "n_bytes"])
     tok: Tokenizer = _STATE["tok"]
     eos = [tok.eos_id] if _STATE["append_eos"] and tok.eos_id >= 0 else []
-    arrays = [np.asarray(ids + eos, dtype=_STATE["dtype"]) for ids in tok.encode_batch(table.column("text").to_pylist())]
+    dtype = _STATE["dtype"]
+    arrays = [np.asarray(tok.encode_words(text) + eos, dtype=dtype) for text in table.column("text").to_pylist()]
     return table.column("doc_id").to_pylist(), table.column("source").to_pylist(), table.column("n_bytes").to_pylist(), arrays
 
 

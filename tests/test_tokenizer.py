@@ -110,6 +110,9 @@ def test_other_model_types_round_trip(built, tmp_path: Path, model_type: str):
     tok = Tokenizer.load(Layout(tmp_path).tokenizer)
     text = "KING LEAR\nBlow, winds, and crack your cheeks! rage! blow!"
     assert tok.decode(tok.encode(text)) == text
+    for batch in iter_batches(Layout(root).clean, ["text"]):
+        for doc in batch.column(0).to_pylist():
+            assert tok.encode_words(doc) == tok.encode(doc)
 
 
 def test_unreachable_vocab_size_is_a_user_error(built, tmp_path: Path):
@@ -126,3 +129,18 @@ def test_clean_defaults_keep_text_cleaned_like():
     """The round-trip property relies on the clean stage's defaults doing these two steps."""
     defaults = CleanParams()
     assert defaults.fix_unicode and defaults.normalize_whitespace
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("ab e1 2.,'\n\t  éЖ漢😀\u00a0-_")) | st.characters(blacklist_categories=("Cs",)), max_size=200))
+def test_word_cached_encoding_equals_sentencepiece(built, text):
+    tok = Tokenizer.load(Layout(built[0]).tokenizer)
+    assert tok.encode_words(text) == tok.encode(text)
+    assert tok.encode_words(text) == tok.encode(text)  # second time from the cache
+
+
+def test_word_cached_encoding_equals_sentencepiece_on_the_corpus(built):
+    tok = Tokenizer.load(Layout(built[0]).tokenizer)
+    for batch in iter_batches(Layout(built[0]).clean, ["text"]):
+        for text in batch.column(0).to_pylist():
+            assert tok.encode_words(text) == tok.encode(text)

@@ -60,14 +60,16 @@ def fix_unicode(text: str) -> str:
         import ftfy
 
         unescape = False if "<" in text else "auto"
-        lines = text.split("\n")
-        last = len(lines) - 1
-        for i, line in enumerate(lines):
-            if _FTFY_NOOP.search(line) is not None:
-                # ftfy sees each line with its newline, as when it splits a text itself.
-                fixed = ftfy.fix_text(line if i == last else line + "\n", normalization="NFC", unescape_html=unescape)
-                lines[i] = fixed if i == last else fixed.removesuffix("\n")
-        text = "\n".join(lines)
+        out, pos = [], 0
+        while (m := _FTFY_NOOP.search(text, pos)) is not None:
+            # The whole line around the match, with its newline, as ftfy splits a text itself.
+            start = text.rfind("\n", pos, m.start()) + 1 or pos
+            end = text.find("\n", m.start()) + 1 or len(text)
+            out.append(text[pos:start])
+            out.append(ftfy.fix_text(text[start:end], normalization="NFC", unescape_html=unescape))
+            pos = end
+        out.append(text[pos:])
+        text = "".join(out)
     # sentencepiece reserves U+2581 as its space marker; a literal one would decode as a space.
     return text.replace("\u2581", "_")
 
@@ -205,25 +207,24 @@ def quality_failure(text: str, q) -> str | None:
     return None
 
 
-_NON_WORD = re.compile(r"[\W_]+")
+_WORD = re.compile(r"[^\W_]+")
 
 
-def normal_words(text: str) -> str:
-    """Lowercased words separated by single spaces: punctuation and spacing do not count."""
-    return _NON_WORD.sub(" ", text.lower()).strip()
+def normal_words(text: str) -> list[str]:
+    """The lowercased words (runs of letters and digits): punctuation and spacing do not count."""
+    return _WORD.findall(text.lower())
 
 
-def dedup_key(normal: str) -> str:
+def dedup_key(words: list[str]) -> str:
     """Exact-duplicate key: the hash of the normalised words, so copies that differ only in
     case, punctuation or spacing are caught."""
-    return hashlib.sha256(normal.encode("utf-8")).hexdigest()
+    return hashlib.sha256(" ".join(words).encode("utf-8")).hexdigest()
 
 
-def shingles(normal: str, n: int) -> list[str]:
-    """Word n-grams of the normalised words (one shingle for shorter texts)."""
-    words = normal.split(" ")
+def shingles(words: list[str], n: int) -> list[str]:
+    """Word n-grams (one shingle for shorter texts)."""
     if len(words) <= n:
-        return [normal]
+        return [" ".join(words)]
     return list(map(" ".join, zip(*(words[i:] for i in range(n)))))
 
 
@@ -291,14 +292,14 @@ def clean_document(row: dict[str, Any], params: CleanParams, seed: int) -> Clean
     if out.reason is None and params.language.enabled and not _language(text, params):
         out.reason = "language"
     if out.reason is None and (params.exact_dedup or params.near_dedup.enabled):
-        normal = normal_words(text)
+        words = normal_words(text)
         if params.exact_dedup:
-            out.key = dedup_key(normal)
+            out.key = dedup_key(words)
         if params.near_dedup.enabled:
             import rensa
 
             m = rensa.RMinHash(num_perm=params.near_dedup.num_perm, seed=seed)
-            m.update(shingles(normal, params.near_dedup.shingle_words))
+            m.update(shingles(words, params.near_dedup.shingle_words))
             out.minhash = m
     return out
 

@@ -134,7 +134,13 @@ def _short(value: object, limit: int = 60) -> str:
 
 # ----------------------------------------------------------------------------- I/O
 class TableWriter:
-    """Writes validated batches of rows to part-NNNNN.parquet files in `directory`."""
+    """Writes batches of rows to part-NNNNN.parquet files in `directory`, one row group per batch.
+
+    Batches are validated against the table's schema a few MB at a time (pandera's cost is
+    mostly per call), and written only once they pass.
+    """
+
+    VALIDATE_BYTES = 32 * 1024 * 1024
 
     def __init__(self, directory: Path, arrow_schema: pa.Schema, name: str, validate: bool = True):
         self.directory = Path(directory)
@@ -144,30 +150,46 @@ class TableWriter:
         self._writer: pq.ParquetWriter | None = None
         self._file_bytes = 0
         self._files = 0
+        self._pending: list[pa.Table] = []
+        self._pending_bytes = 0
         self.rows = 0
 
     def write(self, rows: dict[str, list]) -> None:
         table = pa.Table.from_pydict(rows, schema=self.arrow_schema)
         if table.num_rows == 0:
             return
+        self._pending.append(table)
+        self._pending_bytes += table.nbytes
+        if self._pending_bytes >= self.VALIDATE_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
         if self.validate:
-            validate_frame(table.to_pandas(), self.name)
-        if self._writer is None or self._file_bytes >= MAX_FILE_BYTES:
-            self._roll()
-        assert self._writer is not None
-        self._writer.write_table(table)
-        self._file_bytes += table.nbytes
-        self.rows += table.num_rows
+            validate_frame(pa.concat_tables(self._pending).to_pandas(), self.name)
+        for table in self._pending:
+            if self._writer is None or self._file_bytes >= MAX_FILE_BYTES:
+                self._roll()
+            assert self._writer is not None
+            self._writer.write_table(table, row_group_size=table.num_rows)
+            self._file_bytes += table.nbytes
+            self.rows += table.num_rows
+        self._pending, self._pending_bytes = [], 0
 
     def _roll(self) -> None:
         if self._writer is not None:
             self._writer.close()
         path = self.directory / f"part-{self._files:05d}.parquet"
-        self._writer = pq.ParquetWriter(path, self.arrow_schema, compression="zstd", compression_level=1)
+        # Only `source` repeats; dictionary-encoding unique texts and ids is wasted work.
+        self._writer = pq.ParquetWriter(
+            path, self.arrow_schema, compression="zstd", compression_level=1, use_dictionary=["source"]
+        )
         self._files += 1
         self._file_bytes = 0
 
     def close(self) -> None:
+        self.flush()
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -175,8 +197,12 @@ class TableWriter:
     def __enter__(self) -> "TableWriter":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._writer is not None:  # failing: the directory is discarded, write nothing more
+            self._writer.close()
+            self._writer = None
 
 
 def table_files(directory: Path) -> list[Path]:
