@@ -222,3 +222,18 @@ def test_raw_schema_rejects_bad_rows_with_a_readable_list():
     assert msg.startswith("raw table failed validation: 2 failure(s)")
     assert "column 'doc_id': check 'str_matches('^[0-9a-f]{32}$')' failed at row 1 (uri=b, doc_id=not-a-hash)" in msg
     assert "column 'text': check 'text is not blank' failed at row 1" in msg
+
+
+def test_fsspec_url_source():
+    """Any fsspec URL works as a source; memory:// stands in for s3:// or https:// here."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/corpus/b.txt", ("bee " + PROSE).encode())
+    fs.pipe("/corpus/a.jsonl", (json.dumps({"text": "ay " + PROSE}) + "\n").encode())
+    fs.pipe("/corpus/skip.bin", b"\x00\x01\x02" * 10)
+    docs, counts = read(Path("."), ["memory://corpus/*"])
+    assert [d.uri for d in docs] == ["memory:///corpus/a.jsonl:1", "memory:///corpus/b.txt"]
+    assert counts.binary_files_skipped == 1
+    with pytest.raises(UserError, match="URL matches no files"):
+        read(Path("."), ["memory://nothing/*.txt"])
