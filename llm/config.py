@@ -118,7 +118,7 @@ class SplitParams(_Group):
     only) and by the shards."""
 
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
-    salt: str = "val"
+    salt: str = "holdout"
 
 
 # ----------------------------------------------------------------------------- tokenizer

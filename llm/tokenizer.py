@@ -195,7 +195,6 @@ def train_tokenizer(
                 piece = tok.piece(i).replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
                 f.write(f"{piece}\t{tok.sp.get_score(i):g}\n")
         stats = {
-            "params": group_dict(params),
             "vocab_size": tok.vocab_size,
             "model_sha256": tok.sha256(),
             "train_documents": used.documents,
@@ -204,7 +203,7 @@ def train_tokenizer(
             "train_seconds": round(train_seconds, 2),
             **tokenizer_stats(tok, clean_dir, split, params.stats_max_bytes),
         }
-        write_json(tmp / STATS_FILE, stats)
+        write_json(tmp / STATS_FILE, {"params": group_dict(params), **stats})
     write_json(stats_path, stats)
     log.info(
         "tokenizer: vocab %d, %.2f bytes/token on val, %.1f%% of the vocab used on val, round trip %s",

@@ -20,7 +20,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from llm.config import CleanParams, group_dict
+from llm.config import CleanParams
 from llm.corpus.tables import CLEAN_ARROW_SCHEMA, TableWriter, count_rows, read_row_group, row_groups
 from llm.errors import UserError
 from llm.io import atomic_dir, write_json
@@ -413,7 +413,7 @@ def clean(params: CleanParams, seed: int, raw_dir: Path, out_dir: Path, report_p
             raise UserError(
                 f"clean: every document was removed ({_top_reasons(report)}); loosen clean.quality or the dedup thresholds"
             )
-    result = {"params": group_dict(params), **report.as_dict()}
+    result = report.as_dict()
     write_json(report_path, result)
     log.info(
         "clean: kept %d of %d documents (%.2f of %.2f MB); removed: %s",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from llm.config import IngestParams, group_dict
+from llm.config import IngestParams
 from llm.corpus.sources import ReadCounts, iter_documents
 from llm.corpus.tables import RAW_ARROW_SCHEMA, TableWriter, content_id
 from llm.errors import UserError
@@ -48,7 +48,9 @@ def ingest(params: IngestParams, root: Path, out_dir: Path, report_path: Path) -
                 f"ingest: the sources hold no documents ({counts.files} file(s) read: "
                 f"{counts.binary_files_skipped} binary, {counts.empty_dropped} empty)"
             )
-    report = {"params": group_dict(params), **asdict(counts)}
+    report = asdict(counts)
+    for line in report.pop("skipped_examples"):
+        log.warning("ingest: skipped %s", line)
     write_json(report_path, report)
     log.info(
         "ingest: %d documents, %.2f MB from %d files (%d binary skipped, %d empty dropped, %d with invalid UTF-8)",

@@ -57,6 +57,7 @@ class ReadCounts:
     skipped_examples: list[str] = field(default_factory=list)
 
     def skipped(self, what: str) -> None:
+        """Remember the first few skipped files, for the log."""
         if len(self.skipped_examples) < 20:
             self.skipped_examples.append(what)
 
