@@ -237,3 +237,9 @@ def test_fsspec_url_source():
     assert counts.binary_files_skipped == 1
     with pytest.raises(UserError, match="URL matches no files"):
         read(Path("."), ["memory://nothing/*.txt"])
+
+
+def test_corrupt_archive_is_a_clear_error(tmp_path: Path):
+    (tmp_path / "broken.zip").write_bytes(b"PK\x03\x04 this is not really a zip")
+    with pytest.raises(UserError, match=r"broken.zip: not a readable archive"):
+        read(tmp_path, ["broken.zip"])

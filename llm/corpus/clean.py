@@ -14,7 +14,7 @@ import ipaddress
 import logging
 import re
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -347,17 +347,9 @@ class FilterReport:
     pii_redactions: int = 0
 
     def as_dict(self) -> dict:
-        return {
-            "documents_in": self.documents_in,
-            "bytes_in": self.bytes_in,
-            "documents_out": self.documents_out,
-            "bytes_out": self.bytes_out,
-            "removed": self.removed,
-            "removed_documents_total": sum(v["documents"] for v in self.removed.values()),
-            "unicode_repaired_documents": self.unicode_repaired_documents,
-            "markdown_stripped_documents": self.markdown_stripped_documents,
-            "pii_redactions": self.pii_redactions,
-        }
+        out = asdict(self)
+        out["removed_documents_total"] = sum(v["documents"] for v in self.removed.values())
+        return out
 
 
 def clean(params: CleanParams, seed: int, raw_dir: Path, out_dir: Path, report_path: Path) -> dict:

@@ -28,7 +28,6 @@ from typing import BinaryIO, Callable, Iterator
 
 from llm.errors import UserError
 
-TEXT_SUFFIXES = {".txt", ".text", ".md", ".markdown", ".rst", ".html", ".htm", ".xml", ".csv", ".tsv"}
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 SNIFF_BYTES = 8192
 _ALLOWED_CONTROLS = set("\t\n\r\f\v\b")
@@ -306,32 +305,21 @@ class Reader:
                     row += 1
 
     def _archive(self, entry: Entry, suffix: str) -> Iterator[Document]:
+        """Members of a zip or tar archive, in name order, each read by its own name."""
         with entry.open() as f:
-            if suffix == ".zip":
-                data = f if f.seekable() else io.BytesIO(f.read())
-                with zipfile.ZipFile(data) as zf:
-                    members = sorted((i for i in zf.infolist() if not i.is_dir()), key=lambda i: i.filename)
-                    for info in members:
-                        if _hidden(Path(info.filename)):
-                            continue
-                        yield from self.read(
-                            Entry(f"{entry.uri}!{info.filename}", Path(info.filename).name,
-                                  lambda info=info: zf.open(info))  # type: ignore[misc]
-                        )
-            else:
-                try:
-                    tf = tarfile.open(fileobj=f, mode="r:*")
-                except tarfile.TarError as e:
-                    raise UserError(f"{entry.uri}: not a readable tar archive: {e}") from None
-                with tf:
-                    members = sorted((m for m in tf.getmembers() if m.isfile()), key=lambda m: m.name)
-                    for m in members:
-                        if _hidden(Path(m.name)):
-                            continue
-                        yield from self.read(
-                            Entry(f"{entry.uri}!{m.name}", Path(m.name).name,
-                                  lambda m=m: tf.extractfile(m))  # type: ignore[misc]
-                        )
+            try:
+                if suffix == ".zip":
+                    archive = zipfile.ZipFile(f if f.seekable() else io.BytesIO(f.read()))
+                    members = [(i.filename, (lambda i=i: archive.open(i))) for i in archive.infolist() if not i.is_dir()]
+                else:
+                    archive = tarfile.open(fileobj=f, mode="r:*")
+                    members = [(m.name, (lambda m=m: archive.extractfile(m))) for m in archive.getmembers() if m.isfile()]
+            except (zipfile.BadZipFile, tarfile.TarError) as e:
+                raise UserError(f"{entry.uri}: not a readable archive: {e}") from None
+            with archive:
+                for name, opener in sorted(members, key=lambda m: m[0]):
+                    if not _hidden(Path(name)):
+                        yield from self.read(Entry(f"{entry.uri}!{name}", Path(name).name, opener))  # type: ignore[arg-type]
 
 
 def iter_documents(

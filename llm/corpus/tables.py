@@ -233,10 +233,3 @@ def read_row_group(task: tuple[str, int], columns: list[str]) -> pa.Table:
 
 def count_rows(directory: Path) -> int:
     return sum(pq.ParquetFile(p).metadata.num_rows for p in table_files(directory))
-
-
-def sum_column(directory: Path, column: str) -> int:
-    total = 0
-    for batch in iter_batches(directory, [column], batch_size=65536):
-        total += int(pc.sum(batch.column(0)).as_py() or 0)
-    return total
