@@ -1,6 +1,8 @@
-"""`llm`: run a pipeline stage from params.yaml.
+"""`llm`: run a pipeline stage from params.yaml, or sample from the trained model.
 
-    llm ingest | clean | tokenizer | shards   [--params params.yaml]
+    llm ingest | clean | tokenizer | shards | train | evaluate | report   [--params params.yaml]
+    llm train --resume          continue from models/checkpoints/last.pt (fails if there is none)
+    llm sample --prompt "ROMEO:"
 
 dvc.yaml's stage commands are exactly these. A user error (bad params, missing source, empty
 corpus, data that fails its schema) prints one `error:` message and exits with code 2.
@@ -30,20 +32,38 @@ def build_parser() -> argparse.ArgumentParser:
         "clean": "repair, strip markup, filter and dedup data/raw into data/clean",
         "tokenizer": "train the sentencepiece tokenizer on the train split",
         "shards": "tokenize data/clean into Arrow shards under data/shards",
+        "train": "train the GPT on the shards into models/final (resumes a matching checkpoint)",
+        "evaluate": "val loss and bits per byte against compressors -> metrics/eval.json",
+        "report": "model card, metrics, loss curve, samples, attention -> reports/",
     }
     for name in STAGES:
         p = sub.add_parser(name, help=docs.get(name, ""), description=docs.get(name, ""))
         p.add_argument("--params", default="params.yaml", help="params file; outputs go beside it (default params.yaml)")
+        if name == "train":
+            g = p.add_mutually_exclusive_group()
+            g.add_argument("--resume", dest="resume", action="store_const", const="always",
+                           help="continue from the checkpoint; fail if there is none for these params")
+            g.add_argument("--restart", dest="resume", action="store_const", const="never",
+                           help="ignore any checkpoint and start from scratch")
+            p.set_defaults(resume="auto")
+    sub.add_parser("sample", help="generate text with the trained model (llm sample --help)", add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from llm.progress import setup_logging
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args, rest = build_parser().parse_known_args(argv)
     setup_logging(args.log_level)
     try:
-        return run_stage(args.command, Path(args.params))
+        if args.command == "sample":
+            from llm.sample import main as sample_main
+
+            return sample_main(rest)
+        if rest:
+            build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
+        return run_stage(args.command, Path(args.params), getattr(args, "resume", "auto"))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -52,14 +72,19 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def run_stage(name: str, params_path: Path) -> int:
+def run_stage(name: str, params_path: Path, resume: str = "auto") -> int:
     from llm.config import load_params
     from llm.stages import STAGES
 
     params = load_params(params_path)
     root = params_path.resolve().parent
     t0 = time.perf_counter()
-    STAGES[name](params, root)
+    if name == "train":
+        from llm.train import train
+
+        train(params, root, resume=resume)
+    else:
+        STAGES[name](params, root)
     logging.getLogger("llm").info("%s: done in %.1f s", name, time.perf_counter() - t0)
     return 0
 

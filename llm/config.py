@@ -164,6 +164,89 @@ class ShardsParams(_Group):
     """Tokenizer processes, one clean row group at a time; 0 = one per CPU core."""
 
 
+# ----------------------------------------------------------------------------- model
+class ModelParams(_Group):
+    """The GPT's shape. The vocabulary size comes from the tokenizer."""
+
+    n_layer: int = Field(4, ge=1)
+    n_head: int = Field(4, ge=1)
+    n_embd: int = Field(256, ge=8)
+    block_size: int = Field(256, ge=8)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    bias: bool = True
+
+    @model_validator(mode="after")
+    def _heads(self) -> "ModelParams":
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        return self
+
+
+# ----------------------------------------------------------------------------- train
+class TrainParams(_Group):
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    batch_size: int = Field(16, ge=1)
+    """Sequences per micro-batch, per process."""
+    tokens_per_step: int = Field(16384, ge=1)
+    """Tokens per optimizer step; gradient accumulation makes up the difference from
+    batch_size * block_size * processes."""
+    max_steps: int = Field(1000, ge=1)
+    time_budget_minutes: float = Field(0.0, ge=0.0)
+    """Stop early at this wall-clock budget (0 = none). Runs stopped by it are not reproducible
+    step for step: size max_steps to fit and keep the budget as a guard."""
+    learning_rate: float = Field(1e-3, gt=0.0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    """The cosine decay ends at learning_rate * min_lr_ratio at max_steps."""
+    warmup_steps: int = Field(50, ge=0)
+    weight_decay: float = Field(0.1, ge=0.0)
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(0.95, ge=0.0, lt=1.0)
+    grad_clip: float = Field(1.0, ge=0.0)
+    """Clip the gradient's global norm to this (0 = no clipping)."""
+    eval_interval: int = Field(50, ge=1)
+    eval_tokens: int = Field(65536, ge=1)
+    """Val tokens (a fixed prefix of the val stream) for the periodic val loss."""
+    checkpoint_interval: int = Field(100, ge=1)
+    log_interval: int = Field(10, ge=1)
+    compile: bool = False
+    """torch.compile the model (CUDA: faster steps after a minute of compiling)."""
+    threads: int = Field(0, ge=0)
+    """CPU threads (0 = one per core)."""
+
+
+class EvaluateParams(_Group):
+    batch_size: int = Field(16, ge=1)
+    max_tokens: int = Field(0, ge=0)
+    """Evaluate on at most this many val tokens (0 = all)."""
+
+
+class SampleParams(_Group):
+    """Defaults of `llm sample`."""
+
+    max_new_tokens: int = Field(200, ge=1)
+    temperature: float = Field(0.8, ge=0.0)
+    top_k: int = Field(50, ge=0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    seed: int = 1337
+
+
+class ReportParams(_Group):
+    prompts: list[str] = Field(["ROMEO:", "To be, or not to be", "KING HENRY V\n"], min_length=1)
+    temperatures: list[float] = Field([0.7, 1.0], min_length=1)
+    top_k: list[int] = Field([50], min_length=1)
+    top_p: list[float] = Field([0.95], min_length=1)
+    max_new_tokens: int = Field(120, ge=1)
+    attention_prompt: str = "HAMLET\nTo be, or not to be, that is the question:"
+    seed: int = 1337
+
+
+class TrackingParams(_Group):
+    experiment: str = "llm"
+    registered_model: str = "llm-gpt"
+    system_metrics: bool = True
+    """MLflow system metrics (CPU, memory, GPU) sampled during training."""
+
+
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -173,6 +256,12 @@ class Params(BaseModel):
     split: SplitParams = SplitParams()
     tokenizer: TokenizerParams = TokenizerParams()
     shards: ShardsParams = ShardsParams()
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    sample: SampleParams = SampleParams()
+    report: ReportParams = ReportParams()
+    tracking: TrackingParams = TrackingParams()
 
 
 def _loc(loc: tuple[Any, ...]) -> str:

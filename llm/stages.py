@@ -35,8 +35,24 @@ class Layout:
     def shards(self) -> Path:
         return self.root / "data" / "shards"
 
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "models" / "checkpoints"
+
+    @property
+    def final(self) -> Path:
+        return self.root / "models" / "final"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def metrics_dir(self) -> Path:
+        return self.root / "metrics"
+
     def metrics(self, stage: str) -> Path:
-        return self.root / "metrics" / f"{stage}.json"
+        return self.metrics_dir / f"{stage}.json"
 
 
 def run_ingest(params: Params, root: Path) -> dict:
@@ -67,9 +83,30 @@ def run_shards(params: Params, root: Path) -> dict:
     return write_shards(params.shards, params.split, lay.clean, lay.tokenizer, lay.shards, lay.metrics("shards"))
 
 
+def run_train(params: Params, root: Path) -> dict:
+    from llm.train import train
+
+    return train(params, root)
+
+
+def run_evaluate(params: Params, root: Path) -> dict:
+    from llm.evaluate import evaluate
+
+    return evaluate(params, root)
+
+
+def run_report(params: Params, root: Path) -> dict:
+    from llm.report import report
+
+    return report(params, root)
+
+
 STAGES: dict[str, Callable[[Params, Path], dict]] = {
     "ingest": run_ingest,
     "clean": run_clean,
     "tokenizer": run_tokenizer,
     "shards": run_shards,
+    "train": run_train,
+    "evaluate": run_evaluate,
+    "report": run_report,
 }

@@ -1,0 +1,42 @@
+"""The final model on disk: safetensors weights, a JSON config, and its tokenizer beside it.
+
+Loading never unpickles: weights come from safetensors, everything else from JSON.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from llm.errors import UserError
+from llm.io import read_json, write_json
+from llm.model import GPT, GPTConfig
+from llm.tokenizer import MODEL_FILE, Tokenizer
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+def save_final(model: GPT, directory: Path, tokenizer_path: Path, info: dict) -> None:
+    """Write weights, config and tokenizer into `directory` (the caller makes it atomic)."""
+    from safetensors.torch import save_model
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(directory / WEIGHTS))  # handles the tied embedding / LM head
+    write_json(directory / CONFIG, {"model": model.config.to_dict(), **info})
+    shutil.copy2(tokenizer_path, directory / MODEL_FILE)
+
+
+def load_final(directory: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer, dict]:
+    from safetensors.torch import load_model
+
+    directory = Path(directory)
+    if not (directory / WEIGHTS).is_file():
+        raise UserError(f"{directory}: no trained model (run `llm train` first)")
+    info = read_json(directory / CONFIG)
+    model = GPT(GPTConfig(**info["model"]))
+    load_model(model, str(directory / WEIGHTS), device=str(device))
+    model.to(device).eval()
+    return model, Tokenizer(directory / MODEL_FILE), info

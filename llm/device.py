@@ -1,0 +1,113 @@
+"""Device choice, precision, threads and the peak FLOP/s that MFU is measured against."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from llm.errors import UserError
+
+# Dense bf16 tensor-core peaks (FLOP/s) of GPUs people train on; MFU is reported against these.
+GPU_BF16_PEAK = {
+    "H200": 989e12,
+    "H100": 989e12,  # SXM; the PCIe card is 756e12
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10": 125e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+    "V100": 125e12,
+    "T4": 65e12,
+}
+
+
+@dataclass(frozen=True)
+class Device:
+    type: str  # cpu | cuda | mps
+    torch_device: torch.device
+    dtype: torch.dtype  # autocast dtype; float32 means no autocast
+    name: str
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.type, dtype=self.dtype)
+
+    def synchronize(self) -> None:
+        if self.type == "cuda":
+            torch.cuda.synchronize()
+        elif self.type == "mps":
+            torch.mps.synchronize()
+
+
+def pick_device(requested: str = "auto", local_rank: int = 0) -> Device:
+    """auto: CUDA, then Apple MPS, then CPU. bf16 autocast on CUDA (where supported), fp32
+    elsewhere: CPUs without bf16 units run bf16 matmuls hundreds of times slower."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            requested = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            requested = "mps"
+        else:
+            requested = "cpu"
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("train.device: cuda requested but no CUDA device is available (use auto or cpu)")
+        torch.cuda.set_device(local_rank)
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return Device("cuda", torch.device("cuda", local_rank), dtype, torch.cuda.get_device_name(local_rank))
+    if requested == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise UserError("train.device: mps requested but not available")
+        return Device("mps", torch.device("mps"), torch.float32, "Apple MPS")
+    if requested == "cpu":
+        return Device("cpu", torch.device("cpu"), torch.float32, f"CPU ({torch.get_num_threads()} threads)")
+    raise UserError(f"train.device: unknown device {requested!r} (auto, cpu, cuda, mps)")
+
+
+def set_threads(threads: int) -> int:
+    """Intra-op threads for CPU work: 0 means one per usable core (not per hyperthread sibling
+    the scheduler would not give us)."""
+    if threads <= 0:
+        try:
+            threads = len(os.sched_getaffinity(0))
+        except AttributeError:
+            threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    return threads
+
+
+def measure_matmul_peak(device: Device, n: int = 1024, seconds: float = 1.0) -> float:
+    """FLOP/s of a plain square matmul in the training dtype, the best of repeated runs."""
+    dtype = device.dtype if device.type == "cuda" else torch.float32
+    if device.type == "cuda":
+        n = 8192
+    a = torch.randn(n, n, device=device.torch_device, dtype=dtype)
+    b = torch.randn(n, n, device=device.torch_device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    device.synchronize()
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        device.synchronize()
+        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+def peak_flops(device: Device) -> tuple[float, str]:
+    """The FLOP/s MFU is measured against, and where the number comes from."""
+    if device.type == "cuda":
+        for key, value in GPU_BF16_PEAK.items():
+            if key in device.name:
+                return value, f"{key} bf16 datasheet peak"
+        return measure_matmul_peak(device), "measured bf16 matmul peak"
+    return measure_matmul_peak(device), "measured fp32 matmul peak"

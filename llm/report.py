@@ -1,0 +1,238 @@
+"""Stage `report`: reports/report.html (self-contained) and reports/report.md (its twin).
+
+A model card (size, data, tokenizer, training), val bits-per-byte against the baselines, the
+loss curve, samples over a small temperature / top-k / top-p grid, and attention diagnostics:
+per layer and head the attention-sink score (mean attention on the first token) and a heat
+map for one prompt. Everything the model wrote is escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import itertools
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llm.artifacts import load_final
+from llm.config import Params
+from llm.io import atomic_dir, read_json
+from llm.sample import SamplingParams, complete
+from llm.shards import read_manifest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Sample:
+    prompt: str
+    temperature: float
+    top_k: int
+    top_p: float
+    text: str
+
+
+@torch.no_grad()
+def attention_maps(model, tokenizer, prompt: str) -> tuple[list[str], torch.Tensor]:
+    """Pieces of the prompt and its attention weights, (layers, heads, T, T), through the
+    explicit attention path."""
+    ids = tokenizer.encode(prompt)[: model.config.block_size]
+    _, _, _, weights = model(torch.tensor([ids], device=next(model.parameters()).device), need_weights=True)
+    return [tokenizer.piece(i) for i in ids], torch.stack([w[0] for w in weights]).float().cpu()
+
+
+def sink_scores(weights: torch.Tensor) -> torch.Tensor:
+    """Per layer and head, the mean attention mass that queries after the first put on the
+    first token: near 1 means the head parks its attention there (an attention sink)."""
+    if weights.size(-1) < 2:
+        return torch.zeros(weights.shape[:2])
+    return weights[:, :, 1:, 0].mean(dim=-1)
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+    return buf.getvalue()
+
+
+def loss_plot(history: list[dict]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    steps = [r["step"] for r in history]
+    ax.plot(steps, [r["train_loss"] for r in history], label="train", marker="o", ms=3)
+    ax.plot(steps, [r["val_loss"] for r in history], label="val", marker="o", ms=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def attention_plot(pieces: list[str], weights: torch.Tensor) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    L, H = weights.shape[:2]
+    fig, axes = plt.subplots(L, H, figsize=(2.2 * H, 2.2 * L), squeeze=False)
+    labels = [p.replace("\u2581", "_").replace("\n", "\\n") for p in pieces]
+    for layer, head in itertools.product(range(L), range(H)):
+        ax = axes[layer][head]
+        ax.imshow(weights[layer, head].numpy(), cmap="viridis", vmin=0, vmax=1)
+        ax.set_title(f"layer {layer} head {head}", fontsize=7)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if len(labels) <= 24:
+        axes[-1][0].set_xticks(range(len(labels)), labels, rotation=90, fontsize=5)
+        axes[-1][0].set_yticks(range(len(labels)), labels, fontsize=5)
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def read_history(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _fence(text: str) -> str:
+    """A Markdown code fence longer than any backtick run in text, so it cannot be closed early."""
+    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    return "`" * max(3, longest + 1)
+
+
+def report(params: Params, root: Path) -> dict:
+    from llm.stages import Layout
+
+    lay = Layout(root)
+    model, tok, info = load_final(lay.final)
+    evaluation = read_json(lay.metrics("eval"))
+    history = read_history(lay.metrics_dir / "loss.csv")
+    tok_stats = read_json(lay.tokenizer / "stats.json")
+    splits = read_manifest(lay.shards)["splits"]
+    rp = params.report
+    samples = []
+    for prompt, t, k, p in itertools.product(rp.prompts, rp.temperatures, rp.top_k, rp.top_p):
+        sp = SamplingParams(max_new_tokens=rp.max_new_tokens, temperature=t, top_k=k, top_p=p, seed=rp.seed)
+        samples.append(Sample(prompt, t, k, p, complete(model, tok, prompt, sp)))
+    pieces, weights = attention_maps(model, tok, rp.attention_prompt)
+    sinks = sink_scores(weights)
+    cfg, train = info["model"], info["train"]
+    card = {
+        "parameters": f"{train['params'] / 1e6:.2f} M (non-embedding positions excluded)",
+        "shape": f"{cfg['n_layer']} layers, {cfg['n_head']} heads, width {cfg['n_embd']}, block {cfg['block_size']}",
+        "tokenizer": f"sentencepiece {tok_stats['params']['model_type']}, vocab {cfg['vocab_size']}, "
+                     f"{tok_stats['val_bytes_per_token']:.2f} bytes/token on val",
+        "data": f"{splits['train']['documents']} train / {splits['val']['documents']} val documents; "
+                f"{splits['train']['tokens']:,} train / {splits['val']['tokens']:,} val tokens",
+        "training": f"{train['steps']} steps, {train['tokens_seen']:,} tokens, {train['train_seconds']:.0f} s "
+                    f"({train['tokens_per_sec']:,} tokens/s, MFU {100 * train['mfu']:.1f}%), stopped by {train['stopped_by']}",
+        "device": f"{train['device']} x {train['processes']}",
+        "FLOPs per token": f"{train['flops_per_token'] / 1e6:.1f} M",
+    }
+    loss_png, attn_png = loss_plot(history), attention_plot(pieces, weights)
+    with atomic_dir(lay.reports) as tmp:
+        (tmp / "loss.png").write_bytes(loss_png)
+        (tmp / "attention.png").write_bytes(attn_png)
+        (tmp / "report.html").write_text(
+            render_html(card, evaluation, samples, sinks, pieces, loss_png, attn_png, rp.attention_prompt), encoding="utf-8"
+        )
+        (tmp / "report.md").write_text(render_markdown(card, evaluation, samples, sinks, rp.attention_prompt), encoding="utf-8")
+        _track(params, root, lay, tmp)
+    log.info("report: %s (%d samples)", lay.reports / "report.html", len(samples))
+    return {"samples": len(samples), "path": str(lay.reports / "report.html")}
+
+
+def _baseline_rows(evaluation: dict) -> list[tuple[str, float, str]]:
+    rows = [("this model", evaluation["val_bpb"], "")]
+    for name, value in sorted(evaluation["baseline_bpb"].items(), key=lambda kv: kv[1]):
+        rows.append((name, value, "beaten" if evaluation["val_bpb"] < value else "not beaten"))
+    return rows
+
+
+def render_html(card, evaluation, samples, sinks, pieces, loss_png, attn_png, attention_prompt) -> str:
+    e = html.escape
+    img = lambda data, alt: f'<img alt="{e(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'  # noqa: E731
+    card_rows = "".join(f"<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>" for k, v in card.items())
+    metric_rows = "".join(
+        f"<tr><td>{e(n)}</td><td>{v:.4f}</td><td>{e(s)}</td></tr>" for n, v, s in _baseline_rows(evaluation)
+    )
+    sample_rows = "".join(
+        f"<tr><td>{s.temperature}</td><td>{s.top_k}</td><td>{s.top_p}</td>"
+        f"<td><pre><b>{e(s.prompt)}</b>{e(s.text)}</pre></td></tr>"
+        for s in samples
+    )
+    L, H = sinks.shape
+    sink_head = "".join(f"<th>head {h}</th>" for h in range(H))
+    sink_rows = "".join(
+        f"<tr><th>layer {layer}</th>" + "".join(f"<td>{sinks[layer, h]:.2f}</td>" for h in range(H)) + "</tr>" for layer in range(L)
+    )
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Model report</title>
+<style>
+body {{ font: 15px/1.45 system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem; color: #222 }}
+table {{ border-collapse: collapse; margin: .5rem 0 1.5rem }} th, td {{ border: 1px solid #ccc; padding: .3rem .6rem; text-align: left; vertical-align: top }}
+pre {{ white-space: pre-wrap; margin: 0; font-size: 13px }} img {{ max-width: 100% }}
+</style></head><body>
+<h1>Model report</h1>
+<h2>Model card</h2><table>{card_rows}</table>
+<h2>Held-out bits per byte</h2>
+<p>val loss {evaluation['val_loss']:.4f} nats/token, perplexity {evaluation['val_ppl']:.1f}, on {evaluation['val_bytes']:,} bytes of val text.
+Lower is better; the baselines compress the same text.</p>
+<table><tr><th>model</th><th>bits per byte</th><th></th></tr>{metric_rows}</table>
+<h2>Loss curve</h2>{img(loss_png, "train and val loss per step")}
+<h2>Samples</h2>
+<table><tr><th>temperature</th><th>top-k</th><th>top-p</th><th>prompt (bold) and continuation</th></tr>{sample_rows}</table>
+<h2>Attention</h2>
+<p>Attention-sink score per layer and head: the mean attention that tokens after the first put on the first token,
+for the prompt <code>{e(attention_prompt)}</code> ({len(pieces)} tokens).</p>
+<table><tr><th></th>{sink_head}</tr>{sink_rows}</table>
+{img(attn_png, "attention heat maps per layer and head")}
+</body></html>
+"""
+
+
+def render_markdown(card, evaluation, samples, sinks, attention_prompt) -> str:
+    e = html.escape  # Markdown renders inline HTML: escape what the model wrote there too
+    lines = ["# Model report", "", "## Model card", "", "| | |", "| --- | --- |"]
+    lines += [f"| {k} | {e(str(v))} |" for k, v in card.items()]
+    lines += ["", "## Held-out bits per byte", "",
+              f"val loss {evaluation['val_loss']:.4f} nats/token, perplexity {evaluation['val_ppl']:.1f}, "
+              f"on {evaluation['val_bytes']:,} bytes of val text.", "", "| model | bits per byte | |", "| --- | ---: | --- |"]
+    lines += [f"| {n} | {v:.4f} | {s} |" for n, v, s in _baseline_rows(evaluation)]
+    lines += ["", "## Loss curve", "", "![train and val loss per step](loss.png)", "", "## Samples", ""]
+    for s in samples:
+        body = s.prompt + s.text
+        fence = _fence(body)
+        lines += [f"temperature {s.temperature}, top-k {s.top_k}, top-p {s.top_p}:", "", f"{fence}text", body, fence, ""]
+    L, H = sinks.shape
+    lines += ["## Attention", "", f"Attention-sink score (mean attention on the first token) for `{e(attention_prompt)}`:", "",
+              "| | " + " | ".join(f"head {h}" for h in range(H)) + " |", "| --- |" + " ---: |" * H]
+    lines += [f"| layer {layer} | " + " | ".join(f"{sinks[layer, h]:.2f}" for h in range(H)) + " |" for layer in range(L)]
+    lines += ["", "![attention heat maps per layer and head](attention.png)", ""]
+    return "\n".join(lines)
+
+
+def _track(params: Params, root: Path, lay, report_dir: Path) -> None:
+    import mlflow
+
+    from llm.tracking import resume_run
+
+    with resume_run(lay.final, root, params) as run:
+        mlflow.log_artifacts(str(report_dir), artifact_path="report")
+        mlflow.log_artifact(str(lay.metrics_dir / "loss.csv"), artifact_path="plots")
+        mlflow.log_artifacts(str(lay.tokenizer), artifact_path="tokenizer")
+        log.info("report: logged to MLflow run %s", run.info.run_id)

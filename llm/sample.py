@@ -1,0 +1,126 @@
+"""Text generation: temperature, top-k and top-p sampling with a KV cache.
+
+    llm sample --prompt "ROMEO:" --max-new-tokens 200 --temperature 0.8 --top-k 50 --top-p 0.95 --seed 1
+
+Without --prompt it runs interactively: one prompt per line, an empty line or Ctrl-D ends it.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from llm.model import GPT, KVCache
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 200
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int = 0
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Keep the top_k most likely tokens and the smallest set whose probability reaches top_p;
+    the rest get -inf. logits: (vocab,)."""
+    if top_k > 0 and top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # tokens after the nucleus is full
+        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+    return logits
+
+
+def pick(logits: torch.Tensor, sp: SamplingParams, generator: torch.Generator) -> int:
+    if sp.temperature == 0:
+        return int(torch.argmax(logits))
+    logits = filter_logits(logits.float() / sp.temperature, sp.top_k, sp.top_p)
+    return int(torch.multinomial(logits.softmax(-1).cpu(), 1, generator=generator))
+
+
+@torch.no_grad()
+def generate(
+    model: GPT, prompt: list[int], sp: SamplingParams, eos_id: int | None = None, use_cache: bool = True
+) -> list[int]:
+    """New token ids after `prompt` (not including it); stops at eos (not included) or
+    max_new_tokens. The same seed gives the same tokens, with or without the cache."""
+    model.eval()
+    device = next(model.parameters()).device
+    block = model.config.block_size
+    generator = torch.Generator().manual_seed(sp.seed)
+    tokens = list(prompt) or ([eos_id] if eos_id is not None and eos_id >= 0 else [0])
+    past: KVCache | None = None
+    out: list[int] = []
+    for _ in range(sp.max_new_tokens):
+        if use_cache and past is not None and len(tokens) <= block:
+            logits, _, past, _ = model(torch.tensor([[tokens[-1]]], device=device), past=past)
+        else:
+            # No cache yet, or the context outgrew the block: recompute on the last block tokens.
+            context = tokens[-block:]
+            logits, _, past, _ = model(torch.tensor([context], device=device))
+            if len(tokens) >= block:
+                past = None  # absolute positions: a cropped window cannot reuse the old cache
+        nxt = pick(logits[0, -1], sp, generator)
+        if eos_id is not None and nxt == eos_id:
+            break
+        tokens.append(nxt)
+        out.append(nxt)
+    return out
+
+
+def complete(model: GPT, tokenizer, text: str, sp: SamplingParams) -> str:
+    return tokenizer.decode(generate(model, tokenizer.encode(text), sp, tokenizer.eos_id))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    from pathlib import Path
+
+    from llm.artifacts import load_final
+    from llm.config import load_params
+    from llm.device import pick_device
+    from llm.stages import Layout
+
+    ap = argparse.ArgumentParser(prog="llm sample", description="Generate text with the trained model.")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--prompt", default=None, help="text to continue; omit for interactive mode")
+    ap.add_argument("--max-new-tokens", type=int)
+    ap.add_argument("--temperature", type=float)
+    ap.add_argument("--top-k", type=int)
+    ap.add_argument("--top-p", type=float)
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--model", default=None, help="model directory (default models/final)")
+    args = ap.parse_args(argv)
+    params = load_params(args.params)
+    d = params.sample
+    sp = SamplingParams(
+        max_new_tokens=args.max_new_tokens if args.max_new_tokens is not None else d.max_new_tokens,
+        temperature=args.temperature if args.temperature is not None else d.temperature,
+        top_k=args.top_k if args.top_k is not None else d.top_k,
+        top_p=args.top_p if args.top_p is not None else d.top_p,
+        seed=args.seed if args.seed is not None else d.seed,
+    )
+    root = Path(args.params).resolve().parent
+    device = pick_device(params.train.device)
+    model, tok, _ = load_final(args.model or Layout(root).final, device.torch_device)
+    if args.prompt is not None:
+        prompt = args.prompt.replace("\\n", "\n")  # a literal \n on the command line is a newline
+        print(prompt + complete(model, tok, prompt, sp))
+        return 0
+    print("Interactive sampling: type a prompt and press Enter; an empty line or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            prompt = input("> ")
+        except EOFError:
+            break
+        if not prompt:
+            break
+        print(prompt + complete(model, tok, prompt, sp), flush=True)
+    return 0

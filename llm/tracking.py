@@ -1,0 +1,158 @@
+"""MLflow: one run per pipeline run, shared by train, evaluate and report.
+
+Train opens the run and records its id beside the final model (models/final/run.json);
+evaluate and report log into that run. The store is a sqlite file in the project (mlflow.db,
+artifacts in mlartifacts/) unless MLFLOW_TRACKING_URI points elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from llm.config import Params
+from llm.io import read_json, write_json
+
+log = logging.getLogger(__name__)
+RUN_FILE = "run.json"
+CHAMPION = "champion"
+
+
+def tracking_uri(root: Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(Path(root) / 'mlflow.db').resolve()}"
+
+
+def _mlflow(root: Path):
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import mlflow
+
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    mlflow.set_tracking_uri(tracking_uri(root))
+    return mlflow
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{key}."))
+        else:
+            out[key] = v
+    return out
+
+
+def git_commit(root: Path) -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{sha}{'-dirty' if dirty else ''}" if sha else "unknown"
+
+
+def dvc_hashes(root: Path) -> dict[str, str]:
+    """DVC's hashes of the data outputs, from dvc.lock (absent outside `dvc repro`)."""
+    lock = Path(root) / "dvc.lock"
+    if not lock.is_file():
+        return {}
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    out = {}
+    for stage in ("tokenizer", "shards"):
+        for o in stages.get(stage, {}).get("outs", []):
+            if o.get("path") in ("data/tokenizer", "data/shards"):
+                out[f"dvc.{stage}.md5"] = o.get("md5", "")
+    return out
+
+
+def experiment_id(mlflow, root: Path, name: str) -> str:
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if tracking_uri(root).startswith("sqlite:"):
+        location = (Path(root) / "mlartifacts").resolve().as_uri()
+    return mlflow.create_experiment(name, artifact_location=location)
+
+
+@contextlib.contextmanager
+def start_run(params: Params, root: Path, tags: dict[str, str]) -> Iterator[Any]:
+    """A new run with the flattened params and the provenance tags."""
+    mlflow = _mlflow(root)
+    exp = experiment_id(mlflow, root, params.tracking.experiment)
+    all_tags = {"git.commit": git_commit(root), **dvc_hashes(root), **tags}
+    if os.environ.get("DAGSTER_RUN_ID"):
+        all_tags["dagster.run_id"] = os.environ["DAGSTER_RUN_ID"]
+    with mlflow.start_run(experiment_id=exp, log_system_metrics=params.tracking.system_metrics) as run:
+        mlflow.set_tags(all_tags)
+        mlflow.log_params(flatten(params.model_dump(mode="json")))
+        log.info("mlflow: run %s in experiment %r at %s", run.info.run_id, params.tracking.experiment, tracking_uri(root))
+        yield run
+
+
+@contextlib.contextmanager
+def resume_run(final_dir: Path, root: Path, params: Params) -> Iterator[Any]:
+    """The run that trained the model in final_dir; a new one if that store does not know it."""
+    mlflow = _mlflow(root)
+    run_id = None
+    path = Path(final_dir) / RUN_FILE
+    if path.is_file():
+        run_id = read_json(path).get("run_id")
+    if run_id:
+        try:
+            mlflow.get_run(run_id)
+        except Exception:  # noqa: BLE001 - any lookup failure means "not in this store"
+            log.warning("mlflow: run %s is not in %s; starting a new run", run_id, tracking_uri(root))
+            run_id = None
+    if run_id:
+        with mlflow.start_run(run_id=run_id) as run:
+            yield run
+    else:
+        with start_run(params, root, {"note": "model trained outside this tracking store"}) as run:
+            yield run
+
+
+def write_run_file(final_dir: Path, run: Any) -> None:
+    write_json(Path(final_dir) / RUN_FILE, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id})
+
+
+def register_and_gate(root: Path, name: str, run: Any, artifact_path: str, val_bpb: float) -> dict:
+    """Register the run's model as a new version; move the `champion` alias to it only if its
+    val_bpb beats the current champion's. Returns the decision."""
+    mlflow = _mlflow(root)
+    client = mlflow.MlflowClient()
+    try:
+        client.get_registered_model(name)
+    except Exception:  # noqa: BLE001 - not registered yet
+        client.create_registered_model(name, description="GPT models trained by llm-pipeline; champion = best val_bpb")
+    source = f"{run.info.artifact_uri}/{artifact_path}"
+    version = client.create_model_version(name, source, run_id=run.info.run_id, tags={"val_bpb": f"{val_bpb:.6f}"})
+    champion_bpb = None
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+        champion_bpb = float(current.tags.get("val_bpb", "inf"))
+    except Exception:  # noqa: BLE001 - no champion yet
+        current = None
+    promoted = champion_bpb is None or val_bpb < champion_bpb
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION, version.version)
+    decision = {
+        "model": name,
+        "version": int(version.version),
+        "val_bpb": val_bpb,
+        "previous_champion_version": int(current.version) if current is not None else None,
+        "previous_champion_val_bpb": champion_bpb,
+        "promoted": promoted,
+    }
+    log.info(
+        "mlflow: registered %s version %s (val_bpb %.4f); %s",
+        name, version.version, val_bpb,
+        "now champion" if promoted else f"champion stays version {decision['previous_champion_version']} ({champion_bpb:.4f})",
+    )
+    return decision
