@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 # Every install goes through constraints.txt: torch stays at the local CPU build.
 export PIP_CONSTRAINT := constraints.txt
 
-.PHONY: setup run test bench clean-env
+.PHONY: setup run test bench ui clean-env
 
 setup: $(VENV)/.installed $(BIN)/dvc .dvc/config
 
@@ -44,6 +44,13 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/data.py
+	$(BIN)/python benchmarks/train.py
+
+MLFLOW_PORT ?= 5000
+# The MLflow UI over the project's sqlite store (or $$MLFLOW_TRACKING_URI), on loopback only.
+ui: setup
+	@echo "MLflow UI: http://127.0.0.1:$(MLFLOW_PORT)"
+	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 clean-env:
 	rm -rf $(VENV) $(DVC_VENV)

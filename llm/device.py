@@ -87,8 +87,10 @@ def measure_matmul_peak(device: Device, n: int = 1024, seconds: float = 1.0) -> 
     dtype = device.dtype if device.type == "cuda" else torch.float32
     if device.type == "cuda":
         n = 8192
-    a = torch.randn(n, n, device=device.torch_device, dtype=dtype)
-    b = torch.randn(n, n, device=device.torch_device, dtype=dtype)
+    # Its own generator: measuring must not move the global RNG that training (and resuming) uses.
+    gen = torch.Generator(device=device.torch_device).manual_seed(0)
+    a = torch.randn(n, n, device=device.torch_device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device.torch_device, dtype=dtype, generator=gen)
     for _ in range(2):
         a @ b
     device.synchronize()

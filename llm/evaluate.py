@@ -170,7 +170,7 @@ def _track(params: Params, root: Path, lay, result: dict) -> None:
 
     from llm.tracking import flatten, register_and_gate, resume_run
 
-    with resume_run(lay.final, root, params) as run:
+    with resume_run(lay.metrics("train"), root, params) as run:
         metrics = {k: v for k, v in flatten(result).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         mlflow.log_metrics(metrics)
         register_and_gate(root, params.tracking.registered_model, run, "model", result["val_bpb"])

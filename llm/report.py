@@ -130,7 +130,7 @@ def report(params: Params, root: Path) -> dict:
         samples.append(Sample(prompt, t, k, p, complete(model, tok, prompt, sp)))
     pieces, weights = attention_maps(model, tok, rp.attention_prompt)
     sinks = sink_scores(weights)
-    cfg, train = info["model"], info["train"]
+    cfg, train = info["model"], read_json(lay.metrics("train"))
     card = {
         "parameters": f"{train['params'] / 1e6:.2f} M (non-embedding positions excluded)",
         "shape": f"{cfg['n_layer']} layers, {cfg['n_head']} heads, width {cfg['n_embd']}, block {cfg['block_size']}",
@@ -231,7 +231,7 @@ def _track(params: Params, root: Path, lay, report_dir: Path) -> None:
 
     from llm.tracking import resume_run
 
-    with resume_run(lay.final, root, params) as run:
+    with resume_run(lay.metrics("train"), root, params) as run:
         mlflow.log_artifacts(str(report_dir), artifact_path="report")
         mlflow.log_artifact(str(lay.metrics_dir / "loss.csv"), artifact_path="plots")
         mlflow.log_artifacts(str(lay.tokenizer), artifact_path="tokenizer")

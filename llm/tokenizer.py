@@ -200,14 +200,13 @@ def train_tokenizer(
             "train_documents": used.documents,
             "train_bytes": used.bytes,
             "train_lines": used.lines,
-            "train_seconds": round(train_seconds, 2),
             **tokenizer_stats(tok, clean_dir, split, params.stats_max_bytes),
         }
         write_json(tmp / STATS_FILE, {"params": group_dict(params), **stats})
     write_json(stats_path, stats)
     log.info(
-        "tokenizer: vocab %d, %.2f bytes/token on val, %.1f%% of the vocab used on val, round trip %s",
-        stats["vocab_size"], stats["val_bytes_per_token"], 100 * stats["val_vocab_coverage"],
+        "tokenizer: trained in %.1f s; vocab %d, %.2f bytes/token on val, %.1f%% of the vocab used on val, round trip %s",
+        train_seconds, stats["vocab_size"], stats["val_bytes_per_token"], 100 * stats["val_vocab_coverage"],
         "exact" if stats["val_roundtrip_failures"] == 0 else f"FAILED on {stats['val_roundtrip_failures']} documents",
     )
     return stats

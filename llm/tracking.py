@@ -1,6 +1,6 @@
 """MLflow: one run per pipeline run, shared by train, evaluate and report.
 
-Train opens the run and records its id beside the final model (models/final/run.json);
+Train opens the run and records its id in its summary (metrics/train.json, `mlflow_run_id`);
 evaluate and report log into that run. The store is a sqlite file in the project (mlflow.db,
 artifacts in mlartifacts/) unless MLFLOW_TRACKING_URI points elsewhere.
 """
@@ -17,10 +17,9 @@ from typing import Any, Iterator
 import yaml
 
 from llm.config import Params
-from llm.io import read_json, write_json
+from llm.io import read_json
 
 log = logging.getLogger(__name__)
-RUN_FILE = "run.json"
 CHAMPION = "champion"
 
 
@@ -33,7 +32,14 @@ def _mlflow(root: Path):
     import mlflow
 
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    user_uri = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(tracking_uri(root))
+    # set_tracking_uri also exports MLFLOW_TRACKING_URI; put back what the user had, so the
+    # project's own store never looks like a user's choice to a later call or a subprocess.
+    if user_uri is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = user_uri
     return mlflow
 
 
@@ -97,13 +103,13 @@ def start_run(params: Params, root: Path, tags: dict[str, str]) -> Iterator[Any]
 
 
 @contextlib.contextmanager
-def resume_run(final_dir: Path, root: Path, params: Params) -> Iterator[Any]:
-    """The run that trained the model in final_dir; a new one if that store does not know it."""
+def resume_run(train_summary: Path, root: Path, params: Params) -> Iterator[Any]:
+    """The run that trained the model (its id is in the train summary); a new one if this
+    tracking store does not know it."""
     mlflow = _mlflow(root)
     run_id = None
-    path = Path(final_dir) / RUN_FILE
-    if path.is_file():
-        run_id = read_json(path).get("run_id")
+    if Path(train_summary).is_file():
+        run_id = read_json(train_summary).get("mlflow_run_id")
     if run_id:
         try:
             mlflow.get_run(run_id)
@@ -116,10 +122,6 @@ def resume_run(final_dir: Path, root: Path, params: Params) -> Iterator[Any]:
     else:
         with start_run(params, root, {"note": "model trained outside this tracking store"}) as run:
             yield run
-
-
-def write_run_file(final_dir: Path, run: Any) -> None:
-    write_json(Path(final_dir) / RUN_FILE, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id})
 
 
 def register_and_gate(root: Path, name: str, run: Any, artifact_path: str, val_bpb: float) -> dict:

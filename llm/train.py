@@ -285,6 +285,10 @@ def train(params: Params, root: Path, resume: str = "auto") -> dict:
                 _write_outputs(lay, model, history, summary, params, manifest, tracker)
     finally:
         bar.close()
+        if dist.world_size > 1:
+            import torch.distributed as tdist
+
+            tdist.destroy_process_group()
     return summary
 
 
@@ -318,10 +322,13 @@ def _write_outputs(lay, model: GPT, history: list[dict], summary: dict, params: 
     from llm.artifacts import save_final
     from llm.tokenizer import MODEL_FILE
 
-    info = {"tokenizer_sha256": manifest["tokenizer"]["sha256"], "train": summary, "seed": params.seed}
+    # Only what the weights depend on goes beside them, so the same params and data give the
+    # same bytes; timing, device and the MLflow run id go to metrics/train.json.
+    info = {"tokenizer_sha256": manifest["tokenizer"]["sha256"], "seed": params.seed,
+            "steps": summary["steps"], "tokens_seen": summary["tokens_seen"]}
     with atomic_dir(lay.final) as tmp:
         save_final(model, tmp, lay.tokenizer / MODEL_FILE, info)
-        tracker.finish(tmp, summary)
+    summary["mlflow_run_id"] = tracker.finish(lay.final, summary)
     write_json(lay.metrics("train"), summary)
     with atomic_file(lay.metrics_dir / "loss.csv") as f:
         w = csv.DictWriter(f, fieldnames=["step", "tokens", "train_loss", "val_loss", "lr"], lineterminator="\n")
@@ -370,17 +377,16 @@ class _Tracker:
             mlflow.MlflowClient().log_batch(self.run.info.run_id, metrics=self.pending)
             self.pending = []
 
-    def finish(self, final_dir: Path, summary: dict) -> None:
+    def finish(self, final_dir: Path, summary: dict) -> str | None:
+        """Summary metrics and the final model into the run; returns the run id."""
         if self.run is None:
-            return
+            return None
         import mlflow
 
-        from llm.tracking import write_run_file
-
         self.flush()
-        mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))})
-        write_run_file(final_dir, self.run)
+        mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
         mlflow.log_artifacts(str(final_dir), artifact_path="model")
+        return self.run.info.run_id
 
     def __exit__(self, exc_type, *exc) -> None:
         if self._ctx is not None:

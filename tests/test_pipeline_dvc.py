@@ -1,4 +1,5 @@
-"""The data stages through `dvc repro` in a temporary git repository."""
+"""The whole pipeline through `dvc repro` in a temporary git repository, on a slice of the
+default corpus and a model that trains in seconds."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from llm.config import parse_params
 from llm.io import read_json
 from tests.conftest import REPO, copy_repo_files, small_params, write_corpus_slice, write_params
 
@@ -39,9 +41,10 @@ def ran_stages(output: str) -> list[str]:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("dvcrepo")
-    copy_repo_files(root, ["llm", "dvc.yaml", ".dvcignore"])
+    copy_repo_files(root, ["llm", "dvc.yaml", ".dvcignore", ".gitignore"])
     write_corpus_slice(root / "corpus", n_plays=8, max_chars=20_000)
-    write_params(root, small_params(["corpus"]))
+    # Every key spelled out, as in the project's params.yaml (dvc exp run -S needs the key there).
+    write_params(root, parse_params(small_params(["corpus"])).model_dump(mode="json"))
     run(["git", "init", "-q"], root)
     run([dvc_bin(), "init", "-q"], root)
     run([dvc_bin(), "config", "core.analytics", "false"], root)
@@ -50,17 +53,21 @@ def repo(tmp_path_factory) -> Path:
     return root
 
 
-def test_repro_builds_all_four_stages(repo: Path):
+ALL_STAGES = ["ingest", "clean", "tokenizer", "shards", "train", "evaluate", "report"]
+
+
+def test_repro_builds_every_stage(repo: Path):
     out = run([dvc_bin(), "repro"], repo)
-    assert ran_stages(out) == ["ingest", "clean", "tokenizer", "shards"]
-    for path in ("data/raw", "data/clean", "data/tokenizer/tokenizer.model", "data/shards/manifest.json"):
+    assert ran_stages(out) == ALL_STAGES
+    for path in ("data/raw", "data/clean", "data/tokenizer/tokenizer.model", "data/shards/manifest.json",
+                 "models/checkpoints/last.pt", "models/final/model.safetensors", "metrics/eval.json", "reports/report.html"):
         assert (repo / path).exists(), path
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"ingest", "clean", "tokenizer", "shards"}
+    assert set(lock["stages"]) == set(ALL_STAGES)
     manifest = read_json(repo / "data/shards/manifest.json")
     assert manifest["splits"]["train"]["tokens"] > 0 and manifest["splits"]["val"]["tokens"] > 0
     metrics = run([dvc_bin(), "metrics", "show", "--json"], repo)
-    assert "val_bytes_per_token" in metrics and "documents_out" in metrics
+    assert "val_bytes_per_token" in metrics and "documents_out" in metrics and "val_bpb" in metrics
 
 
 def test_second_repro_does_nothing(repo: Path):
@@ -70,16 +77,36 @@ def test_second_repro_does_nothing(repo: Path):
     assert run([dvc_bin(), "status"], repo).strip().endswith("Data and pipelines are up to date.")
 
 
-def test_changing_a_shards_param_reruns_only_shards(repo: Path):
+def test_changing_a_shards_param_reruns_shards_and_what_follows_only(repo: Path):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     before = read_json(repo / "data/shards/manifest.json")
     params["shards"]["shard_tokens"] = 5_000
     write_params(repo, params)
     out = run([dvc_bin(), "repro"], repo)
-    assert ran_stages(out) == ["shards"]
+    assert ran_stages(out) == ["shards", "train", "evaluate", "report"]
     after = read_json(repo / "data/shards/manifest.json")
     assert len(after["splits"]["train"]["shards"]) > len(before["splits"]["train"]["shards"])
     assert after["splits"]["train"]["tokens"] == before["splits"]["train"]["tokens"]
+
+
+def test_changing_a_report_param_reruns_only_the_report(repo: Path):
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["report"]["max_new_tokens"] = 8
+    write_params(repo, params)
+    assert ran_stages(run([dvc_bin(), "repro"], repo)) == ["report"]
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "baseline for experiments"], repo)
+
+
+def test_experiment_with_a_changed_learning_rate(repo: Path):
+    out = run([dvc_bin(), "exp", "run", "-S", "train.learning_rate=0.003", "-n", "lr3e-3"], repo)
+    assert ran_stages(out) == ["train", "evaluate", "report"]
+    shown = run([dvc_bin(), "exp", "show", "--json"], repo)
+    assert "lr3e-3" in shown and "0.003" in shown
+    diff = run([dvc_bin(), "metrics", "diff", "HEAD", "lr3e-3", "--json"], repo)
+    assert "val_bpb" in diff
+    plots = run([dvc_bin(), "plots", "show", "--json"], repo)
+    assert '"loss": [{"type": "vega"' in plots and "val_loss" in plots and "train_loss" in plots
 
 
 def test_same_params_and_data_give_the_same_artifacts(repo: Path, tmp_path: Path):
@@ -89,10 +116,10 @@ def test_same_params_and_data_give_the_same_artifacts(repo: Path, tmp_path: Path
     shutil.copy2(repo / "params.yaml", tmp_path / "params.yaml")
     run(["git", "init", "-q"], tmp_path)
     run([dvc_bin(), "init", "-q"], tmp_path)
-    run([dvc_bin(), "repro"], tmp_path)
+    run([dvc_bin(), "repro", "shards"], tmp_path)
     lock_a = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     lock_b = yaml.safe_load((tmp_path / "dvc.lock").read_text())["stages"]
-    for stage in lock_a:
+    for stage in ("ingest", "clean", "tokenizer", "shards"):
         assert lock_a[stage]["outs"] == lock_b[stage]["outs"], stage
 
 
@@ -101,4 +128,4 @@ def test_repo_dvc_yaml_declares_every_stage_command_as_the_cli():
     for name, stage in stages.items():
         assert stage["cmd"] == f"llm {name}"
         assert stage["params"], name
-        assert stage["metrics"], name
+        assert stage.get("metrics") or stage.get("outs"), name

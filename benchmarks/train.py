@@ -1,0 +1,100 @@
+"""Training throughput and MFU of model shapes, against the measured matmul peak.
+
+    python benchmarks/train.py                       # the default preset and nanoGPT's CPU example
+    python benchmarks/train.py --shapes 4x256x4:256:16,6x384x6:256:8 --steps 12
+
+A shape is LAYERSxWIDTHxHEADS:BLOCK:BATCH. Each runs forward, backward and an AdamW step on
+random tokens, exactly as `llm train` does (same model, optimizer, autocast), after warm-up
+steps. MFU = tokens/s * FLOPs per token (6N + 12 * layers * width * block) / peak, where the
+peak is a plain matmul in the training dtype measured here in the same process. Prints a table
+and writes benchmarks/out/train.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from llm.config import load_params  # noqa: E402
+from llm.device import measure_matmul_peak, pick_device, set_threads  # noqa: E402
+from llm.model import GPT, GPTConfig  # noqa: E402
+
+
+def parse_shape(text: str) -> tuple[int, int, int, int, int]:
+    dims, block, batch = text.split(":")
+    layers, width, heads = (int(v) for v in dims.split("x"))
+    return layers, width, heads, int(block), int(batch)
+
+
+def measure(shape: tuple[int, int, int, int, int], vocab: int, steps: int, warmup: int, device, peak: float) -> dict:
+    layers, width, heads, block, batch = shape
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=vocab, block_size=block, n_layer=layers, n_head=heads, n_embd=width)).to(device.torch_device)
+    opt = torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-3, fused=device.type == "cuda")
+    x = torch.randint(0, vocab, (batch, block), device=device.torch_device)
+    y = torch.randint(0, vocab, (batch, block), device=device.torch_device)
+
+    def step() -> None:
+        with device.autocast():
+            _, loss, _, _ = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    device.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    device.synchronize()
+    seconds = time.perf_counter() - t0
+    tok_s = steps * batch * block / seconds
+    flops = model.flops_per_token()
+    return {
+        "shape": f"{layers}x{width}x{heads}:{block}:{batch}",
+        "params_m": round(model.num_params() / 1e6, 2),
+        "vocab": vocab,
+        "tokens_per_s": round(tok_s),
+        "gflops_per_s": round(tok_s * flops / 1e9, 1),
+        "mfu": round(tok_s * flops / peak, 3),
+    }
+
+
+def main() -> None:
+    params = load_params(REPO / "params.yaml")
+    m, t = params.model, params.train
+    default = f"{m.n_layer}x{m.n_embd}x{m.n_head}:{m.block_size}:{t.batch_size}"
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default=f"{default},4x128x4:64:12", help=f"comma-separated shapes (default: preset {default} and nanoGPT's CPU example)")
+    ap.add_argument("--vocab", type=int, default=params.tokenizer.vocab_size)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default=t.device)
+    args = ap.parse_args()
+    device = pick_device(args.device)
+    threads = set_threads(t.threads) if device.type == "cpu" else 0
+    peak = measure_matmul_peak(device, seconds=2.0)
+    print(f"device: {device.name}, {threads} threads; measured matmul peak {peak / 1e9:.1f} GFLOP/s ({device.dtype})")
+    rows = [measure(parse_shape(s), args.vocab, args.steps, args.warmup, device, peak) for s in args.shapes.split(",")]
+    head = f"{'shape L x W x H : block : batch':<32} {'params M':>9} {'vocab':>6} {'tokens/s':>9} {'GFLOP/s':>8} {'MFU':>6}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['shape']:<32} {r['params_m']:>9} {r['vocab']:>6} {r['tokens_per_s']:>9} {r['gflops_per_s']:>8} {r['mfu']:>6.1%}")
+    out = REPO / "benchmarks" / "out" / "train.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"device": device.name, "peak_flops": peak, "rows": rows}, indent=2))
+    print(f"\nwrote {out.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import bz2
+import math
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from llm.evaluate import ValDocs, bits_per_byte, compressor_bpb, evaluate, token_nll, unigram_nats
+from llm.io import read_json
+from llm.stages import Layout
+from llm.tracking import register_and_gate, start_run
+from llm.train import train
+from tests.test_model import tiny
+from tests.test_train import project_from
+
+
+def test_bits_per_byte_by_hand():
+    # 1000 tokens at 2.0 nats each over 1500 bytes: 2000 / ln 2 / 1500 bits per byte.
+    assert bits_per_byte(2000.0, 1500) == pytest.approx(2000 / math.log(2) / 1500)
+    assert bits_per_byte(1500 * math.log(2), 1500) == pytest.approx(1.0)  # one bit per byte
+
+
+def test_token_nll_is_the_cross_entropy_of_each_window():
+    from llm.device import pick_device
+
+    model = tiny()
+    stream = np.random.default_rng(0).integers(0, 64, size=70)
+    nll = token_nll(model, stream, block_size=32, batch_size=2, device=pick_device("cpu"))
+    assert nll.shape == (69,)
+    # By hand: windows [0, 32), [32, 64), [64, 69) of predictions.
+    expected = []
+    for start, width in ((0, 32), (32, 32), (64, 5)):
+        x = torch.from_numpy(stream[start : start + width])[None]
+        y = torch.from_numpy(stream[start + 1 : start + 1 + width])
+        logits, *_ = model(x)
+        logp = torch.log_softmax(logits[0].double(), -1)
+        expected += [-logp[i, y[i]].item() for i in range(width)]
+    assert np.allclose(nll, expected, atol=1e-4)
+
+
+def test_unigram_baseline_by_hand():
+    counts = np.array([3, 1, 0])  # add-one: probabilities 4/7, 2/7, 1/7
+    val = np.array([0, 2])
+    assert unigram_nats(counts, val) == pytest.approx(-math.log(4 / 7) - math.log(1 / 7))
+
+
+def test_compressors_on_repetitive_and_random_bytes():
+    assert all(v < 0.5 for v in compressor_bpb(b"to be or not to be " * 500).values())
+    noise = np.random.default_rng(0).integers(0, 256, 20_000, dtype=np.uint8).tobytes()
+    assert all(v > 7.9 for v in compressor_bpb(noise).values())
+    data = b"a bz2 check " * 100
+    assert compressor_bpb(data)["bz2"] == 8 * len(bz2.compress(data, 9)) / len(data)
+
+
+def test_evaluate_stage(built, tmp_path: Path):
+    root, params = project_from(built, tmp_path)
+    train(params, root)
+    result = evaluate(params, root)
+    assert read_json(Layout(root).metrics("eval")) == result
+    assert set(result["baseline_bpb"]) == {"gzip", "bz2", "xz", "unigram"}
+    assert result["val_bpb"] == pytest.approx(result["val_loss"] * result["val_tokens"] / result["val_bytes"] / math.log(2), rel=0.01)
+    assert result["val_ppl"] == pytest.approx(math.exp(result["val_loss"]), rel=1e-3)
+    docs = ValDocs(Layout(root).shards, params.evaluate.max_tokens)
+    assert result["val_bytes"] == sum(docs.n_bytes) and result["val_documents"] == len(docs.spans)
+    assert "per_source" not in result  # one source
+
+
+def test_champion_alias_moves_only_on_a_better_val_bpb(built, tmp_path: Path):
+    root, params = project_from(built, tmp_path)
+    decisions = []
+    for bpb in (2.0, 2.5, 1.5):
+        with start_run(params, root, {"stage": "test"}) as run:
+            mlflow.log_text("weights", "model/model.txt")
+            decisions.append(register_and_gate(root, "gate-test", run, "model", bpb))
+    assert [d["promoted"] for d in decisions] == [True, False, True]
+    assert decisions[1]["previous_champion_val_bpb"] == 2.0
+    client = mlflow.MlflowClient()
+    assert int(client.get_model_version_by_alias("gate-test", "champion").version) == 3

@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from llm.evaluate import evaluate
+from llm.report import report, sink_scores
+from llm.stages import Layout
+from llm.train import train
+from tests.test_train import project_from
+
+
+def test_report_renders_and_escapes_what_the_model_wrote(built, tmp_path: Path):
+    hostile = "<script>alert('x')</script> ROMEO:"
+    root, params = project_from(built, tmp_path, report={"prompts": [hostile, "```\nJULIET:"], "temperatures": [0.8, 1.2]})
+    train(params, root)
+    evaluate(params, root)
+    report(params, root)
+    html = (Layout(root).reports / "report.html").read_text()
+    md = (Layout(root).reports / "report.md").read_text()
+    assert "<script>" not in html and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in html
+    assert re.findall(r'<img[^>]+src="([^"]{0,22})', html) == ["data:image/png;base64,"] * 2  # self-contained
+    for section in ("Model card", "Held-out bits per byte", "Loss curve", "Samples", "Attention"):
+        assert f"<h2>{section}</h2>" in html and f"## {section}" in md
+    assert html.count("<pre>") == 4  # 2 prompts x 2 temperatures
+    assert "bz2" in html and "this model" in html
+    assert "````text\n```\nJULIET:" in md  # a fence longer than the backticks the text holds
+    assert sorted(p.name for p in Layout(root).reports.iterdir()) == ["attention.png", "loss.png", "report.html", "report.md"]
+
+
+def test_sink_score_is_the_mean_attention_on_the_first_token():
+    w = torch.zeros(1, 2, 3, 3)
+    w[0, 0, :, 0] = 1.0  # head 0 always looks at token 0
+    w[0, 1, 0, 0] = 1.0
+    w[0, 1, 1, 1] = 1.0
+    w[0, 1, 2, 0], w[0, 1, 2, 2] = 0.5, 0.5
+    assert torch.allclose(sink_scores(w), torch.tensor([[1.0, 0.25]]))

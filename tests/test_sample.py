@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import torch
+
+from llm.sample import SamplingParams, filter_logits, generate
+from tests.test_model import tiny
+
+
+def test_kv_cache_gives_the_same_tokens_as_recomputing():
+    model = tiny()  # block_size 32: generation runs past it, where the window slides
+    for sp in (SamplingParams(max_new_tokens=50, temperature=0.0), SamplingParams(max_new_tokens=50, temperature=1.0, top_k=20, seed=3)):
+        with_cache = generate(model, [1, 2, 3], sp, use_cache=True)
+        without = generate(model, [1, 2, 3], sp, use_cache=False)
+        assert with_cache == without and len(with_cache) == 50
+
+
+def test_same_seed_same_text_other_seed_other_text():
+    model = tiny()
+    a = generate(model, [5], SamplingParams(max_new_tokens=30, temperature=1.0, seed=1))
+    b = generate(model, [5], SamplingParams(max_new_tokens=30, temperature=1.0, seed=1))
+    c = generate(model, [5], SamplingParams(max_new_tokens=30, temperature=1.0, seed=2))
+    assert a == b and a != c
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy():
+    model = tiny()
+    greedy = generate(model, [7], SamplingParams(max_new_tokens=20, temperature=0.0))
+    assert generate(model, [7], SamplingParams(max_new_tokens=20, temperature=1.5, top_k=1, seed=9)) == greedy
+    assert generate(model, [7], SamplingParams(max_new_tokens=20, temperature=1.5, top_p=1e-6, seed=9)) == greedy
+
+
+def test_filter_logits_keeps_exactly_the_top_k_and_the_nucleus():
+    logits = torch.log(torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]))
+    kept = torch.isfinite(filter_logits(logits, top_k=2, top_p=1.0))
+    assert kept.tolist() == [True, True, False, False, False]
+    kept = torch.isfinite(filter_logits(logits, top_k=0, top_p=0.8))
+    assert kept.tolist() == [True, True, True, False, False]  # 0.5 + 0.2 < 0.8 <= 0.85
+    shuffled = logits[[3, 0, 4, 2, 1]]
+    kept = torch.isfinite(filter_logits(shuffled, top_k=0, top_p=0.8))
+    assert kept.tolist() == [False, True, False, True, True]
+
+
+def test_generation_stops_at_eos():
+    model = tiny()
+    greedy = generate(model, [7], SamplingParams(max_new_tokens=20, temperature=0.0))
+    eos = greedy[4]
+    stopped = generate(model, [7], SamplingParams(max_new_tokens=20, temperature=0.0), eos_id=eos)
+    assert stopped == greedy[: greedy.index(eos)]

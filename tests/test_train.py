@@ -1,0 +1,153 @@
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llm.config import TrainParams
+from llm.errors import UserError
+from llm.io import read_json
+from llm.model import GPT
+from llm.stages import Layout
+from llm.train import TrainingDiverged, lr_at, train
+from tests.conftest import deep_update, load, write_params
+
+
+def project_from(built, tmp_path: Path, **override) -> tuple[Path, object]:
+    """A project sharing the built data stages, with its own params, models and MLflow store."""
+    root, params = built
+    (tmp_path / "data").mkdir(parents=True)
+    for name in ("clean", "tokenizer", "shards"):
+        (tmp_path / "data" / name).symlink_to(getattr(Layout(root), name))
+    write_params(tmp_path, deep_update(params.model_dump(mode="json"), override))
+    return tmp_path, load(tmp_path)
+
+
+def weights(root: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(Layout(root).final / "model.safetensors"))
+
+
+def test_two_seeded_runs_give_identical_weights(built, tmp_path: Path):
+    a, pa = project_from(built, tmp_path / "a")
+    b, pb = project_from(built, tmp_path / "b")
+    train(pa, a)
+    train(pb, b)
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    files = sorted(p.name for p in Layout(a).final.iterdir())
+    assert all((Layout(a).final / f).read_bytes() == (Layout(b).final / f).read_bytes() for f in files)  # the whole artifact
+    assert read_json(Layout(a).metrics("train"))["final_val_loss"] == read_json(Layout(b).metrics("train"))["final_val_loss"]
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(built, tmp_path: Path, monkeypatch):
+    cut, pc = project_from(built, tmp_path / "cut", model={"dropout": 0.1})
+    full_drop, pfd = project_from(built, tmp_path / "full_drop", model={"dropout": 0.1})
+    train(pfd, full_drop)
+
+    # Interrupt the second run right after its checkpoint at step 3 (as a kill would).
+    import llm.train as t
+
+    real_save = t.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        ckpt = real_save(*args, **kwargs)
+        if ckpt["step"] == 3:
+            raise KeyboardInterrupt
+        return ckpt
+
+    monkeypatch.setattr(t, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(pc, cut)
+    monkeypatch.setattr(t, "save_checkpoint", real_save)
+    assert not Layout(cut).final.exists()
+    assert torch.load(Layout(cut).checkpoints / "last.pt", weights_only=True)["step"] == 3
+    summary = train(pc, cut, resume="always")
+    assert summary["steps"] == 6
+    wa, wb = weights(full_drop), weights(cut)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # dropout RNG, data position and optimizer all restored
+    assert (Layout(cut).metrics_dir / "loss.csv").read_text() == (Layout(full_drop).metrics_dir / "loss.csv").read_text()
+
+
+def test_resume_always_without_a_checkpoint_is_a_clear_error(built, tmp_path: Path):
+    root, params = project_from(built, tmp_path)
+    with pytest.raises(UserError, match="no checkpoint of these params and data"):
+        train(params, root, resume="always")
+
+
+def test_a_checkpoint_of_other_params_is_not_resumed(built, tmp_path: Path):
+    root, params = project_from(built, tmp_path)
+    train(params, root)
+    write_params(root, deep_update(params.model_dump(mode="json"), {"train": {"learning_rate": 0.002}}))
+    summary = train(load(root), root)
+    assert summary["steps"] == 6 and summary["train_seconds"] < 60
+    # ... while a change that does not alter the math (the log interval) keeps it:
+    write_params(root, deep_update(load(root).model_dump(mode="json"), {"train": {"log_interval": 3}}))
+    assert train(load(root), root, resume="always")["steps"] == 6
+
+
+def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(built, tmp_path: Path, monkeypatch):
+    root, params = project_from(built, tmp_path)
+    real_forward = GPT.forward
+    calls = {"n": 0}
+
+    def poisoned(self, idx, targets=None, **kw):
+        logits, loss, past, w = real_forward(self, idx, targets, **kw)
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if calls["n"] > 8:  # two micro-batches per step here, so step 5 goes bad
+                loss = loss * float("nan")
+        return logits, loss, past, w
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"train: loss is nan at step 5; the last good checkpoint is .*last.pt \(step 3\)"):
+        train(params, root)
+    ckpt = torch.load(Layout(root).checkpoints / "last.pt", weights_only=True)
+    assert ckpt["step"] == 3
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert not Layout(root).final.exists()
+
+
+def test_mlflow_run_has_params_tags_per_step_metrics_and_the_model(built, tmp_path: Path):
+    root, params = project_from(built, tmp_path)
+    train(params, root)
+    run_id = read_json(Layout(root).metrics("train"))["mlflow_run_id"]
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    run = mlflow.get_run(run_id)
+    assert run.data.params["train.learning_rate"] == str(params.train.learning_rate)
+    assert run.data.params["model.n_embd"] == "32"
+    assert run.data.tags["stage"] == "train" and run.data.tags["torch"] == torch.__version__
+    assert "git.commit" in run.data.tags and run.data.tags["device"].startswith("CPU")
+    history = mlflow.MlflowClient().get_metric_history(run_id, "train_loss")
+    assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "model")}
+    assert {"model/model.safetensors", "model/config.json", "model/tokenizer.model"} <= artifacts
+
+
+def test_tokens_per_step_must_divide(built, tmp_path: Path):
+    root, params = project_from(built, tmp_path, train={"tokens_per_step": 300})
+    with pytest.raises(UserError, match=r"train.tokens_per_step \(300\) must be a multiple of batch_size \* block_size \* processes \(4 \* 32 \* 1 = 128\)"):
+        train(params, root)
+
+
+def test_learning_rate_schedule():
+    tp = TrainParams(learning_rate=1.0, min_lr_ratio=0.1, warmup_steps=10, max_steps=110)
+    assert lr_at(0, tp) == pytest.approx(0.1)
+    assert lr_at(9, tp) == pytest.approx(1.0)
+    assert lr_at(60, tp) == pytest.approx(0.55)
+    assert lr_at(110, tp) == pytest.approx(0.1)
+    assert all(lr_at(s, tp) >= lr_at(s + 1, tp) for s in range(10, 120))
+
+
+def test_train_outputs(built, tmp_path: Path):
+    root, params = project_from(built, tmp_path)
+    summary = train(params, root)
+    lay = Layout(root)
+    assert sorted(p.name for p in lay.final.iterdir()) == ["config.json", "model.safetensors", "tokenizer.model"]
+    assert read_json(lay.metrics("train")) == summary
+    assert summary["final_val_loss"] < summary["initial_val_loss"] == round(math.log(512), 5)
+    rows = (lay.metrics_dir / "loss.csv").read_text().splitlines()
+    assert rows[0] == "step,tokens,train_loss,val_loss,lr" and [r.split(",")[0] for r in rows[1:]] == ["3", "6"]
