@@ -46,3 +46,22 @@ def test_generation_stops_at_eos():
     eos = greedy[4]
     stopped = generate(model, [7], SamplingParams(max_new_tokens=20, temperature=0.0), eos_id=eos)
     assert stopped == greedy[: greedy.index(eos)]
+
+
+def test_sample_cli_is_seeded_and_has_an_interactive_mode(built, tmp_path):
+    import subprocess
+    import sys
+
+    from llm.train import train
+    from tests.test_train import project_from
+
+    root, params = project_from(built, tmp_path)
+    train(params, root)
+    cmd = [sys.executable, "-m", "llm.cli", "sample", "--max-new-tokens", "12", "--temperature", "1.0"]
+    runs = [subprocess.run(cmd + ["--prompt", "ROMEO:", "--seed", str(s)], cwd=root, capture_output=True, text=True, timeout=120)
+            for s in (1, 1, 2)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr
+    assert runs[0].stdout.startswith("ROMEO:") and runs[0].stdout == runs[1].stdout != runs[2].stdout
+    interactive = subprocess.run(cmd + ["--seed", "1"], cwd=root, input="ROMEO:\nJULIET:\n\n", capture_output=True, text=True, timeout=120)
+    assert interactive.returncode == 0
+    assert interactive.stdout.count("> ") == 3 and runs[0].stdout.strip() in interactive.stdout and "JULIET:" in interactive.stdout
