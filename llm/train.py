@@ -9,6 +9,7 @@ loader's position.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -202,17 +203,17 @@ def train(params: Params, root: Path, resume: str = "auto") -> dict:
                 lr = lr_at(step, tp)
                 for g in opt.param_groups:
                     g["lr"] = lr
-                loss_sum = 0.0
+                loss_sum = torch.zeros((), device=device.torch_device)
                 for micro in range(accum):
                     x, y = next(batches)
                     x, y = x.to(device.torch_device, non_blocking=True), y.to(device.torch_device, non_blocking=True)
                     sync = micro == accum - 1 or dist.world_size == 1
-                    ctx = compiled.no_sync() if (dist.world_size > 1 and not sync) else _null()
+                    ctx = compiled.no_sync() if (dist.world_size > 1 and not sync) else contextlib.nullcontext()
                     with ctx, device.autocast():
                         _, loss, _, _ = compiled(x, y)
                     (loss / accum).backward()
-                    loss_sum += loss.item()
-                step_loss = loss_sum / accum
+                    loss_sum += loss.detach()
+                step_loss = (loss_sum / accum).item()  # one device sync per step, not per micro-batch
                 if not math.isfinite(step_loss):
                     where = f"; the last good checkpoint is {ckpt_path} (step {ckpt['step']})" if ckpt_path.is_file() and ckpt else ""
                     raise TrainingDiverged(
@@ -290,14 +291,6 @@ def train(params: Params, root: Path, resume: str = "auto") -> dict:
 
             tdist.destroy_process_group()
     return summary
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def save_checkpoint(path: Path, model: GPT, opt, step: int, data: TokenBlocks, device: Device, fp: str,
