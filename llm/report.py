@@ -140,6 +140,10 @@ def report(params: Params, root: Path) -> dict:
                 f"{splits['train']['tokens']:,} train / {splits['val']['tokens']:,} val tokens",
         "training": f"{train['steps']} steps, {train['tokens_seen']:,} tokens, {train['train_seconds']:.0f} s "
                     f"({train['tokens_per_sec']:,} tokens/s, MFU {100 * train['mfu']:.1f}%), stopped by {train['stopped_by']}",
+        "hyperparameters": f"peak lr {params.train.learning_rate:g} ({params.train.warmup_steps} warmup steps, cosine to "
+                           f"{params.train.learning_rate * params.train.min_lr_ratio:g}), {params.train.tokens_per_step:,} tokens/step "
+                           f"(batch {params.train.batch_size}), weight decay {params.train.weight_decay:g}, "
+                           f"dropout {cfg['dropout']:g}, grad clip {params.train.grad_clip:g}, seed {params.seed}",
         "device": f"{train['device']} x {train['processes']}",
         "FLOPs per token": f"{train['flops_per_token'] / 1e6:.1f} M",
     }

@@ -80,3 +80,20 @@ def test_champion_alias_moves_only_on_a_better_val_bpb(built, tmp_path: Path):
     assert decisions[1]["previous_champion_val_bpb"] == 2.0
     client = mlflow.MlflowClient()
     assert int(client.get_model_version_by_alias("gate-test", "champion").version) == 3
+
+
+def test_per_source_bits_per_byte_split_the_total():
+    from llm.evaluate import _per_source
+
+    class Docs:  # three documents in one stream: tokens [0, 4), [4, 10), [10, 12)
+        spans = [(0, 4), (4, 10), (10, 12)]
+        sources = ["books", "web", "books"]
+        n_bytes = [10, 20, 5]
+
+    nll = np.arange(11, dtype=np.float64)  # nll[i] predicts token i + 1
+    out = _per_source(nll, Docs())
+    books = nll[0:3].sum() + nll[9:11].sum()
+    web = nll[3:9].sum()
+    assert out["books"] == {"val_bpb": round(bits_per_byte(books, 15), 5), "bytes": 15, "documents": 2}
+    assert out["web"] == {"val_bpb": round(bits_per_byte(web, 20), 5), "bytes": 20, "documents": 1}
+    assert books + web == nll.sum()

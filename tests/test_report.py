@@ -26,6 +26,7 @@ def test_report_renders_and_escapes_what_the_model_wrote(built, tmp_path: Path):
         assert f"<h2>{section}</h2>" in html and f"## {section}" in md
     assert html.count("<pre>") == 4  # 2 prompts x 2 temperatures
     assert "bz2" in html and "this model" in html
+    assert f"peak lr {params.train.learning_rate:g}" in html and "tokens/step" in md
     assert "````text\n```\nJULIET:" in md  # a fence longer than the backticks the text holds
     assert sorted(p.name for p in Layout(root).reports.iterdir()) == ["attention.png", "loss.png", "report.html", "report.md"]
 
