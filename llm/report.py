@@ -22,6 +22,7 @@ import torch
 
 from llm.artifacts import load_final
 from llm.config import Params
+from llm.errors import UserError
 from llm.io import atomic_dir, read_json
 from llm.sample import SamplingParams, complete
 from llm.shards import read_manifest
@@ -103,6 +104,12 @@ def attention_plot(pieces: list[str], weights: torch.Tensor) -> bytes:
     return data
 
 
+def _needs(path: Path, stage: str) -> Path:
+    if not path.is_file():
+        raise UserError(f"{path}: not found (run `llm {stage}` first)")
+    return path
+
+
 def read_history(path: Path) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
@@ -119,8 +126,8 @@ def report(params: Params, root: Path) -> dict:
 
     lay = Layout(root)
     model, tok, info = load_final(lay.final)
-    evaluation = read_json(lay.metrics("eval"))
-    history = read_history(lay.metrics_dir / "loss.csv")
+    evaluation = read_json(_needs(lay.metrics("eval"), "evaluate"))
+    history = read_history(_needs(lay.metrics_dir / "loss.csv", "train"))
     tok_stats = read_json(lay.tokenizer / "stats.json")
     splits = read_manifest(lay.shards)["splits"]
     rp = params.report
@@ -130,7 +137,7 @@ def report(params: Params, root: Path) -> dict:
         samples.append(Sample(prompt, t, k, p, complete(model, tok, prompt, sp)))
     pieces, weights = attention_maps(model, tok, rp.attention_prompt)
     sinks = sink_scores(weights)
-    cfg, train = info["model"], read_json(lay.metrics("train"))
+    cfg, train = info["model"], read_json(_needs(lay.metrics("train"), "train"))
     card = {
         "parameters": f"{train['params'] / 1e6:.2f} M (non-embedding positions excluded)",
         "shape": f"{cfg['n_layer']} layers, {cfg['n_head']} heads, width {cfg['n_embd']}, block {cfg['block_size']}",
