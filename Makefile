@@ -47,10 +47,21 @@ bench: setup
 	$(BIN)/python benchmarks/train.py
 
 MLFLOW_PORT ?= 5000
-# The MLflow UI over the project's sqlite store (or $$MLFLOW_TRACKING_URI), on loopback only.
-ui: setup
-	@echo "MLflow UI: http://127.0.0.1:$(MLFLOW_PORT)"
-	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" --host 127.0.0.1 --port $(MLFLOW_PORT)
+DAGSTER_PORT ?= 3000
+# Dagster keeps its runs and event logs here (sqlite); unset, it would use a temporary instance.
+export DAGSTER_HOME := $(CURDIR)/.dagster
+
+$(DAGSTER_HOME)/dagster.yaml:
+	mkdir -p $(DAGSTER_HOME)
+	printf 'telemetry:\n  enabled: false\nconcurrency:\n  runs:\n    max_concurrent_runs: 1  # one pipeline run at a time: DVC and sqlite stores are single-writer\n' > $@
+
+# The Dagster UI (assets derived from dvc.yaml) and the MLflow UI, both on loopback only.
+ui: setup $(DAGSTER_HOME)/dagster.yaml
+	@echo "Dagster UI: http://127.0.0.1:$(DAGSTER_PORT)"
+	@echo "MLflow UI:  http://127.0.0.1:$(MLFLOW_PORT)"
+	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" --host 127.0.0.1 --port $(MLFLOW_PORT) & \
+	trap 'kill $$!' EXIT INT TERM; \
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(DAGSTER_PORT)
 
 clean-env:
 	rm -rf $(VENV) $(DVC_VENV)

@@ -96,13 +96,76 @@ class Tokenizer:
 def _machine_independent(model: bytes, num_threads: int) -> bytes:
     """The model with its recorded trainer spec's thread count set to the param (0 = auto),
     not the core count of the machine that trained it. The pieces do not depend on threads
-    (tested), so the same params and data give the same file on any machine."""
-    from sentencepiece import sentencepiece_model_pb2
+    (tested), so the same params and data give the same file on any machine.
 
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(model)
-    proto.trainer_spec.num_threads = num_threads
-    return proto.SerializeToString(deterministic=True)
+    Edited at the protobuf wire level: sentencepiece's generated protobuf module needs
+    protobuf >= 7, which Dagster (in the same environment) does not allow yet.
+    """
+    out = bytearray()
+    for field, wire, raw in _fields(model):
+        if field == _TRAINER_SPEC and wire == 2:
+            spec = _fields(_payload(raw))
+            body = b"".join(r for f, _, r in spec if f != _NUM_THREADS) + _key(_NUM_THREADS, 0) + _varint(num_threads)
+            raw = _key(_TRAINER_SPEC, 2) + _varint(len(body)) + body
+        out += raw
+    return bytes(out)
+
+
+# ModelProto.trainer_spec = 2 (a message); TrainerSpec.num_threads = 16 (an int32 varint).
+_TRAINER_SPEC, _NUM_THREADS = 2, 16
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _key(field: int, wire: int) -> bytes:
+    return _varint(field << 3 | wire)
+
+
+def _read_varint(buf: bytes, i: int) -> tuple[int, int]:
+    n = shift = 0
+    while True:
+        b = buf[i]
+        n |= (b & 0x7F) << shift
+        i += 1
+        shift += 7
+        if not b & 0x80:
+            return n, i
+
+
+def _fields(buf: bytes) -> list[tuple[int, int, bytes]]:
+    """(field number, wire type, the field's raw bytes including its key) in order."""
+    out, i = [], 0
+    while i < len(buf):
+        start = i
+        key, i = _read_varint(buf, i)
+        wire = key & 7
+        if wire == 0:
+            _, i = _read_varint(buf, i)
+        elif wire == 1:
+            i += 8
+        elif wire == 2:
+            length, i = _read_varint(buf, i)
+            i += length
+        elif wire == 5:
+            i += 4
+        else:
+            raise ValueError(f"unexpected protobuf wire type {wire}")
+        out.append((key >> 3, wire, buf[start:i]))
+    return out
+
+
+def _payload(raw: bytes) -> bytes:
+    """The payload of a length-delimited field's raw bytes."""
+    _, i = _read_varint(raw, 0)
+    length, i = _read_varint(raw, i)
+    return raw[i : i + length]
 
 
 def _sample_fraction(doc_id: str, seed: int) -> float:

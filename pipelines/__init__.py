@@ -1,5 +1,17 @@
-"""Dagster definitions (resources, jobs, schedules, sensors) over the DVC pipeline.
-
-The assets are derived from dvc.yaml (see assets/); this package will hold the Definitions
-object that workspace.yaml loads.
+"""Dagster definitions over the DVC pipeline: `dagster dev` in the repo root loads them
+(workspace.yaml). Assets come from dvc.yaml (assets/dvc_assets.py); this module adds jobs.
 """
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+
+from assets.dvc_assets import build_assets
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+build_all = dg.define_asset_job("build_all", selection=dg.AssetSelection.all(), description="Every stage, in DVC order")
+
+defs = dg.Definitions(assets=build_assets(PROJECT), jobs=[build_all])

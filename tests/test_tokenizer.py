@@ -88,7 +88,7 @@ def test_pieces_do_not_depend_on_the_thread_count(built, tmp_path: Path, model_t
     """So num_threads=0 (one per core) gives the same BPE tokenizer on any machine. (Unigram's
     EM scores differ in the 6th digit between thread counts: pin num_threads for those.)"""
     root, _ = built
-    vocabs = []
+    vocabs, models = [], []
     for threads in (1, 2):
         d = tmp_path / f"t{threads}"
         (d / "data").mkdir(parents=True)
@@ -96,7 +96,16 @@ def test_pieces_do_not_depend_on_the_thread_count(built, tmp_path: Path, model_t
         write_params(d, deep_update(load(root).model_dump(mode="json"), {"tokenizer": {"num_threads": threads, "model_type": model_type}}))
         run_tokenizer(load(d), d)
         vocabs.append((Layout(d).tokenizer / "tokenizer.vocab").read_text(encoding="utf-8"))
+        models.append((Layout(d).tokenizer / "tokenizer.model").read_bytes())
     assert vocabs[0] == vocabs[1]
+    # Only the recorded thread count differs; written as the param it is the same file.
+    from llm.tokenizer import _NUM_THREADS, _TRAINER_SPEC, _fields, _machine_independent, _payload, _read_varint
+
+    assert models[0] != models[1]
+    assert _machine_independent(models[0], 0) == _machine_independent(models[1], 0)
+    spec = next(_payload(raw) for f, _, raw in _fields(models[1]) if f == _TRAINER_SPEC)
+    recorded = [_read_varint(raw, _read_varint(raw, 0)[1])[0] for f, _, raw in _fields(spec) if f == _NUM_THREADS]
+    assert recorded == [2]
 
 
 @pytest.mark.parametrize("model_type", ["unigram", "char"])
