@@ -90,3 +90,38 @@ def test_materializing_runs_the_stages_through_dvc(tmp_path: Path):
         versions = {k: e.materialization.tags.get("dagster/data_version") for k, e in mats.items()}
         assert all(versions.values())
         assert versions == {k: e.materialization.tags.get("dagster/data_version") for k, e in again.items()}
+
+
+def test_every_check_is_blocking_and_attached_to_its_stage():
+    from pipelines import defs
+
+    graph = defs.resolve_asset_graph()
+    checks = {(k.asset_key.to_user_string(), k.name) for k in graph.asset_check_keys}
+    assert checks == {("ingest", "raw_schema"), ("clean", "clean_schema"), ("tokenizer", "round_trip"),
+                      ("shards", "consistent"), ("train", "loss_sane"), ("evaluate", "beats_bz2")}
+    for check in defs.asset_checks:
+        assert all(spec.blocking for spec in check.check_specs)
+
+
+def test_a_model_that_does_not_beat_bz2_fails_its_check_and_blocks_the_report(tmp_path: Path):
+    """The planted bad input: one training step, so the model cannot beat bz2."""
+    from assets.checks import build_checks
+    from llm.config import parse_params
+    from tests.conftest import copy_repo_files, small_params, write_corpus_slice, write_params
+    from tests.test_pipeline_dvc import dvc_bin, run
+
+    copy_repo_files(tmp_path, ["llm", "dvc.yaml", ".dvcignore", ".gitignore"])
+    write_corpus_slice(tmp_path / "corpus", n_plays=6, max_chars=15_000)
+    write_params(tmp_path, parse_params(small_params(["corpus"], train={"max_steps": 1})).model_dump(mode="json"))
+    run(["git", "init", "-q"], tmp_path)
+    run([dvc_bin(), "init", "-q"], tmp_path)
+    assets = build_assets(tmp_path)
+    checks = build_checks(tmp_path, [a.key.to_user_string() for a in assets])
+    with dg.instance_for_test() as instance:
+        result = dg.materialize([*assets, *checks], instance=instance, raise_on_error=False)
+    materialized = {m.asset_key.to_user_string() for m in result.get_asset_materialization_events()}
+    evaluations = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
+    assert evaluations["beats_bz2"] is False
+    assert all(evaluations[name] for name in ("raw_schema", "clean_schema", "round_trip", "consistent"))
+    assert "evaluate" in materialized and "report" not in materialized  # blocked downstream
+    assert not (tmp_path / "reports").exists()
