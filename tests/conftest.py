@@ -1,7 +1,10 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -98,3 +101,31 @@ def copy_repo_files(dest: Path, names: list[str]) -> None:
             shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(src, dest / name)
+
+
+def dvc_bin() -> str:
+    found = shutil.which("dvc", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    if found is None:
+        pytest.fail("dvc is not installed: run `make setup` (it links dvc into .venv/bin)")
+    return found
+
+
+def run(cmd: list[str], cwd: Path) -> str:
+    """A command in cwd with the project's environment on PATH; fails the test on a non-zero exit."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "LLM_PROGRESS": "0"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+def make_dvc_project(root: Path, n_plays: int, max_chars: int, **override: Any) -> Path:
+    """A git + DVC repository with the pipeline's code, a corpus slice and fast params (every key
+    spelled out, as in the project's params.yaml: dvc exp run -S needs the key there)."""
+    from llm.config import parse_params
+
+    copy_repo_files(root, ["llm", "dvc.yaml", ".dvcignore", ".gitignore"])
+    write_corpus_slice(root / "corpus", n_plays=n_plays, max_chars=max_chars)
+    write_params(root, parse_params(small_params(["corpus"], **override)).model_dump(mode="json"))
+    run(["git", "init", "-q"], root)
+    run([dvc_bin(), "init", "-q"], root)
+    return root

@@ -12,7 +12,7 @@ import yaml
 
 from assets.dvc_assets import build_assets
 from assets.dvc_project import read_stages
-from tests.conftest import REPO
+from tests.conftest import REPO, dvc_bin, make_dvc_project, run
 
 
 def test_definitions_load_and_validate():
@@ -63,15 +63,7 @@ def test_dagster_cli_validates_the_workspace(tmp_path: Path):
 
 
 def test_materializing_runs_the_stages_through_dvc(tmp_path: Path):
-    from llm.config import parse_params
-    from tests.conftest import copy_repo_files, small_params, write_corpus_slice, write_params
-    from tests.test_pipeline_dvc import dvc_bin, run
-
-    copy_repo_files(tmp_path, ["llm", "dvc.yaml", ".dvcignore", ".gitignore"])
-    write_corpus_slice(tmp_path / "corpus", n_plays=6, max_chars=15_000)
-    write_params(tmp_path, parse_params(small_params(["corpus"])).model_dump(mode="json"))
-    run(["git", "init", "-q"], tmp_path)
-    run([dvc_bin(), "init", "-q"], tmp_path)
+    make_dvc_project(tmp_path, n_plays=6, max_chars=15_000)
     assets = build_assets(tmp_path)
     data = ["ingest", "clean", "tokenizer", "shards"]
     with dg.instance_for_test() as instance:
@@ -106,15 +98,7 @@ def test_every_check_is_blocking_and_attached_to_its_stage():
 def test_a_model_that_does_not_beat_bz2_fails_its_check_and_blocks_the_report(tmp_path: Path):
     """The planted bad input: one training step, so the model cannot beat bz2."""
     from assets.checks import build_checks
-    from llm.config import parse_params
-    from tests.conftest import copy_repo_files, small_params, write_corpus_slice, write_params
-    from tests.test_pipeline_dvc import dvc_bin, run
-
-    copy_repo_files(tmp_path, ["llm", "dvc.yaml", ".dvcignore", ".gitignore"])
-    write_corpus_slice(tmp_path / "corpus", n_plays=6, max_chars=15_000)
-    write_params(tmp_path, parse_params(small_params(["corpus"], train={"max_steps": 1})).model_dump(mode="json"))
-    run(["git", "init", "-q"], tmp_path)
-    run([dvc_bin(), "init", "-q"], tmp_path)
+    make_dvc_project(tmp_path, n_plays=6, max_chars=15_000, train={"max_steps": 1})
     assets = build_assets(tmp_path)
     checks = build_checks(tmp_path, [a.key.to_user_string() for a in assets])
     with dg.instance_for_test() as instance:

@@ -3,35 +3,17 @@ default corpus and a model that trains in seconds."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from llm.config import parse_params
 from llm.io import read_json
-from tests.conftest import REPO, copy_repo_files, small_params, write_corpus_slice, write_params
+from tests.conftest import REPO, copy_repo_files, dvc_bin, make_dvc_project, run, write_params
 
 pytestmark = pytest.mark.slow
-
-
-def dvc_bin() -> str:
-    found = shutil.which("dvc", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    if found is None:
-        pytest.fail("dvc is not installed: run `make setup` (it links dvc into .venv/bin)")
-    return found
-
-
-def run(cmd: list[str], cwd: Path) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "LLM_PROGRESS": "0"}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout + proc.stderr
 
 
 def ran_stages(output: str) -> list[str]:
@@ -40,13 +22,7 @@ def ran_stages(output: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("dvcrepo")
-    copy_repo_files(root, ["llm", "dvc.yaml", ".dvcignore", ".gitignore"])
-    write_corpus_slice(root / "corpus", n_plays=8, max_chars=20_000)
-    # Every key spelled out, as in the project's params.yaml (dvc exp run -S needs the key there).
-    write_params(root, parse_params(small_params(["corpus"])).model_dump(mode="json"))
-    run(["git", "init", "-q"], root)
-    run([dvc_bin(), "init", "-q"], root)
+    root = make_dvc_project(tmp_path_factory.mktemp("dvcrepo"), n_plays=8, max_chars=20_000)
     run([dvc_bin(), "config", "core.analytics", "false"], root)
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-qm", "pipeline"], root)

@@ -29,7 +29,7 @@ def ingest(params: IngestParams, root: Path, out_dir: Path, report_path: Path) -
         docs = iter_documents(params.sources, root, params.text_field, params.max_binary_fraction, counts)
         bar = tqdm(docs, desc="ingest", unit="doc", disable=not progress_enabled(), mininterval=1.0)
         for doc in bar:
-            n_bytes = len(doc.text.encode("utf-8"))
+            n_bytes = doc.n_bytes
             rows["doc_id"].append(content_id(doc.text))
             rows["source"].append(doc.source)
             rows["uri"].append(doc.uri)

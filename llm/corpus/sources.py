@@ -39,6 +39,7 @@ class Document:
     uri: str
     text: str
     n_decode_errors: int = 0
+    n_bytes: int = 0  # UTF-8 bytes of text
 
 
 @dataclass
@@ -238,7 +239,7 @@ class Reader:
         if n_errors:
             self.counts.invalid_utf8_documents += 1
             self.counts.invalid_utf8_sequences += n_errors
-        yield Document(self.source, uri, text, n_errors)
+        yield Document(self.source, uri, text, n_errors, len(text.encode("utf-8")))
 
     def _text_file(self, entry: Entry) -> Iterator[Document]:
         with entry.open() as f:
@@ -333,6 +334,6 @@ def iter_documents(
         for entry in entries:
             for doc in reader.read(entry):
                 counts.documents += 1
-                counts.bytes += len(doc.text.encode("utf-8"))
+                counts.bytes += doc.n_bytes
                 counts.per_source[source] = counts.per_source.get(source, 0) + 1
                 yield doc
