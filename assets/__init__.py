@@ -1,1 +1,7 @@
-"""Dagster assets derived from dvc.yaml, one per DVC stage, with per-stage metadata and checks."""
+"""Dagster assets over the DVC pipeline: one per dvc.yaml stage (dvc_assets), with the groups,
+UI metadata and checks of the per-stage modules (data, model), plus the scaling ladder (ladder)."""
+
+from assets import data, model
+from assets.spec import StageSpec
+
+STAGE_SPECS: dict[str, StageSpec] = {**data.SPECS, **model.SPECS}

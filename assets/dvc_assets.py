@@ -3,6 +3,8 @@
 Materializing an asset runs `dvc repro --single-item STAGE`, so dvc.lock and the DVC cache stay
 authoritative (a stage whose inputs did not change is reported as cached, not recomputed); the
 stage's output streams into the Dagster run log; the data version is DVC's hash of its outputs.
+A per-stage module (assets/data.py, assets/model.py) adds the group, the metadata the UI shows
+and the checks; a stage without one is still an asset, in group `pipeline`.
 """
 
 
@@ -16,7 +18,9 @@ from pathlib import Path
 
 import dagster as dg
 
+from assets import ui
 from assets.dvc_project import Stage, locked_hashes, read_stages
+from assets.spec import StageSpec
 
 GROUP = "pipeline"
 
@@ -38,12 +42,14 @@ def data_version(project: Path, stage: str) -> dg.DataVersion | None:
     return dg.DataVersion(hashlib.sha256(blob).hexdigest()[:16])
 
 
-def run_stage(context: dg.AssetExecutionContext, project: Path, stage: Stage) -> dg.MaterializeResult:
-    env = {**os.environ, "DAGSTER_RUN_ID": context.run_id, "LLM_PROGRESS": "0"}
-    cmd = [dvc_command(), "repro", "--single-item", stage.name]
-    context.log.info(f"{' '.join(cmd[1:])} in {project}")
+def stream(context: dg.AssetExecutionContext, cmd: list[str], cwd: Path, what: str) -> list[str]:
+    """Run cmd in cwd, each output line into the run log as it comes; a failure names `what`."""
+    # The stage commands (`llm ...`) come from this environment, as dvc does.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "PATH": path, "DAGSTER_RUN_ID": context.run.run_id, "LLM_PROGRESS": "0"}
+    context.log.info(f"{' '.join(Path(c).name if i == 0 else c for i, c in enumerate(cmd))} in {cwd}")
     lines: list[str] = []
-    with subprocess.Popen(cmd, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+    with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
             line = line.rstrip()
@@ -51,31 +57,43 @@ def run_stage(context: dg.AssetExecutionContext, project: Path, stage: Stage) ->
                 lines.append(line)
                 context.log.info(line)
     if proc.returncode != 0:
-        raise dg.Failure(description=f"dvc repro {stage.name} failed (exit {proc.returncode})",
-                         metadata={"output": dg.MetadataValue.md("```\n" + "\n".join(lines[-40:]) + "\n```")})
+        raise dg.Failure(description=f"{what} failed (exit {proc.returncode}): {lines[-1] if lines else 'no output'}",
+                         metadata={"output": ui.fenced("\n".join(lines[-40:]))})
+    return lines
+
+
+def run_stage(context: dg.AssetExecutionContext, project: Path, stage: Stage, spec: StageSpec | None = None) -> dg.MaterializeResult:
+    lines = stream(context, [dvc_command(), "repro", "--single-item", stage.name], project, f"dvc repro {stage.name}")
     recomputed = any(line.startswith(f"Running stage '{stage.name}'") for line in lines)
     hashes = locked_hashes(project, stage.name)
-    return dg.MaterializeResult(
-        data_version=data_version(project, stage.name),
-        metadata={"recomputed": recomputed, "dvc_hashes": dg.MetadataValue.json(hashes)},
-    )
+    metadata = {"recomputed": recomputed, "dvc_hashes": dg.MetadataValue.json(hashes)}
+    if spec is not None and spec.metadata is not None:
+        try:
+            metadata.update(spec.metadata(project))
+        except Exception as e:  # noqa: BLE001 - the stage succeeded; say what the page lacks, keep the result
+            context.log.warning(f"{stage.name}: no UI metadata: {type(e).__name__}: {e}")
+            metadata["metadata error"] = f"{type(e).__name__}: {e}"
+    return dg.MaterializeResult(data_version=data_version(project, stage.name), metadata=metadata)
 
 
-def stage_asset(project: Path, stage: Stage) -> dg.AssetsDefinition:
+def stage_asset(project: Path, stage: Stage, spec: StageSpec | None = None) -> dg.AssetsDefinition:
     @dg.asset(
         name=stage.name,
         deps=list(stage.upstream),
         description=stage.desc or f"DVC stage {stage.name}: {stage.cmd}",
-        group_name=GROUP,
+        group_name=spec.group if spec else GROUP,
         kinds={"dvc"},
         metadata={"cmd": stage.cmd, "outs": list(stage.outs), "params": list(stage.params)},
     )
     def _asset(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-        return run_stage(context, project, stage)
+        return run_stage(context, project, stage, spec)
 
     return _asset
 
 
-def build_assets(project: Path) -> list[dg.AssetsDefinition]:
-    """An asset for every stage of project/dvc.yaml, in the file's order."""
-    return [stage_asset(Path(project), s) for s in read_stages(project)]
+def build_assets(project: Path, specs: dict[str, StageSpec] | None = None) -> list[dg.AssetsDefinition]:
+    """An asset for every stage of project/dvc.yaml, in the file's order, with its spec
+    (default: the project's, assets.STAGE_SPECS)."""
+    if specs is None:
+        from assets import STAGE_SPECS as specs
+    return [stage_asset(Path(project), s, specs.get(s.name)) for s in read_stages(project)]

@@ -3,6 +3,8 @@
     llm ingest | clean | tokenizer | shards | train | evaluate | report   [--params params.yaml]
     llm train --resume          continue from models/checkpoints/last.pt (fails if there is none)
     llm sample --prompt "ROMEO:"
+    llm ladder NAME             train and evaluate one rung of the scaling ladder into ladder/NAME/
+    llm scaling                 plot val bits per byte against training FLOPs across the rungs
 
 dvc.yaml's stage commands are exactly these. A user error (bad params, missing source, empty
 corpus, data that fails its schema) prints one `error:` message and exits with code 2.
@@ -46,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
             g.add_argument("--restart", dest="resume", action="store_const", const="never",
                            help="ignore any checkpoint and start from scratch")
             p.set_defaults(resume="auto")
+    p = sub.add_parser("ladder", help="train and evaluate one rung of ladder.rungs into ladder/NAME/")
+    p.add_argument("rung", help="a name in ladder.rungs")
+    p.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
+    p = sub.add_parser("scaling", help="ladder/scaling.png: val bits per byte against training FLOPs across the rungs")
+    p.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
     sub.add_parser("sample", help="generate text with the trained model (llm sample --help)", add_help=False)
     return parser
 
@@ -63,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             return sample_main(rest)
         if rest:
             build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
+        if args.command in ("ladder", "scaling"):
+            return run_ladder(args.command, Path(args.params), getattr(args, "rung", ""))
         return run_stage(args.command, Path(args.params), getattr(args, "resume", "auto"))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -86,6 +95,19 @@ def run_stage(name: str, params_path: Path, resume: str = "auto") -> int:
     else:
         STAGES[name](params, root)
     logging.getLogger("llm").info("%s: done in %.1f s", name, time.perf_counter() - t0)
+    return 0
+
+
+def run_ladder(command: str, params_path: Path, rung: str) -> int:
+    from llm.config import load_params
+    from llm.ladder import run_rung, scaling
+
+    params = load_params(params_path)
+    root = params_path.resolve().parent
+    if command == "ladder":
+        run_rung(params, root, rung)
+    else:
+        scaling(params, root)
     return 0
 
 

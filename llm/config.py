@@ -6,6 +6,7 @@ line naming the key (`params.yaml: clean.near_dedup.treshold: unknown key`), exi
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,6 +34,9 @@ class IngestParams(_Group):
     comes first. Row groups are the units of parallel work in clean and shards."""
     max_binary_fraction: float = Field(0.1, ge=0.0, le=1.0)
     """A file whose first 8 KiB has more than this fraction of control characters is binary."""
+    inbox: str = "data/inbox"
+    """A drop folder read like a source that may be empty or missing ("" = none). The Dagster
+    sensor `new_raw_files` starts ingest and everything downstream when a file lands in it."""
 
     @field_validator("sources")
     @classmethod
@@ -247,6 +251,61 @@ class TrackingParams(_Group):
     """MLflow system metrics (CPU, memory, GPU) sampled during training."""
 
 
+# ----------------------------------------------------------------------------- orchestration
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
+
+
+class RungParams(_Group):
+    """One model size of the scaling ladder; the rest of the model group is shared."""
+
+    n_layer: int = Field(ge=1)
+    n_head: int = Field(ge=1)
+    n_embd: int = Field(ge=8)
+
+    @model_validator(mode="after")
+    def _heads(self) -> "RungParams":
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        return self
+
+
+class LadderParams(_Group):
+    """The scaling ladder: every rung trains on the same shards for the same number of tokens."""
+
+    rungs: dict[str, RungParams] = Field(min_length=1)
+    """Rung name (a Dagster partition, and the folder ladder/NAME) -> model shape."""
+    max_steps: int = Field(200, ge=1)
+    """Optimizer steps per rung (train.tokens_per_step tokens each): the fixed budget."""
+    warmup_steps: int = Field(20, ge=0)
+    experiment: str = "llm-ladder"
+    """MLflow experiment of the rungs' runs (they are not registered as models)."""
+
+    @field_validator("rungs")
+    @classmethod
+    def _names(cls, v: dict[str, RungParams]) -> dict[str, RungParams]:
+        for name in v:
+            if not re.match(_NAME, name):
+                raise ValueError(f"rung name {name!r} must be letters, digits, '-' or '_'")
+        return v
+
+
+class OrchestrationParams(_Group):
+    """Dagster's schedule and sensor (pipelines/)."""
+
+    retrain_cron: str = "0 3 * * 1"
+    """When the `retrain` schedule runs train, evaluate and report (it starts stopped)."""
+    timezone: str = "UTC"
+    sensor_interval_seconds: int = Field(30, ge=5)
+    """How often the `new_raw_files` sensor looks at the local sources and the inbox."""
+
+    @field_validator("retrain_cron")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        if len(v.split()) != 5:
+            raise ValueError(f"expected a 5-field cron expression, got {v!r}")
+        return v
+
+
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -262,6 +321,8 @@ class Params(BaseModel):
     sample: SampleParams = SampleParams()
     report: ReportParams = ReportParams()
     tracking: TrackingParams = TrackingParams()
+    ladder: LadderParams = LadderParams(rungs={"xs": RungParams(n_layer=2, n_head=2, n_embd=64)})
+    orchestration: OrchestrationParams = OrchestrationParams()
 
 
 def _loc(loc: tuple[Any, ...]) -> str:

@@ -106,10 +106,12 @@ def token_nll(model, stream: np.ndarray, block_size: int, batch_size: int, devic
     return out
 
 
-def evaluate(params: Params, root: Path) -> dict:
+def evaluate(params: Params, root: Path, layout=None, register: bool = True) -> dict:
+    """layout: where the model is and the metrics go (default: the project's); register: add the
+    model to the MLflow registry and gate its `champion` alias."""
     from llm.stages import Layout
 
-    lay = Layout(root)
+    lay = layout or Layout(root)
     device = pick_device(params.train.device)
     model, tok, info = load_final(lay.final, device.torch_device)
     docs = ValDocs(lay.shards, params.evaluate.max_tokens)
@@ -141,7 +143,7 @@ def evaluate(params: Params, root: Path) -> dict:
     by_source = _per_source(nll, docs)
     if len(by_source) > 1:
         result["per_source"] = by_source
-    _track(params, root, lay, result)
+    _track(params, root, lay, result, register)
     write_json(lay.metrics("eval"), result)
     log.info(
         "evaluate: val_bpb %.4f (loss %.4f, ppl %.1f); baselines: %s",
@@ -165,7 +167,7 @@ def _per_source(nll: np.ndarray, docs: ValDocs) -> dict:
             for k, v in sorted(out.items())}
 
 
-def _track(params: Params, root: Path, lay, result: dict) -> None:
+def _track(params: Params, root: Path, lay, result: dict, register: bool) -> None:
     import mlflow
 
     from llm.tracking import flatten, register_and_gate, resume_run
@@ -173,4 +175,5 @@ def _track(params: Params, root: Path, lay, result: dict) -> None:
     with resume_run(lay.metrics("train"), root, params) as run:
         metrics = {k: v for k, v in flatten(result).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         mlflow.log_metrics(metrics)
-        register_and_gate(root, params.tracking.registered_model, run, "model", result["val_bpb"])
+        if register:
+            register_and_gate(root, params.tracking.registered_model, run, "model", result["val_bpb"])

@@ -56,7 +56,7 @@ def sink_scores(weights: torch.Tensor) -> torch.Tensor:
     return weights[:, :, 1:, 0].mean(dim=-1)
 
 
-def _png(fig) -> bytes:
+def png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
     return buf.getvalue()
@@ -76,7 +76,7 @@ def loss_plot(history: list[dict]) -> bytes:
     ax.set_ylabel("loss (nats / token)")
     ax.grid(alpha=0.3)
     ax.legend()
-    data = _png(fig)
+    data = png(fig)
     plt.close(fig)
     return data
 
@@ -99,7 +99,7 @@ def attention_plot(pieces: list[str], weights: torch.Tensor) -> bytes:
     if len(labels) <= 24:
         axes[-1][0].set_xticks(range(len(labels)), labels, rotation=90, fontsize=5)
         axes[-1][0].set_yticks(range(len(labels)), labels, fontsize=5)
-    data = _png(fig)
+    data = png(fig)
     plt.close(fig)
     return data
 

@@ -15,9 +15,11 @@ from llm.config import Params
 
 @dataclass(frozen=True)
 class Layout:
-    """Where every artifact lives, relative to the project root."""
+    """Where every artifact lives, relative to the project root. A run_dir (a scaling-ladder
+    rung: ladder/NAME) takes a run's checkpoints, model, metrics and reports; the data is shared."""
 
     root: Path
+    run_dir: Path | None = None
 
     @property
     def raw(self) -> Path:
@@ -37,19 +39,19 @@ class Layout:
 
     @property
     def checkpoints(self) -> Path:
-        return self.root / "models" / "checkpoints"
+        return self.run_dir / "checkpoints" if self.run_dir else self.root / "models" / "checkpoints"
 
     @property
     def final(self) -> Path:
-        return self.root / "models" / "final"
+        return self.run_dir / "final" if self.run_dir else self.root / "models" / "final"
 
     @property
     def reports(self) -> Path:
-        return self.root / "reports"
+        return self.run_dir or self.root / "reports"
 
     @property
     def metrics_dir(self) -> Path:
-        return self.root / "metrics"
+        return self.run_dir or self.root / "metrics"
 
     def metrics(self, stage: str) -> Path:
         return self.metrics_dir / f"{stage}.json"

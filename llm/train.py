@@ -138,12 +138,13 @@ def load_checkpoint(path: Path, fp: str) -> dict | None:
     return ckpt
 
 
-def train(params: Params, root: Path, resume: str = "auto") -> dict:
+def train(params: Params, root: Path, resume: str = "auto", layout=None, tags: dict[str, str] | None = None) -> dict:
     """resume: auto (continue a checkpoint of the same params and data), always (fail if there is
-    none), never (start from scratch)."""
+    none), never (start from scratch). layout: where outputs go (default: the project's); tags:
+    extra MLflow tags of the run."""
     from llm.stages import Layout
 
-    lay = Layout(root)
+    lay = layout or Layout(root)
     tp, mp = params.train, params.model
     manifest = read_manifest(lay.shards)
     device = pick_device(tp.device, int(os.environ.get("LOCAL_RANK", "0")))
@@ -187,7 +188,7 @@ def train(params: Params, root: Path, resume: str = "auto") -> dict:
         peak / 1e9, peak_source,
     )
 
-    tracker = _Tracker(params, root, device, threads, dist.main)
+    tracker = _Tracker(params, root, device, threads, dist.main, tags or {})
     batches = train_data.batches(tp.batch_size)
     model.train()
     t_start = time.perf_counter()
@@ -338,8 +339,9 @@ class _Tracker:
     """Per-step metrics to MLflow in batches; the run id and artifacts at the end. Only the
     main process tracks."""
 
-    def __init__(self, params: Params, root: Path, device: Device, threads: int, enabled: bool):
+    def __init__(self, params: Params, root: Path, device: Device, threads: int, enabled: bool, tags: dict[str, str]):
         self.params, self.root, self.device, self.threads, self.enabled = params, root, device, threads, enabled
+        self.tags = tags
         self.pending: list = []
         self._ctx = None
         self.run = None
@@ -349,7 +351,7 @@ class _Tracker:
             from llm.tracking import start_run
 
             self._ctx = start_run(self.params, self.root, {"device": self.device.name, "torch": torch.__version__,
-                                                           "threads": str(self.threads), "stage": "train"})
+                                                           "threads": str(self.threads), "stage": "train", **self.tags})
             self.run = self._ctx.__enter__()
         return self
 
@@ -379,6 +381,7 @@ class _Tracker:
         self.flush()
         mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
         mlflow.log_artifacts(str(final_dir), artifact_path="model")
+        summary["mlflow_experiment_id"] = self.run.info.experiment_id  # for links to the run (Dagster UI)
         return self.run.info.run_id
 
     def __exit__(self, exc_type, *exc) -> None:

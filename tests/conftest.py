@@ -58,6 +58,8 @@ def small_params(sources: list[str], **override: Any) -> dict:
         "evaluate": {"max_tokens": 4096},
         "report": {"prompts": ["ROMEO:"], "temperatures": [0.8], "max_new_tokens": 16},
         "tracking": {"system_metrics": False},
+        "ladder": {"rungs": {"a": {"n_layer": 1, "n_head": 2, "n_embd": 16}, "b": {"n_layer": 2, "n_head": 2, "n_embd": 32}},
+                   "max_steps": 4, "warmup_steps": 1},
     }
     return deep_update(base, override)
 
@@ -126,6 +128,7 @@ def make_dvc_project(root: Path, n_plays: int, max_chars: int, **override: Any) 
     copy_repo_files(root, ["llm", "dvc.yaml", ".dvcignore", ".gitignore"])
     write_corpus_slice(root / "corpus", n_plays=n_plays, max_chars=max_chars)
     write_params(root, parse_params(small_params(["corpus"], **override)).model_dump(mode="json"))
+    (root / "data" / "inbox").mkdir(parents=True)  # a dependency of ingest (make setup creates it)
     run(["git", "init", "-q"], root)
     run([dvc_bin(), "init", "-q"], root)
     return root

@@ -1,6 +1,5 @@
-"""The Dagster code location derived from dvc.yaml."""
-
-from __future__ import annotations
+"""The Dagster code location derived from dvc.yaml: definitions, in-process materializations of
+a temporary DVC project, checks, the scaling ladder, jobs, the schedule and the sensor."""
 
 import os
 import subprocess
@@ -8,18 +7,29 @@ import sys
 from pathlib import Path
 
 import dagster as dg
+import pytest
 import yaml
 
+from assets import STAGE_SPECS
+from assets.checks import build_checks
 from assets.dvc_assets import build_assets
 from assets.dvc_project import read_stages
+from llm.io import read_json
 from tests.conftest import REPO, dvc_bin, make_dvc_project, run
 
+STAGES = ["ingest", "clean", "tokenizer", "shards", "train", "evaluate", "report"]
 
+
+def materializations(result) -> dict:
+    return {e.asset_key.to_user_string(): e.materialization for e in result.get_asset_materialization_events()}
+
+
+# ----------------------------------------------------------------------------- definitions
 def test_definitions_load_and_validate():
     from pipelines import defs
 
     dg.Definitions.validate_loadable(defs)
-    assert defs.resolve_job_def("build_all") is not None
+    assert {j.name for j in defs.resolve_all_job_defs()} >= {"build_all", "retrain", "scaling_ladder"}
 
 
 def test_every_dvc_stage_is_an_asset_with_dvc_dependencies():
@@ -28,7 +38,7 @@ def test_every_dvc_stage_is_an_asset_with_dvc_dependencies():
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert keys == set(stages)
+    assert keys == set(stages) | {"ladder", "scaling"}
     parents = {k.to_user_string(): {p.to_user_string() for p in graph.get(k).parent_keys} for k in graph.get_all_asset_keys()}
     assert parents["ingest"] == set()
     assert parents["clean"] == {"ingest"}
@@ -36,6 +46,10 @@ def test_every_dvc_stage_is_an_asset_with_dvc_dependencies():
     assert parents["train"] == {"shards", "tokenizer"}
     assert parents["evaluate"] == {"train", "shards"}
     assert parents["report"] == {"train", "evaluate", "shards", "tokenizer"}
+    assert parents["ladder"] == {"shards", "tokenizer"} and parents["scaling"] == {"ladder"}
+    groups = {k.to_user_string(): graph.get(k).group_name for k in graph.get_all_asset_keys()}
+    assert groups == {"ingest": "data", "clean": "data", "tokenizer": "data", "shards": "data",
+                      "train": "model", "evaluate": "model", "report": "model", "ladder": "scaling", "scaling": "scaling"}
 
 
 def test_a_stage_added_to_dvc_yaml_becomes_an_asset(tmp_path: Path):
@@ -46,6 +60,7 @@ def test_a_stage_added_to_dvc_yaml_becomes_an_asset(tmp_path: Path):
     assert "export" in assets
     assert [k.to_user_string() for k in assets["export"].asset_deps[assets["export"].key]] == ["train"]
     assert assets["export"].descriptions_by_key[assets["export"].key] == "Export the model"
+    assert assets["export"].group_names_by_key[assets["export"].key] == "pipeline"  # no per-stage module: default group
 
 
 def test_stage_outputs_include_metrics_and_plots():
@@ -62,26 +77,26 @@ def test_dagster_cli_validates_the_workspace(tmp_path: Path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_materializing_runs_the_stages_through_dvc(tmp_path: Path):
-    make_dvc_project(tmp_path, n_plays=6, max_chars=15_000)
-    assets = build_assets(tmp_path)
-    data = ["ingest", "clean", "tokenizer", "shards"]
-    with dg.instance_for_test() as instance:
-        first = dg.materialize(assets, selection=data, instance=instance)
-        assert first.success
-        mats = {m.asset_key.to_user_string(): m for m in first.get_asset_materialization_events()}
-        assert set(mats) == set(data)
-        assert all(e.materialization.metadata["recomputed"].value for e in mats.values())
-        status = run([dvc_bin(), "status", *data], tmp_path)
-        assert "up to date" in status.lower()
-        lock = yaml.safe_load((tmp_path / "dvc.lock").read_text())["stages"]
-        assert set(lock) == set(data)
-        second = dg.materialize(assets, selection=data, instance=instance)
-        again = {m.asset_key.to_user_string(): m for m in second.get_asset_materialization_events()}
-        assert not any(e.materialization.metadata["recomputed"].value for e in again.values())  # DVC: cached
-        versions = {k: e.materialization.tags.get("dagster/data_version") for k, e in mats.items()}
-        assert all(versions.values())
-        assert versions == {k: e.materialization.tags.get("dagster/data_version") for k, e in again.items()}
+def test_jobs_and_the_retrain_schedule():
+    from llm.config import load_params
+    from pipelines import defs
+
+    params = load_params(REPO / "params.yaml")
+    graph = defs.resolve_asset_graph()
+
+    def selected(job: str) -> set[str]:
+        return {k.to_user_string() for k in defs.resolve_job_def(job).asset_layer.selected_asset_keys}
+
+    assert selected("build_all") == set(STAGES)
+    assert selected("retrain") == {"train", "evaluate", "report"}
+    assert selected("scaling_ladder") == {"ladder"}
+    schedule = defs.resolve_schedule_def("retrain_schedule")
+    assert schedule.cron_schedule == params.orchestration.retrain_cron
+    assert schedule.execution_timezone == params.orchestration.timezone
+    assert schedule.job_name == "retrain"
+    assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED
+    ladder = graph.get(dg.AssetKey("ladder")).partitions_def
+    assert ladder.get_partition_keys() == list(params.ladder.rungs)
 
 
 def test_every_check_is_blocking_and_attached_to_its_stage():
@@ -95,12 +110,115 @@ def test_every_check_is_blocking_and_attached_to_its_stage():
         assert all(spec.blocking for spec in check.check_specs)
 
 
+# ----------------------------------------------------------------------------- materializing
+@pytest.fixture(scope="module")
+def materialized(tmp_path_factory):
+    """Every stage of a temporary DVC project materialized in-process through Dagster, twice."""
+    root = make_dvc_project(tmp_path_factory.mktemp("dagster_project"), n_plays=6, max_chars=15_000)
+    from pipelines import build_definitions
+
+    defs = build_definitions(root)
+    assets = [a for a in defs.assets if a.key.to_user_string() in STAGES]
+    with dg.instance_for_test() as instance:
+        first = dg.materialize(assets, instance=instance)
+        status = run([dvc_bin(), "status"], root)
+        second = dg.materialize(assets, instance=instance)
+        yield root, defs, instance, first, status, second
+
+
+@pytest.mark.slow
+def test_materializing_every_asset_runs_the_stages_through_dvc(materialized):
+    root, _, _, first, status, second = materialized
+    assert first.success and second.success
+    mats = materializations(first)
+    assert set(mats) == set(STAGES)
+    assert all(m.metadata["recomputed"].value for m in mats.values())
+    assert status.strip().endswith("Data and pipelines are up to date."), status
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    assert set(lock) == set(STAGES)
+    again = materializations(second)
+    assert not any(m.metadata["recomputed"].value for m in again.values())  # DVC: cached
+    versions = {k: m.tags.get("dagster/data_version") for k, m in mats.items()}
+    assert all(versions.values())
+    assert versions == {k: m.tags.get("dagster/data_version") for k, m in again.items()}
+
+
+@pytest.mark.slow
+def test_each_asset_page_shows_what_its_stage_produced(materialized):
+    root, _, _, first, _, _ = materialized
+    meta = {k: {name: v.value for name, v in m.metadata.items()} for k, m in materializations(first).items()}
+    ingest = read_json(root / "metrics" / "ingest.json")
+    assert meta["ingest"]["documents"] == ingest["documents"] == 6
+    assert meta["ingest"]["bytes"] == ingest["bytes"]
+    assert any(k.startswith("preview (corpus/") for k in meta["ingest"])
+    clean = meta["clean"]
+    filters = {r.data["filter"] for r in clean["filter report"].records}
+    assert {"too_short", "exact_duplicate", "near_duplicate"} <= filters
+    assert clean["documents"] == read_json(root / "metrics" / "clean.json")["documents_out"]
+    tok = meta["tokenizer"]
+    assert tok["vocab size"] == 512 and 1.0 < tok["bytes per token (val)"] < 8.0
+    assert " | " in tok["sample tokenization"]
+    manifest = read_json(root / "data" / "shards" / "manifest.json")
+    assert meta["shards"]["train tokens"] == manifest["splits"]["train"]["tokens"]
+    assert meta["shards"]["val documents"] == manifest["splits"]["val"]["documents"]
+    assert meta["shards"]["shard files"] >= 2
+    train = meta["train"]
+    summary = read_json(root / "metrics" / "train.json")
+    assert train["steps"] == 6 and train["tokens seen"] == 6 * 256 and train["final val loss"] == summary["final_val_loss"]
+    assert train["loss curve"].startswith("![train and val loss per step](data:image/png;base64,")
+    assert train["MLflow run"].endswith(f"/runs/{summary['mlflow_run_id']}")
+    evaluation = meta["evaluate"]
+    assert evaluation["val_bpb"] == read_json(root / "metrics" / "eval.json")["val_bpb"]
+    assert {"bz2 bpb", "gzip bpb", "xz bpb", "unigram bpb"} <= set(evaluation)
+    assert [r.data["model"] for r in evaluation["against baselines"].records][0] == "this model"
+    assert meta["report"]["path"] == str(root / "reports" / "report.html")
+    assert "ROMEO:" in meta["report"]["samples"]
+
+
+@pytest.mark.slow
+def test_dagster_and_dvc_repro_give_the_same_artifacts(materialized, tmp_path: Path):
+    root = materialized[0]
+    other = make_dvc_project(tmp_path, n_plays=6, max_chars=15_000)
+    run([dvc_bin(), "repro"], other)
+    a = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    b = yaml.safe_load((other / "dvc.lock").read_text())["stages"]
+    for stage in ("ingest", "clean", "tokenizer", "shards"):
+        assert a[stage]["outs"] == b[stage]["outs"], stage
+    final = [o for o in a["train"]["outs"] if o["path"] == "models/final"]
+    assert final and final == [o for o in b["train"]["outs"] if o["path"] == "models/final"]
+
+
+@pytest.mark.slow
+def test_the_scaling_ladder_trains_each_rung_and_plots_bpb_against_flops(materialized):
+    import mlflow
+
+    root, defs, instance, *_ = materialized
+    ladder = [a for a in defs.assets if a.key.to_user_string() in ("ladder", "scaling")]
+    for rung in ("a", "b"):
+        result = dg.materialize(ladder, selection=["ladder"], partition_key=rung, instance=instance)
+        meta = materializations(result)["ladder"].metadata
+        assert meta["val_bpb"].value == read_json(root / "ladder" / rung / "rung.json")["val_bpb"]
+        assert meta["tokens"].value == 4 * 256  # the ladder's fixed budget, whatever the rung
+    plot = materializations(dg.materialize(ladder, selection=["scaling"], instance=instance))["scaling"].metadata
+    summary = read_json(root / "ladder" / "scaling.json")
+    assert summary["rungs"] == ["a", "b"] and summary["missing"] == []
+    flops = [p["train_flops"] for p in summary["points"]]
+    assert flops[0] < flops[1]
+    assert plot["plot"].value.startswith("![val bits per byte against training FLOPs](data:image/png;base64,")
+    assert [r.data["rung"] for r in plot["rungs"].value.records] == ["a", "b"]
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("llm-ladder")
+    runs = client.search_runs([exp.experiment_id])
+    assert sorted(r.data.tags["ladder.rung"] for r in runs) == ["a", "b"]
+    assert all("val_bpb" in r.data.metrics for r in runs)
+    assert run([dvc_bin(), "status"], root).strip().endswith("up to date."), "the ladder must not touch DVC's outputs"
+
+
 def test_a_model_that_does_not_beat_bz2_fails_its_check_and_blocks_the_report(tmp_path: Path):
     """The planted bad input: one training step, so the model cannot beat bz2."""
-    from assets.checks import build_checks
     make_dvc_project(tmp_path, n_plays=6, max_chars=15_000, train={"max_steps": 1})
     assets = build_assets(tmp_path)
-    checks = build_checks(tmp_path, [a.key.to_user_string() for a in assets])
+    checks = build_checks(tmp_path, [a.key.to_user_string() for a in assets], STAGE_SPECS)
     with dg.instance_for_test() as instance:
         result = dg.materialize([*assets, *checks], instance=instance, raise_on_error=False)
     materialized = {m.asset_key.to_user_string() for m in result.get_asset_materialization_events()}
@@ -109,3 +227,40 @@ def test_a_model_that_does_not_beat_bz2_fails_its_check_and_blocks_the_report(tm
     assert all(evaluations[name] for name in ("raw_schema", "clean_schema", "round_trip", "consistent"))
     assert "evaluate" in materialized and "report" not in materialized  # blocked downstream
     assert not (tmp_path / "reports").exists()
+
+
+# ----------------------------------------------------------------------------- sensor
+def test_the_sensor_requests_a_run_when_a_file_lands_in_the_inbox(tmp_path: Path):
+    from pipelines.sensors import new_raw_files_sensor
+    from tests.conftest import small_params, write_corpus_slice, write_params
+
+    write_corpus_slice(tmp_path / "corpus", n_plays=2, max_chars=2_000)
+    write_params(tmp_path, small_params(["corpus"]))
+    sensor = new_raw_files_sensor(tmp_path, 30)
+    assert sensor.job_name == "build_all"
+    with dg.instance_for_test() as instance:
+        def tick(cursor):
+            ctx = dg.build_sensor_context(instance=instance, cursor=cursor)
+            return sensor(ctx), ctx.cursor
+
+        first, cursor = tick(None)
+        assert isinstance(first, dg.SkipReason) and "watching 2 file(s)" in first.skip_message  # the inbox is missing
+        quiet, cursor = tick(cursor)
+        assert isinstance(quiet, dg.SkipReason) and "no new or changed" in quiet.skip_message
+        (tmp_path / "data" / "inbox").mkdir(parents=True)
+        (tmp_path / "data" / "inbox" / ".DS_Store").write_bytes(b"\0")  # hidden: not a source file
+        hidden, cursor = tick(cursor)
+        assert isinstance(hidden, dg.SkipReason)
+        (tmp_path / "data" / "inbox" / "new.txt").write_text("A new play arrives.\n" * 20)
+        request, cursor = tick(cursor)
+        assert isinstance(request, dg.RunRequest)
+        assert request.tags["llm/raw_changes"] == "1 new, 0 changed, 0 removed"
+        again, cursor = tick(cursor)
+        assert isinstance(again, dg.SkipReason)
+        (tmp_path / "corpus" / sorted(os.listdir(tmp_path / "corpus"))[0]).write_text("Rewritten.\n" * 30)
+        changed, cursor = tick(cursor)
+        assert isinstance(changed, dg.RunRequest) and changed.tags["llm/raw_changes"] == "0 new, 1 changed, 0 removed"
+        assert changed.run_key != request.run_key
+        (tmp_path / "params.yaml").write_text("ingest: {sources: [missing_dir]}\n")
+        broken, _ = tick(cursor)
+        assert isinstance(broken, dg.SkipReason) and "no such file or directory: missing_dir" in broken.skip_message

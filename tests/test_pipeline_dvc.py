@@ -90,6 +90,7 @@ def test_same_params_and_data_give_the_same_artifacts(repo: Path, tmp_path: Path
     copy_repo_files(tmp_path, ["llm", "dvc.yaml", ".dvcignore"])
     shutil.copytree(repo / "corpus", tmp_path / "corpus")
     shutil.copy2(repo / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "data" / "inbox").mkdir(parents=True)
     run(["git", "init", "-q"], tmp_path)
     run([dvc_bin(), "init", "-q"], tmp_path)
     run([dvc_bin(), "repro", "shards"], tmp_path)

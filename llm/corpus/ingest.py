@@ -26,7 +26,7 @@ def ingest(params: IngestParams, root: Path, out_dir: Path, report_path: Path) -
     with atomic_dir(out_dir) as tmp, TableWriter(tmp, RAW_ARROW_SCHEMA, "raw") as writer:
         rows: dict[str, list] = {name: [] for name in RAW_ARROW_SCHEMA.names}
         pending_bytes = 0
-        docs = iter_documents(params.sources, root, params.text_field, params.max_binary_fraction, counts)
+        docs = iter_documents(params.sources, root, params.text_field, params.max_binary_fraction, counts, params.inbox)
         bar = tqdm(docs, desc="ingest", unit="doc", disable=not progress_enabled(), mininterval=1.0)
         for doc in bar:
             n_bytes = doc.n_bytes

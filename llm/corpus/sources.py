@@ -120,7 +120,7 @@ def _has_glob(s: str) -> bool:
 
 def _local_entries(path: Path, uri_of: Callable[[Path], str]) -> list[Entry]:
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path)))
+        files = sorted(_files(path))
     else:
         files = [path]
     return [Entry(uri_of(p), p.name, (lambda p=p: open(p, "rb"))) for p in files]
@@ -158,6 +158,39 @@ def resolve_source(source: str, root: Path, key: str) -> list[Entry]:
     if not entries:
         raise UserError(f"{key}: directory has no files: {source}")
     return entries
+
+
+def inbox_entries(inbox: str, root: Path) -> list[Entry]:
+    """The files in the drop folder (ingest.inbox), which may be missing or empty."""
+    if not inbox:
+        return []
+    base = Path(inbox).expanduser()
+    base = base if base.is_absolute() else root / base
+    if base.exists() and not base.is_dir():
+        raise UserError(f"ingest.inbox: not a directory: {inbox}")
+    if not base.is_dir():
+        return []
+    return resolve_source(inbox, root, "ingest.inbox") if any(_files(base)) else []
+
+
+def _files(directory: Path) -> Iterator[Path]:
+    return (p for p in directory.rglob("*") if p.is_file() and not _hidden(p.relative_to(directory)))
+
+
+def watched_files(sources: list[str], inbox: str, root: Path) -> dict[str, tuple[int, int]]:
+    """(mtime in ns, size) of every local file the sources and the inbox name: what the
+    Dagster sensor compares between ticks. Packages and URLs are not watched."""
+    entries: list[Entry] = []
+    for i, source in enumerate(sources):
+        if "://" in source:
+            continue
+        entries += resolve_source(source, root, f"ingest.sources[{i}]")
+    return {e.uri: _stat(root / e.uri) for e in entries + inbox_entries(inbox, root)}  # an absolute uri stays itself
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_mtime_ns, st.st_size
 
 
 def _package_entries(source: str, key: str) -> list[Entry]:
@@ -324,11 +357,13 @@ class Reader:
 
 
 def iter_documents(
-    sources: list[str], root: Path, text_field: str, max_binary_fraction: float, counts: ReadCounts
+    sources: list[str], root: Path, text_field: str, max_binary_fraction: float, counts: ReadCounts, inbox: str = ""
 ) -> Iterator[Document]:
-    """Every document of every source, in a stable order. Sources are resolved up front, so a
-    missing one fails before anything is read."""
+    """Every document of every source, then of the inbox, in a stable order. Sources are
+    resolved up front, so a missing one fails before anything is read."""
     resolved = [(s, resolve_source(s, root, f"ingest.sources[{i}]")) for i, s in enumerate(sources)]
+    if entries := inbox_entries(inbox, root):
+        resolved.append((inbox, entries))
     for source, entries in resolved:
         reader = Reader(source, text_field, max_binary_fraction, counts)
         for entry in entries:

@@ -1,0 +1,91 @@
+"""The model stages (train, evaluate, report): what their asset pages show and the checks their
+outputs must pass. The stages themselves are declared in dvc.yaml."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import dagster as dg
+
+from assets import ui
+from assets.spec import Check, StageSpec
+
+GROUP = "model"
+
+
+def _read(project: Path, name: str) -> dict:
+    from llm.io import read_json
+
+    return read_json(project / "metrics" / name)
+
+
+# ----------------------------------------------------------------------------- metadata
+def train_metadata(project: Path) -> dict:
+    from llm.report import loss_plot, read_history
+
+    s = _read(project, "train.json")
+    out = {
+        "parameters": s["params"],
+        "steps": s["steps"],
+        "stopped by": s["stopped_by"],
+        "tokens seen": s["tokens_seen"],
+        "final train loss": s["final_train_loss"],
+        "final val loss": s["final_val_loss"],
+        "initial val loss": s["initial_val_loss"],
+        "tokens per second": s["tokens_per_sec"],
+        "MFU": s["mfu"],
+        "train seconds": s["train_seconds"],
+        "device": f"{s['device']} x {s['processes']}",
+        "loss curve": ui.image(loss_plot(read_history(project / "metrics" / "loss.csv")), "train and val loss per step"),
+    }
+    if s.get("mlflow_run_id") and s.get("mlflow_experiment_id"):
+        out["MLflow run"] = ui.mlflow_run_url(s["mlflow_experiment_id"], s["mlflow_run_id"])
+    return out
+
+
+def evaluate_metadata(project: Path) -> dict:
+    e = _read(project, "eval.json")
+    rows = [{"model": "this model", "bits per byte": e["val_bpb"], "beaten": ""}]
+    rows += [{"model": name, "bits per byte": v, "beaten": "yes" if e["beats"][name] else "no"}
+             for name, v in sorted(e["baseline_bpb"].items(), key=lambda kv: kv[1])]
+    out = {"val_bpb": e["val_bpb"], "val loss": e["val_loss"], "val perplexity": e["val_ppl"],
+           "val bytes": e["val_bytes"], "against baselines": ui.table(rows)}
+    out.update({f"{name} bpb": v for name, v in e["baseline_bpb"].items()})
+    return out
+
+
+def report_metadata(project: Path) -> dict:
+    md = (project / "reports" / "report.md").read_text(encoding="utf-8")
+    samples = md.split("## Samples", 1)[-1].split("\n## ", 1)[0].strip()
+    return {
+        "path": dg.MetadataValue.path(str(project / "reports" / "report.html")),
+        "samples": dg.MetadataValue.md(samples),
+    }
+
+
+# ----------------------------------------------------------------------------- checks
+def training_sane(project: Path) -> tuple[bool, dict]:
+    """Every logged loss is finite and the final val loss is below the initial (uniform) one."""
+    import csv
+
+    summary = _read(project, "train.json")
+    with open(project / "metrics" / "loss.csv", encoding="utf-8") as f:
+        losses = [float(r[k]) for r in csv.DictReader(f) for k in ("train_loss", "val_loss")]
+    finite = all(math.isfinite(v) for v in losses)
+    improved = summary["final_val_loss"] < summary["initial_val_loss"]
+    return finite and improved, {"final val loss": summary["final_val_loss"], "initial val loss": summary["initial_val_loss"],
+                                 "all losses finite": finite}
+
+
+def beats_bz2(project: Path) -> tuple[bool, dict]:
+    result = _read(project, "eval.json")
+    bz2 = result["baseline_bpb"]["bz2"]
+    return result["val_bpb"] < bz2, {"val_bpb": result["val_bpb"], "bz2_bpb": bz2}
+
+
+SPECS = {
+    "train": StageSpec(GROUP, train_metadata, (Check("loss_sane", training_sane, "losses finite, final val loss below the initial one"),)),
+    "evaluate": StageSpec(GROUP, evaluate_metadata, (Check("beats_bz2", beats_bz2, "val bits per byte below bz2 -9 on the same text"),)),
+    "report": StageSpec(GROUP, report_metadata),
+}

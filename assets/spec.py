@@ -1,0 +1,26 @@
+"""What a per-stage module adds to the asset dvc.yaml declares: a group, the metadata the UI
+shows after a materialization, and the checks its output must pass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+# A check is a plain function of the project directory: (passed, metadata).
+CheckFn = Callable[[Path], tuple[bool, dict]]
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    fn: CheckFn
+    description: str
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    group: str
+    metadata: Callable[[Path], dict] | None = None
+    """Materialization metadata from the stage's outputs (numbers, tables, markdown, images)."""
+    checks: tuple[Check, ...] = field(default=())

@@ -1,0 +1,41 @@
+"""Small builders of Dagster metadata values for the asset pages of the UI."""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+
+import dagster as dg
+
+# Where `make ui` serves MLflow; set MLFLOW_UI_URL when it runs elsewhere.
+MLFLOW_UI_DEFAULT = "http://127.0.0.1:5000"
+
+
+def table(rows: list[dict]) -> dg.MetadataValue:
+    """A table whose columns are the keys of the first row (ints, floats and strings)."""
+    kinds = {int: "int", float: "float", bool: "bool"}
+    columns = [dg.TableColumn(k, kinds.get(type(v), "string")) for k, v in rows[0].items()] if rows else []
+    return dg.MetadataValue.table(records=[dg.TableRecord(r) for r in rows], schema=dg.TableSchema(columns=columns))
+
+
+def fenced(text: str) -> dg.MetadataValue:
+    """Text shown verbatim: a code fence longer than any backtick run inside it."""
+    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return dg.MetadataValue.md(f"{fence}text\n{text}\n{fence}")
+
+
+def preview(text: str, chars: int = 600) -> dg.MetadataValue:
+    cut = text[:chars]
+    return fenced(cut + ("\n…" if len(text) > chars else ""))
+
+
+def image(png: bytes, alt: str) -> dg.MetadataValue:
+    """A PNG inline in the asset page (a data URI in Markdown: no file server needed)."""
+    return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})")
+
+
+def mlflow_run_url(experiment_id: str, run_id: str) -> dg.MetadataValue:
+    base = os.environ.get("MLFLOW_UI_URL", MLFLOW_UI_DEFAULT).rstrip("/")
+    return dg.MetadataValue.url(f"{base}/#/experiments/{experiment_id}/runs/{run_id}")
