@@ -10,6 +10,8 @@ PIP := $(VENV)/bin/python -m pip --disable-pip-version-check -q
 BIN := $(VENV)/bin
 # Every install goes through constraints.txt: torch stays at the local CPU build.
 export PIP_CONSTRAINT := constraints.txt
+# Dagster keeps its runs and event logs here (sqlite); unset, it would use a temporary instance.
+export DAGSTER_HOME := $(CURDIR)/.dagster
 
 .PHONY: setup run test bench ui clean-env
 
@@ -40,8 +42,15 @@ $(BIN)/dvc: | $(VENV)/.installed
 .dvc/config: | $(BIN)/dvc
 	PATH=$(CURDIR)/$(BIN):$$PATH dvc init --quiet
 
-run: setup
+# The whole pipeline, through DVC (default) or Dagster (ENGINE=dagster: the same stages, run by
+# `dvc repro` inside Dagster assets, plus the asset checks; same artifacts, same dvc.lock).
+ENGINE ?= dvc
+run: setup $(DAGSTER_HOME)/dagster.yaml
+ifeq ($(ENGINE),dagster)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dagster asset materialize -m pipelines --select '*report'
+else
 	PATH=$(CURDIR)/$(BIN):$$PATH dvc repro
+endif
 
 test: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q
@@ -52,12 +61,10 @@ bench: setup
 
 MLFLOW_PORT ?= 5000
 DAGSTER_PORT ?= 3000
-# Dagster keeps its runs and event logs here (sqlite); unset, it would use a temporary instance.
-export DAGSTER_HOME := $(CURDIR)/.dagster
 
 $(DAGSTER_HOME)/dagster.yaml:
 	mkdir -p $(DAGSTER_HOME)
-	printf 'telemetry:\n  enabled: false\nconcurrency:\n  runs:\n    max_concurrent_runs: 1  # one pipeline run at a time: DVC and sqlite stores are single-writer\n' > $@
+	printf 'telemetry:\n  enabled: false\nnux:\n  enabled: false\nconcurrency:\n  runs:\n    max_concurrent_runs: 1  # one pipeline run at a time: DVC and sqlite stores are single-writer\n' > $@
 
 # The Dagster UI (assets derived from dvc.yaml) and the MLflow UI, both on loopback only.
 ui: setup $(DAGSTER_HOME)/dagster.yaml

@@ -21,7 +21,7 @@ from assets.dvc_assets import build_assets
 from assets.ladder import ladder_assets
 from llm.config import load_params
 from pipelines.jobs import build_jobs, retrain_schedule
-from pipelines.sensors import new_raw_files_sensor
+from pipelines.sensors import new_raw_files_sensor, scaling_automation_sensor
 
 PROJECT = Path(os.environ.get("LLM_PROJECT") or Path(__file__).resolve().parents[1]).resolve()
 
@@ -36,7 +36,8 @@ def build_definitions(project: Path) -> dg.Definitions:
         asset_checks=build_checks(project, stages, STAGE_SPECS),
         jobs=build_jobs(stages),
         schedules=[retrain_schedule(params)],
-        sensors=[new_raw_files_sensor(project, params.orchestration.sensor_interval_seconds)],
+        sensors=[new_raw_files_sensor(project, params.orchestration.sensor_interval_seconds),
+                 scaling_automation_sensor(params.orchestration.sensor_interval_seconds)],
     )
 
 

@@ -1,4 +1,4 @@
-"""The sensor that turns new raw data into a pipeline run.
+"""Sensors: new raw data starts a pipeline run; a new ladder rung updates the scaling plot.
 
 Each tick it stats the local files that `ingest.sources` and the `ingest.inbox` drop folder name
 (packages and URLs are not watched). The first tick records them; after that, any file added,
@@ -50,3 +50,15 @@ def new_raw_files_sensor(project: Path, interval_seconds: int) -> dg.SensorDefin
         return dg.RunRequest(run_key=key, tags={"llm/trigger": "new_raw_files", "llm/raw_changes": summary})
 
     return new_raw_files
+
+
+def scaling_automation_sensor(interval_seconds: int) -> dg.AutomationConditionSensorDefinition:
+    """Evaluates the assets' automation conditions (asset `scaling` follows the ladder's rungs).
+    Dagster's own default sensor for this starts stopped; this one runs."""
+    return dg.AutomationConditionSensorDefinition(
+        "scaling_automation",
+        target=dg.AssetSelection.assets("scaling"),
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        minimum_interval_seconds=interval_seconds,
+        description="Re-plots `scaling` when a rung of `ladder` is materialized",
+    )

@@ -20,6 +20,14 @@ GPU = {
         "checkpoint_interval": "500", "compile": "true",
     },
     "evaluate": {"batch_size": "32"},
+    "ladder": {"max_steps": "2000", "warmup_steps": "100"},
+}
+# The scaling ladder on a GPU: GPT-2 small and three narrower, shallower rungs (1 B tokens each).
+GPU_RUNGS = {
+    "xs": "{n_layer: 4, n_head: 4, n_embd: 256}",
+    "s": "{n_layer: 6, n_head: 6, n_embd: 384}",
+    "m": "{n_layer: 8, n_head: 8, n_embd: 512}",
+    "l": "{n_layer: 12, n_head: 12, n_embd: 768}",
 }
 
 HEADER = """\
@@ -43,6 +51,9 @@ def render(src: str) -> str:
         top = re.match(r"^(\w+):", line)
         if top:
             group = top.group(1)
+        rung = re.match(r"^    (\w+): \{.*\}$", line)
+        if rung and group == "ladder" and rung.group(1) in GPU_RUNGS:
+            line = f"    {rung.group(1)}: {GPU_RUNGS[rung.group(1)]}"
         m = re.match(r"^  (\w+): (\S+)( +#.*)?$", line)
         if m and m.group(1) in GPU.get(group or "", {}):
             key, old, comment = m.group(1), m.group(2), m.group(3) or ""

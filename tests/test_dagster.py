@@ -97,6 +97,10 @@ def test_jobs_and_the_retrain_schedule():
     assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED
     ladder = graph.get(dg.AssetKey("ladder")).partitions_def
     assert ladder.get_partition_keys() == list(params.ladder.rungs)
+    raw = defs.resolve_sensor_def("new_raw_files")
+    assert raw.job_name == "build_all" and raw.default_status == dg.DefaultSensorStatus.RUNNING
+    assert raw.minimum_interval_seconds == params.orchestration.sensor_interval_seconds
+    assert defs.resolve_sensor_def("scaling_automation").default_status == dg.DefaultSensorStatus.RUNNING
 
 
 def test_every_check_is_blocking_and_attached_to_its_stage():
@@ -194,12 +198,19 @@ def test_the_scaling_ladder_trains_each_rung_and_plots_bpb_against_flops(materia
 
     root, defs, instance, *_ = materialized
     ladder = [a for a in defs.assets if a.key.to_user_string() in ("ladder", "scaling")]
+    idle = dg.evaluate_automation_conditions(defs=ladder, instance=instance)
+    assert idle.get_num_requested(dg.AssetKey("scaling")) == 0  # no rung yet
     for rung in ("a", "b"):
         result = dg.materialize(ladder, selection=["ladder"], partition_key=rung, instance=instance)
         meta = materializations(result)["ladder"].metadata
         assert meta["val_bpb"].value == read_json(root / "ladder" / rung / "rung.json")["val_bpb"]
         assert meta["tokens"].value == 4 * 256  # the ladder's fixed budget, whatever the rung
+    # Declarative automation: the new rungs make `scaling` due; once it has run, it is not.
+    due = dg.evaluate_automation_conditions(defs=ladder, instance=instance, cursor=idle.cursor)
+    assert due.get_num_requested(dg.AssetKey("scaling")) == 1
     plot = materializations(dg.materialize(ladder, selection=["scaling"], instance=instance))["scaling"].metadata
+    done = dg.evaluate_automation_conditions(defs=ladder, instance=instance, cursor=due.cursor)
+    assert done.get_num_requested(dg.AssetKey("scaling")) == 0
     summary = read_json(root / "ladder" / "scaling.json")
     assert summary["rungs"] == ["a", "b"] and summary["missing"] == []
     flops = [p["train_flops"] for p in summary["points"]]

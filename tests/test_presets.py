@@ -22,7 +22,9 @@ def test_gpu_preset_changes_only_the_model_side():
     gpu = yaml.safe_load((REPO / "presets" / "gpu.yaml").read_text())
     assert cpu.keys() == gpu.keys()
     changed = {k for k in cpu if cpu[k] != gpu[k]}
-    assert changed == {"tokenizer", "model", "train", "evaluate"}
+    assert changed == {"tokenizer", "model", "train", "evaluate", "ladder"}
+    assert cpu["ladder"]["rungs"].keys() == gpu["ladder"]["rungs"].keys()
+    assert gpu["ladder"]["rungs"]["l"] == {k: gpu["model"][k] for k in ("n_layer", "n_head", "n_embd")}  # the top rung is the model
 
 
 def test_gpu_preset_is_in_sync_with_params_yaml():
