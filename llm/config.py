@@ -169,7 +169,21 @@ class ShardsParams(_Group):
 
 
 # ----------------------------------------------------------------------------- model
-class ModelParams(_Group):
+class _Shape(_Group):
+    """Depth and width of the transformer: the model group, and each rung of the scaling ladder."""
+
+    n_layer: int = Field(ge=1)
+    n_head: int = Field(ge=1)
+    n_embd: int = Field(ge=8)
+
+    @model_validator(mode="after")
+    def _heads(self) -> "_Shape":
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        return self
+
+
+class ModelParams(_Shape):
     """The GPT's shape. The vocabulary size comes from the tokenizer."""
 
     n_layer: int = Field(4, ge=1)
@@ -178,12 +192,6 @@ class ModelParams(_Group):
     block_size: int = Field(256, ge=8)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     bias: bool = True
-
-    @model_validator(mode="after")
-    def _heads(self) -> "ModelParams":
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
-        return self
 
 
 # ----------------------------------------------------------------------------- train
@@ -255,18 +263,8 @@ class TrackingParams(_Group):
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
 
 
-class RungParams(_Group):
+class RungParams(_Shape):
     """One model size of the scaling ladder; the rest of the model group is shared."""
-
-    n_layer: int = Field(ge=1)
-    n_head: int = Field(ge=1)
-    n_embd: int = Field(ge=8)
-
-    @model_validator(mode="after")
-    def _heads(self) -> "RungParams":
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
-        return self
 
 
 class LadderParams(_Group):

@@ -114,6 +114,11 @@ def test_the_asset_graph_shows_the_materialized_assets(tmp_path: Path):
                 page.goto(f"{base}/locations/pipelines/asset-groups/model/lineage")
                 model = {name: node_status(page, name) for name in ("train", "evaluate", "report")}
                 page.screenshot(path=str(ARTIFACTS / "dagster_asset_graph_model.png"))
+                page.goto(f"{base}/assets/clean")  # the asset page: its materialization metadata
+                rows = page.locator("tr")
+                rows.filter(has_text="filter report").first.wait_for(timeout=60_000)
+                clean_page = page.inner_text("body")
+                page.screenshot(path=str(ARTIFACTS / "dagster_asset_clean.png"), full_page=True)
             finally:
                 browser.close()
     finally:
@@ -123,4 +128,6 @@ def test_the_asset_graph_shows_the_materialized_assets(tmp_path: Path):
         assert "1 / 1 Passed" in text, f"{name}: its check should show as passed: {text}"
     for name, text in model.items():
         assert "Never materialized" in text, f"{name}: {text}"
+    for key in ("documents in", "documents removed", "filter report", "preview (corpus/"):
+        assert key in clean_page, key
     assert (ARTIFACTS / "dagster_asset_graph_data.png").stat().st_size > 10_000
