@@ -62,8 +62,17 @@ def stream(context: dg.AssetExecutionContext, cmd: list[str], cwd: Path, what: s
     return lines
 
 
-def run_stage(context: dg.AssetExecutionContext, project: Path, stage: Stage, spec: StageSpec | None = None) -> dg.MaterializeResult:
-    lines = stream(context, [dvc_command(), "repro", "--single-item", stage.name], project, f"dvc repro {stage.name}")
+class StageRun(dg.Config):
+    """Launchpad options of a stage asset."""
+
+    force: bool = False
+    """Run the stage even when DVC has its outputs for these inputs (`dvc repro --force`)."""
+
+
+def run_stage(context: dg.AssetExecutionContext, project: Path, stage: Stage, spec: StageSpec | None = None,
+              force: bool = False) -> dg.MaterializeResult:
+    cmd = [dvc_command(), "repro", "--single-item", *(["--force"] if force else []), stage.name]
+    lines = stream(context, cmd, project, f"dvc repro {stage.name}")
     recomputed = any(line.startswith(f"Running stage '{stage.name}'") for line in lines)
     hashes = locked_hashes(project, stage.name)
     metadata = {"recomputed": recomputed, "dvc_hashes": dg.MetadataValue.json(hashes)}
@@ -85,8 +94,8 @@ def stage_asset(project: Path, stage: Stage, spec: StageSpec | None = None) -> d
         kinds={"dvc"},
         metadata={"cmd": stage.cmd, "outs": list(stage.outs), "params": list(stage.params)},
     )
-    def _asset(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-        return run_stage(context, project, stage, spec)
+    def _asset(context: dg.AssetExecutionContext, config: StageRun) -> dg.MaterializeResult:
+        return run_stage(context, project, stage, spec, config.force)
 
     return _asset
 

@@ -148,6 +148,19 @@ def test_materializing_every_asset_runs_the_stages_through_dvc(materialized):
 
 
 @pytest.mark.slow
+def test_force_reruns_a_stage_that_dvc_has_cached(materialized):
+    root, defs, instance, *_ = materialized
+    assets = [a for a in defs.assets if a.key.to_user_string() in STAGES]
+    before = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["report"]
+    forced = dg.materialize(assets, selection=["report"], instance=instance,
+                            run_config={"ops": {"report": {"config": {"force": True}}}})
+    assert materializations(forced)["report"].metadata["recomputed"].value is True
+    after = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["report"]
+    assert after["deps"] == before["deps"]  # same inputs, run again
+    assert run([dvc_bin(), "status"], root).strip().endswith("Data and pipelines are up to date.")
+
+
+@pytest.mark.slow
 def test_each_asset_page_shows_what_its_stage_produced(materialized):
     root, _, _, first, _, _ = materialized
     meta = {k: {name: v.value for name, v in m.metadata.items()} for k, m in materializations(first).items()}
@@ -198,15 +211,18 @@ def test_the_scaling_ladder_trains_each_rung_and_plots_bpb_against_flops(materia
 
     root, defs, instance, *_ = materialized
     ladder = [a for a in defs.assets if a.key.to_user_string() in ("ladder", "scaling")]
-    idle = dg.evaluate_automation_conditions(defs=ladder, instance=instance)
-    assert idle.get_num_requested(dg.AssetKey("scaling")) == 0  # no rung yet
+    cursor = dg.evaluate_automation_conditions(defs=ladder, instance=instance).cursor
+    requested = []
     for rung in ("a", "b"):
         result = dg.materialize(ladder, selection=["ladder"], partition_key=rung, instance=instance)
         meta = materializations(result)["ladder"].metadata
         assert meta["val_bpb"].value == read_json(root / "ladder" / rung / "rung.json")["val_bpb"]
         assert meta["tokens"].value == 4 * 256  # the ladder's fixed budget, whatever the rung
-    # Declarative automation: the new rungs make `scaling` due; once it has run, it is not.
-    due = dg.evaluate_automation_conditions(defs=ladder, instance=instance, cursor=idle.cursor)
+        due = dg.evaluate_automation_conditions(defs=ladder, instance=instance, cursor=cursor)
+        requested.append(due.get_num_requested(dg.AssetKey("scaling")))
+        cursor = due.cursor
+    # Declarative automation: `scaling` is due once every rung has run (not after the first only).
+    assert requested == [0, 1]
     assert due.get_num_requested(dg.AssetKey("scaling")) == 1
     plot = materializations(dg.materialize(ladder, selection=["scaling"], instance=instance))["scaling"].metadata
     done = dg.evaluate_automation_conditions(defs=ladder, instance=instance, cursor=due.cursor)
