@@ -63,6 +63,23 @@ def test_a_stage_added_to_dvc_yaml_becomes_an_asset(tmp_path: Path):
     assert assets["export"].group_names_by_key[assets["export"].key] == "pipeline"  # no per-stage module: default group
 
 
+def test_a_users_own_stage_materializes_and_a_broken_page_does_not_fail_it(tmp_path: Path):
+    """A stage with no per-stage module runs like any other; metadata that cannot be built is
+    reported on the page, and the materialization (DVC already ran the stage) stands."""
+    from assets.spec import StageSpec
+
+    (tmp_path / "dvc.yaml").write_text("stages:\n  hello:\n    cmd: echo hello > hello.txt\n    outs: [hello.txt]\n")
+    run(["git", "init", "-q"], tmp_path)
+    run([dvc_bin(), "init", "-q"], tmp_path)
+    broken = StageSpec("mine", metadata=lambda project: {"size": (project / "missing.json").stat().st_size})
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(build_assets(tmp_path, {"hello": broken}), instance=instance)
+    meta = materializations(result)["hello"].metadata
+    assert meta["recomputed"].value is True and "hello.txt" in meta["dvc_hashes"].value
+    assert meta["metadata error"].value.startswith("FileNotFoundError")
+    assert (tmp_path / "hello.txt").read_text() == "hello\n"
+
+
 def test_stage_outputs_include_metrics_and_plots():
     stages = {s.name: s for s in read_stages(REPO)}
     assert "metrics/eval.json" in stages["evaluate"].outs
