@@ -1,6 +1,7 @@
 # One-command entry points. `make run` and `make test` both set up the
 # environment first, so on a fresh clone each is a single command.
 
+SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 DVC_VENV := .venv-dvc
@@ -70,9 +71,14 @@ $(DAGSTER_HOME)/dagster.yaml:
 ui: setup $(DAGSTER_HOME)/dagster.yaml
 	@echo "Dagster UI: http://127.0.0.1:$(DAGSTER_PORT)"
 	@echo "MLflow UI:  http://127.0.0.1:$(MLFLOW_PORT)"
-	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" --host 127.0.0.1 --port $(MLFLOW_PORT) & \
-	trap 'kill $$!' EXIT INT TERM; \
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(DAGSTER_PORT)
+	@# Each server in a process group of its own (set -m); Ctrl-C, or a signal to make, stops both
+	@# whole trees (dagster dev shuts its webserver, daemon and code servers down on SIGINT).
+	@set -m; \
+	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" --host 127.0.0.1 --port $(MLFLOW_PORT) & mlflow=$$!; \
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(DAGSTER_PORT) & dagster=$$!; \
+	trap 'kill -INT -- -$$dagster 2>/dev/null; kill -TERM -- -$$mlflow 2>/dev/null; wait' EXIT; \
+	trap 'exit 130' INT TERM HUP; \
+	wait $$dagster
 
 clean-env:
 	rm -rf $(VENV) $(DVC_VENV)
