@@ -16,7 +16,17 @@ export DAGSTER_HOME := $(CURDIR)/.dagster
 
 .PHONY: setup run test bench ui clean-env
 
-setup: $(VENV)/.installed $(BIN)/dvc .dvc/config data/inbox
+setup: $(VENV)/.installed $(BIN)/dvc .dvc/config data/inbox $(DAGSTER_HOME)/dagster.yaml .env
+
+# Dagster's instance: runs, event logs and schedules in sqlite under .dagster/ (gitignored).
+$(DAGSTER_HOME)/dagster.yaml:
+	mkdir -p $(DAGSTER_HOME)
+	printf 'telemetry:\n  enabled: false\nnux:\n  enabled: false\nconcurrency:\n  runs:\n    max_concurrent_runs: 1  # one pipeline run at a time: DVC and sqlite stores are single-writer\n' > $@
+
+# Dagster's CLI reads .env in the directory it starts in: a bare `dagster dev` in the repo root
+# then uses .dagster/ too. Written once (gitignored: it holds this checkout's absolute path).
+.env:
+	printf 'DAGSTER_HOME=%s\n' '$(DAGSTER_HOME)' > $@
 
 # The drop folder of ingest.inbox: a dependency of the ingest stage, watched by Dagster's sensor.
 data/inbox:
@@ -46,7 +56,7 @@ $(BIN)/dvc: | $(VENV)/.installed
 # The whole pipeline, through DVC (default) or Dagster (ENGINE=dagster: the same stages, run by
 # `dvc repro` inside Dagster assets, plus the asset checks; same artifacts, same dvc.lock).
 ENGINE ?= dvc
-run: setup $(DAGSTER_HOME)/dagster.yaml
+run: setup
 ifeq ($(ENGINE),dagster)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dagster asset materialize -m pipelines --select '*report'
 else
@@ -63,12 +73,9 @@ bench: setup
 MLFLOW_PORT ?= 5000
 DAGSTER_PORT ?= 3000
 
-$(DAGSTER_HOME)/dagster.yaml:
-	mkdir -p $(DAGSTER_HOME)
-	printf 'telemetry:\n  enabled: false\nnux:\n  enabled: false\nconcurrency:\n  runs:\n    max_concurrent_runs: 1  # one pipeline run at a time: DVC and sqlite stores are single-writer\n' > $@
 
 # The Dagster UI (assets derived from dvc.yaml) and the MLflow UI, both on loopback only.
-ui: setup $(DAGSTER_HOME)/dagster.yaml
+ui: setup
 	@echo "Dagster UI: http://127.0.0.1:$(DAGSTER_PORT)"
 	@echo "MLflow UI:  http://127.0.0.1:$(MLFLOW_PORT)"
 	@# Each server in a process group of its own (set -m); Ctrl-C, or a signal to make, stops both

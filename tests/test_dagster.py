@@ -89,8 +89,9 @@ def test_stage_outputs_include_metrics_and_plots():
 
 def test_dagster_cli_validates_the_workspace(tmp_path: Path):
     env = {**os.environ, "DAGSTER_HOME": str(tmp_path)}
-    proc = subprocess.run([str(Path(sys.executable).parent / "dagster"), "definitions", "validate", "-w", "workspace.yaml"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    # Not from the repo root: Dagster would read the checkout's .env there (DAGSTER_HOME=.dagster).
+    proc = subprocess.run([str(Path(sys.executable).parent / "dagster"), "definitions", "validate", "-w", str(REPO / "workspace.yaml")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 

@@ -90,15 +90,16 @@ def test_the_asset_graph_shows_the_materialized_assets(tmp_path: Path):
     env = {**os.environ, "LLM_PROJECT": str(project), "DAGSTER_HOME": str(home), "LLM_PROGRESS": "0",
            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     dagster = str(bin_dir / "dagster")
+    # Started in the project, not the repo root, where Dagster would read the checkout's .env.
     built = subprocess.run([dagster, "asset", "materialize", "-m", "pipelines", "--select", "*shards"],
-                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+                           cwd=project, env=env, capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     assert (project / "data" / "shards" / "manifest.json").is_file()
 
     port = free_port()
     log = tmp_path / "dagster_dev.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([dagster, "dev", "-m", "pipelines", "-h", "127.0.0.1", "-p", str(port)], cwd=REPO, env=env,
+        proc = subprocess.Popen([dagster, "dev", "-m", "pipelines", "-h", "127.0.0.1", "-p", str(port)], cwd=project, env=env,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}"
