@@ -39,7 +39,7 @@ def ladder_assets(project: Path, rungs: list[str]) -> list[dg.AssetsDefinition]:
                     "of tokens, evaluated and logged to MLflow (experiment ladder.experiment). Outputs: ladder/RUNG/.",
     )
     def ladder(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-        from llm.report import loss_plot, read_history
+        from assets.model import run_views
 
         rung = context.partition_key
         stream(context, _llm(project, "ladder", rung), project, f"llm ladder {rung}")
@@ -54,10 +54,8 @@ def ladder_assets(project: Path, rungs: list[str]) -> list[dg.AssetsDefinition]:
             "val_bpb": point["val_bpb"],
             "val loss": point["val_loss"],
             "tokens per second": point["tokens_per_sec"],
-            "loss curve": ui.image(loss_plot(read_history(out / "loss.csv")), f"rung {rung}: train and val loss"),
+            **run_views(out, train, f"rung {rung}: train and val loss"),
         }
-        if train.get("mlflow_run_id") and train.get("mlflow_experiment_id"):
-            metadata["MLflow run"] = ui.mlflow_run_url(train["mlflow_experiment_id"], train["mlflow_run_id"])
         weights = (out / "final" / "model.safetensors").read_bytes()
         return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(hashlib.sha256(weights).hexdigest()[:16]))
 

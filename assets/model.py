@@ -21,9 +21,17 @@ def _read(project: Path, name: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- metadata
-def train_metadata(project: Path) -> dict:
+def run_views(metrics_dir: Path, summary: dict, alt: str) -> dict:
+    """A training run's loss curve (image) and, when it was tracked, the link to its MLflow run."""
     from llm.report import loss_plot, read_history
 
+    out = {"loss curve": ui.image(loss_plot(read_history(metrics_dir / "loss.csv")), alt)}
+    if summary.get("mlflow_run_id") and summary.get("mlflow_experiment_id"):
+        out["MLflow run"] = ui.mlflow_run_url(summary["mlflow_experiment_id"], summary["mlflow_run_id"])
+    return out
+
+
+def train_metadata(project: Path) -> dict:
     s = _read(project, "train.json")
     out = {
         "parameters": s["params"],
@@ -37,11 +45,8 @@ def train_metadata(project: Path) -> dict:
         "MFU": s["mfu"],
         "train seconds": s["train_seconds"],
         "device": f"{s['device']} x {s['processes']}",
-        "loss curve": ui.image(loss_plot(read_history(project / "metrics" / "loss.csv")), "train and val loss per step"),
     }
-    if s.get("mlflow_run_id") and s.get("mlflow_experiment_id"):
-        out["MLflow run"] = ui.mlflow_run_url(s["mlflow_experiment_id"], s["mlflow_run_id"])
-    return out
+    return out | run_views(project / "metrics", s, "train and val loss per step")
 
 
 def evaluate_metadata(project: Path) -> dict:
@@ -67,11 +72,10 @@ def report_metadata(project: Path) -> dict:
 # ----------------------------------------------------------------------------- checks
 def training_sane(project: Path) -> tuple[bool, dict]:
     """Every logged loss is finite and the final val loss is below the initial (uniform) one."""
-    import csv
+    from llm.report import read_history
 
     summary = _read(project, "train.json")
-    with open(project / "metrics" / "loss.csv", encoding="utf-8") as f:
-        losses = [float(r[k]) for r in csv.DictReader(f) for k in ("train_loss", "val_loss")]
+    losses = [r[k] for r in read_history(project / "metrics" / "loss.csv") for k in ("train_loss", "val_loss")]
     finite = all(math.isfinite(v) for v in losses)
     improved = summary["final_val_loss"] < summary["initial_val_loss"]
     return finite and improved, {"final val loss": summary["final_val_loss"], "initial val loss": summary["initial_val_loss"],

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import os
-import re
 
 import dagster as dg
 
@@ -21,8 +20,9 @@ def table(rows: list[dict]) -> dg.MetadataValue:
 
 def fenced(text: str) -> dg.MetadataValue:
     """Text shown verbatim: a code fence longer than any backtick run inside it."""
-    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
-    fence = "`" * max(3, longest + 1)
+    from llm.io import code_fence
+
+    fence = code_fence(text)
     return dg.MetadataValue.md(f"{fence}text\n{text}\n{fence}")
 
 

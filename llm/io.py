@@ -1,7 +1,8 @@
 """Atomic outputs: every artifact is written beside its final path and renamed into place.
 
 A stage killed half-way leaves the previous artifact (or nothing), never a half-written one
-that the next stage would read.
+that the next stage would read. Also the one Markdown code-fence rule that the report and the
+Dagster asset pages share.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
@@ -103,3 +105,9 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def code_fence(text: str) -> str:
+    """A Markdown code fence longer than any backtick run in text, so it cannot be closed early."""
+    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    return "`" * max(3, longest + 1)

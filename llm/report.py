@@ -14,7 +14,6 @@ import html
 import io
 import itertools
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 from llm.artifacts import load_final
 from llm.config import Params
 from llm.errors import UserError
-from llm.io import atomic_dir, read_json
+from llm.io import atomic_dir, code_fence, read_json
 from llm.sample import SamplingParams, complete
 from llm.shards import read_manifest
 
@@ -113,12 +112,6 @@ def _needs(path: Path, stage: str) -> Path:
 def read_history(path: Path) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
-def _fence(text: str) -> str:
-    """A Markdown code fence longer than any backtick run in text, so it cannot be closed early."""
-    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
-    return "`" * max(3, longest + 1)
 
 
 def report(params: Params, root: Path) -> dict:
@@ -227,7 +220,7 @@ def render_markdown(card, evaluation, samples, sinks, attention_prompt) -> str:
     lines += ["", "## Loss curve", "", "![train and val loss per step](loss.png)", "", "## Samples", ""]
     for s in samples:
         body = s.prompt + s.text
-        fence = _fence(body)
+        fence = code_fence(body)
         lines += [f"temperature {s.temperature}, top-k {s.top_k}, top-p {s.top_p}:", "", f"{fence}text", body, fence, ""]
     L, H = sinks.shape
     lines += ["## Attention", "", f"Attention-sink score (mean attention on the first token) for `{e(attention_prompt)}`:", "",
