@@ -14,7 +14,7 @@ export PIP_CONSTRAINT := constraints.txt
 # Dagster keeps its runs and event logs here (sqlite); unset, it would use a temporary instance.
 export DAGSTER_HOME := $(CURDIR)/.dagster
 
-.PHONY: setup run test bench ui clean-env
+.PHONY: setup run test lint bench ui clean-env
 
 setup: $(VENV)/.installed $(BIN)/dvc .dvc/config data/inbox $(DAGSTER_HOME)/dagster.yaml .env
 
@@ -63,8 +63,11 @@ else
 	PATH=$(CURDIR)/$(BIN):$$PATH dvc repro
 endif
 
-test: setup
+test: setup lint
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
 
 bench: setup
 	$(BIN)/python benchmarks/data.py

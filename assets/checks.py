@@ -9,6 +9,7 @@ from pathlib import Path
 import dagster as dg
 
 from assets.spec import Check, StageSpec
+from llm.layout import Layout
 
 
 def build_checks(project: Path, stage_names: list[str], specs: dict[str, StageSpec]) -> list[dg.AssetChecksDefinition]:
@@ -18,7 +19,7 @@ def build_checks(project: Path, stage_names: list[str], specs: dict[str, StageSp
 def _check(project: Path, stage: str, check: Check) -> dg.AssetChecksDefinition:
     @dg.asset_check(asset=stage, name=check.name, description=check.description, blocking=True)
     def _run() -> dg.AssetCheckResult:
-        passed, metadata = check.fn(project)
+        passed, metadata = check.fn(Layout.of(project))
         return dg.AssetCheckResult(passed=passed, metadata=metadata)
 
     return _run

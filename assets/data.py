@@ -9,14 +9,15 @@ import dagster as dg
 
 from assets import ui
 from assets.spec import Check, StageSpec
+from llm.layout import Layout
 
 GROUP = "data"
 
 
-def _metrics(project: Path, stage: str) -> dict:
+def _metrics(layout: Layout, stage: str) -> dict:
     from llm.io import read_json
 
-    return read_json(project / "metrics" / f"{stage}.json")
+    return read_json(layout.metrics(stage))
 
 
 def _first_text(table_dir: Path) -> tuple[str, str]:
@@ -30,9 +31,9 @@ def _first_text(table_dir: Path) -> tuple[str, str]:
 
 
 # ----------------------------------------------------------------------------- metadata
-def raw_metadata(project: Path) -> dict:
-    m = _metrics(project, "ingest")
-    uri, text = _first_text(project / "data" / "raw")
+def raw_metadata(layout: Layout) -> dict:
+    m = _metrics(layout, "ingest")
+    uri, text = _first_text(layout.raw)
     return {
         "documents": m["documents"],
         "bytes": m["bytes"],
@@ -40,14 +41,18 @@ def raw_metadata(project: Path) -> dict:
         "skipped binary files": m["binary_files_skipped"],
         "empty files dropped": m["empty_dropped"],
         "documents with invalid UTF-8": m["invalid_utf8_documents"],
+        # .get: a metrics file written before these counts existed still renders
+        "documents cut into parts": m.get("inputs_cut_into_parts", 0),
+        "bad records (skipped)": m.get("bad_records", 0),
+        "bad record examples": ui.fenced("\n".join(m.get("bad_record_examples", [])) or "none"),
         "per source": ui.table([{"source": s, "documents": n} for s, n in m["per_source"].items()]),
         f"preview ({uri})": ui.preview(text),
     }
 
 
-def clean_metadata(project: Path) -> dict:
-    m = _metrics(project, "clean")
-    uri, text = _first_text(project / "data" / "clean")
+def clean_metadata(layout: Layout) -> dict:
+    m = _metrics(layout, "clean")
+    uri, text = _first_text(layout.clean)
     rows = [{"filter": name, "documents removed": r["documents"], "bytes removed": r["bytes"]} for name, r in m["removed"].items()]
     rows.sort(key=lambda r: (-r["bytes removed"], r["filter"]))
     return {
@@ -62,12 +67,12 @@ def clean_metadata(project: Path) -> dict:
     }
 
 
-def tokenizer_metadata(project: Path) -> dict:
+def tokenizer_metadata(layout: Layout) -> dict:
     from llm.tokenizer import Tokenizer
 
-    m = _metrics(project, "tokenizer")
-    tok = Tokenizer.load(project / "data" / "tokenizer")
-    _, text = _first_text(project / "data" / "clean")
+    m = _metrics(layout, "tokenizer")
+    tok = Tokenizer.load(layout.tokenizer)
+    _, text = _first_text(layout.clean)
     line = next((ln for ln in text.splitlines() if len(ln.strip()) > 20), text[:80])[:160]
     pieces = tok.sp.encode(line, out_type=str)
     return {
@@ -81,10 +86,10 @@ def tokenizer_metadata(project: Path) -> dict:
     }
 
 
-def shards_metadata(project: Path) -> dict:
+def shards_metadata(layout: Layout) -> dict:
     from llm.shards import read_manifest
 
-    manifest = read_manifest(project / "data" / "shards")
+    manifest = read_manifest(layout.shards)
     splits = manifest["splits"]
     rows = [{"split": name, "documents": s["documents"], "tokens": s["tokens"], "shards": len(s["shards"])}
             for name, s in splits.items()]
@@ -94,15 +99,15 @@ def shards_metadata(project: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- checks
-def raw_table_valid(project: Path) -> tuple[bool, dict]:
-    return _table_valid(project / "data" / "raw", "raw")
+def raw_table_valid(layout: Layout) -> tuple[bool, dict]:
+    return _table_valid(layout.raw, "raw")
 
 
-def clean_table_valid(project: Path) -> tuple[bool, dict]:
+def clean_table_valid(layout: Layout) -> tuple[bool, dict]:
     from llm.corpus.tables import iter_batches
 
-    passed, meta = _table_valid(project / "data" / "clean", "clean")
-    ids = [d for b in iter_batches(project / "data" / "clean", ["doc_id"], 65536) for d in b.column(0).to_pylist()]
+    passed, meta = _table_valid(layout.clean, "clean")
+    ids = [d for b in iter_batches(layout.clean, ["doc_id"], 65536) for d in b.column(0).to_pylist()]
     duplicates = len(ids) - len(set(ids))
     meta["duplicate doc_ids"] = duplicates
     return passed and duplicates == 0, meta
@@ -122,17 +127,17 @@ def _table_valid(directory: Path, name: str) -> tuple[bool, dict]:
     return True, {"rows": rows}
 
 
-def tokenizer_round_trip(project: Path, max_bytes: int = 2_000_000) -> tuple[bool, dict]:
+def tokenizer_round_trip(layout: Layout, max_bytes: int = 2_000_000) -> tuple[bool, dict]:
     """decode(encode(text)) == text on (up to max_bytes of) the val documents."""
     from llm.config import load_params
     from llm.corpus.tables import iter_batches
     from llm.split import split_of
     from llm.tokenizer import Tokenizer
 
-    split = load_params(project / "params.yaml").split
-    tok = Tokenizer.load(project / "data" / "tokenizer")
+    split = load_params(layout.root / "params.yaml").split
+    tok = Tokenizer.load(layout.tokenizer)
     docs = failures = seen = 0
-    for batch in iter_batches(project / "data" / "clean", ["doc_id", "text"], 256):
+    for batch in iter_batches(layout.clean, ["doc_id", "text"], 256):
         for doc_id, text in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
             if split_of(doc_id, split) != "val" or seen >= max_bytes:
                 continue
@@ -142,16 +147,16 @@ def tokenizer_round_trip(project: Path, max_bytes: int = 2_000_000) -> tuple[boo
     return failures == 0 and docs > 0, {"val documents": docs, "bytes": seen, "failures": failures}
 
 
-def shards_consistent(project: Path) -> tuple[bool, dict]:
+def shards_consistent(layout: Layout) -> tuple[bool, dict]:
     """Ids below the vocabulary size, no document in both splits, totals equal to the manifest."""
     from llm.shards import open_split, read_manifest, token_stream
 
-    manifest = read_manifest(project / "data" / "shards")
+    manifest = read_manifest(layout.shards)
     vocab = manifest["tokenizer"]["vocab_size"]
     problems: list[str] = []
     ids: dict[str, set[str]] = {}
     for split, info in manifest["splits"].items():
-        tables = open_split(project / "data" / "shards", split)
+        tables = open_split(layout.shards, split)
         ids[split] = {d for t in tables for d in t.column("doc_id").to_pylist()}
         tokens = sum(len(a) for t in tables for a in token_stream(t))
         docs = sum(t.num_rows for t in tables)

@@ -21,6 +21,7 @@ import dagster as dg
 from assets import ui
 from assets.dvc_project import Stage, locked_hashes, read_stages
 from assets.spec import StageSpec
+from llm.layout import Layout
 
 GROUP = "pipeline"
 
@@ -78,7 +79,7 @@ def run_stage(context: dg.AssetExecutionContext, project: Path, stage: Stage, sp
     metadata = {"recomputed": recomputed, "dvc_hashes": dg.MetadataValue.json(hashes)}
     if spec is not None and spec.metadata is not None:
         try:
-            metadata.update(spec.metadata(project))
+            metadata.update(spec.metadata(Layout.of(project)))
         except Exception as e:  # noqa: BLE001 - the stage succeeded; say what the page lacks, keep the result
             context.log.warning(f"{stage.name}: no UI metadata: {type(e).__name__}: {e}")
             metadata["metadata error"] = f"{type(e).__name__}: {e}"

@@ -15,6 +15,7 @@ import dagster as dg
 
 from assets import ui
 from assets.dvc_assets import stream
+from llm.layout import Layout
 
 GROUP = "scaling"
 
@@ -43,9 +44,9 @@ def ladder_assets(project: Path, rungs: list[str]) -> list[dg.AssetsDefinition]:
 
         rung = context.partition_key
         stream(context, _llm(project, "ladder", rung), project, f"llm ladder {rung}")
-        out = ladder_dir(project) / rung
-        point = read_json(out / RESULT)
-        train = read_json(out / "train.json")
+        run = Layout.of(project, ladder_dir(project) / rung)
+        point = read_json(run.metrics_dir / RESULT)
+        train = read_json(run.metrics("train"))
         metadata = {
             "parameters": point["params"],
             "shape": f"{point['n_layer']} layers x {point['n_embd']} wide, {point['n_head']} heads",
@@ -54,9 +55,9 @@ def ladder_assets(project: Path, rungs: list[str]) -> list[dg.AssetsDefinition]:
             "val_bpb": point["val_bpb"],
             "val loss": point["val_loss"],
             "tokens per second": point["tokens_per_sec"],
-            **run_views(out, train, f"rung {rung}: train and val loss"),
+            **run_views(run, train, f"rung {rung}: train and val loss"),
         }
-        weights = (out / "final" / "model.safetensors").read_bytes()
+        weights = (run.final / "model.safetensors").read_bytes()
         return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(hashlib.sha256(weights).hexdigest()[:16]))
 
     @dg.asset(

@@ -4,35 +4,35 @@ outputs must pass. The stages themselves are declared in dvc.yaml."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import dagster as dg
 
 from assets import ui
 from assets.spec import Check, StageSpec
+from llm.layout import Layout
 
 GROUP = "model"
 
 
-def _read(project: Path, name: str) -> dict:
+def _read(layout: Layout, name: str) -> dict:
     from llm.io import read_json
 
-    return read_json(project / "metrics" / name)
+    return read_json(layout.metrics(name))
 
 
 # ----------------------------------------------------------------------------- metadata
-def run_views(metrics_dir: Path, summary: dict, alt: str) -> dict:
+def run_views(layout: Layout, summary: dict, alt: str) -> dict:
     """A training run's loss curve (image) and, when it was tracked, the link to its MLflow run."""
     from llm.report import loss_plot, read_history
 
-    out = {"loss curve": ui.image(loss_plot(read_history(metrics_dir / "loss.csv")), alt)}
+    out = {"loss curve": ui.image(loss_plot(read_history(layout.loss_csv)), alt)}
     if summary.get("mlflow_run_id") and summary.get("mlflow_experiment_id"):
         out["MLflow run"] = ui.mlflow_run_url(summary["mlflow_experiment_id"], summary["mlflow_run_id"])
     return out
 
 
-def train_metadata(project: Path) -> dict:
-    s = _read(project, "train.json")
+def train_metadata(layout: Layout) -> dict:
+    s = _read(layout, "train")
     out = {
         "parameters": s["params"],
         "steps": s["steps"],
@@ -46,11 +46,11 @@ def train_metadata(project: Path) -> dict:
         "train seconds": s["train_seconds"],
         "device": f"{s['device']} x {s['processes']}",
     }
-    return out | run_views(project / "metrics", s, "train and val loss per step")
+    return out | run_views(layout, s, "train and val loss per step")
 
 
-def evaluate_metadata(project: Path) -> dict:
-    e = _read(project, "eval.json")
+def evaluate_metadata(layout: Layout) -> dict:
+    e = _read(layout, "eval")
     rows = [{"model": "this model", "bits per byte": e["val_bpb"], "beaten": ""}]
     rows += [{"model": name, "bits per byte": v, "beaten": "yes" if e["beats"][name] else "no"}
              for name, v in sorted(e["baseline_bpb"].items(), key=lambda kv: kv[1])]
@@ -60,30 +60,30 @@ def evaluate_metadata(project: Path) -> dict:
     return out
 
 
-def report_metadata(project: Path) -> dict:
-    md = (project / "reports" / "report.md").read_text(encoding="utf-8")
+def report_metadata(layout: Layout) -> dict:
+    md = (layout.reports / "report.md").read_text(encoding="utf-8")
     samples = md.split("## Samples", 1)[-1].split("\n## ", 1)[0].strip()
     return {
-        "path": dg.MetadataValue.path(str(project / "reports" / "report.html")),
+        "path": dg.MetadataValue.path(str(layout.reports / "report.html")),
         "samples": dg.MetadataValue.md(samples),
     }
 
 
 # ----------------------------------------------------------------------------- checks
-def training_sane(project: Path) -> tuple[bool, dict]:
+def training_sane(layout: Layout) -> tuple[bool, dict]:
     """Every logged loss is finite and the final val loss is below the initial (uniform) one."""
     from llm.report import read_history
 
-    summary = _read(project, "train.json")
-    losses = [r[k] for r in read_history(project / "metrics" / "loss.csv") for k in ("train_loss", "val_loss")]
+    summary = _read(layout, "train")
+    losses = [r[k] for r in read_history(layout.loss_csv) for k in ("train_loss", "val_loss")]
     finite = all(math.isfinite(v) for v in losses)
     improved = summary["final_val_loss"] < summary["initial_val_loss"]
     return finite and improved, {"final val loss": summary["final_val_loss"], "initial val loss": summary["initial_val_loss"],
                                  "all losses finite": finite}
 
 
-def beats_bz2(project: Path) -> tuple[bool, dict]:
-    result = _read(project, "eval.json")
+def beats_bz2(layout: Layout) -> tuple[bool, dict]:
+    result = _read(layout, "eval")
     bz2 = result["baseline_bpb"]["bz2"]
     return result["val_bpb"] < bz2, {"val_bpb": result["val_bpb"], "bz2_bpb": bz2}
 

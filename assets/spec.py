@@ -3,12 +3,13 @@ shows after a materialization, and the checks its output must pass."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable
 
-# A check is a plain function of the project directory: (passed, metadata).
-CheckFn = Callable[[Path], tuple[bool, dict]]
+from llm.layout import Layout
+
+# A check is a plain function of the project's layout: (passed, metadata).
+CheckFn = Callable[[Layout], tuple[bool, dict]]
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,6 @@ class Check:
 @dataclass(frozen=True)
 class StageSpec:
     group: str
-    metadata: Callable[[Path], dict] | None = None
+    metadata: Callable[[Layout], dict] | None = None
     """Materialization metadata from the stage's outputs (numbers, tables, markdown, images)."""
     checks: tuple[Check, ...] = field(default=())

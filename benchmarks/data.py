@@ -53,7 +53,7 @@ def generate(dest: Path, megabytes: float, seed: int, file_mb: int = 64) -> int:
         if out is None or file_bytes >= file_mb * 1e6:
             if out:
                 out.close()
-            out = open(dest / f"part-{index:04d}.jsonl", "w", encoding="utf-8")
+            out = open(dest / f"part-{index:04d}.jsonl", "w", encoding="utf-8")  # noqa: SIM115 - one file after another
             index += 1
             file_bytes = 0
         size = rng.randint(2_000, 20_000)
@@ -101,10 +101,9 @@ def run_size(work: Path, megabytes: float, seed: int, llm_bin: str) -> list[dict
     rows = []
     env = {**os.environ, "LLM_PROGRESS": "0"}
     for stage in STAGES:
-        log = open(work / f"{stage}.log", "w")
-        proc = subprocess.Popen([llm_bin, stage], cwd=work, stdout=log, stderr=subprocess.STDOUT, env=env)
-        tree, main, seconds = peak_tree_rss(proc)
-        log.close()
+        with open(work / f"{stage}.log", "w") as log:
+            proc = subprocess.Popen([llm_bin, stage], cwd=work, stdout=log, stderr=subprocess.STDOUT, env=env)
+            tree, main, seconds = peak_tree_rss(proc)
         if proc.returncode != 0:
             sys.exit(f"{stage} failed, see {work / f'{stage}.log'}")
         rows.append(

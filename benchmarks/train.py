@@ -44,7 +44,7 @@ def measure(shape: tuple[int, int, int, int, int], vocab: int, steps: int, warmu
 
     def step() -> None:
         with device.autocast():
-            _, loss, _, _ = model(x, y)
+            _, loss = model(x, y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -13,7 +13,9 @@ corpus, data that fails its schema) prints one `error:` message and exits with c
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -74,26 +76,42 @@ def main(argv: list[str] | None = None) -> int:
             return run_ladder(args.command, Path(args.params), getattr(args, "rung", ""))
         return run_stage(args.command, Path(args.params), getattr(args, "resume", "auto"))
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        report_error(str(e))
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted: outputs of this stage were left as they were", file=sys.stderr)
         return 130
 
 
+def report_error(message: str) -> None:
+    """The one `error:` line. A worker of a launch hands its line to the launcher instead
+    (torch elastic's error file), which prints one line for the whole launch."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file and os.environ.get("LLM_LAUNCHED"):
+        with open(error_file, "w", encoding="utf-8") as f:
+            json.dump({"message": message, "timestamp": int(time.time())}, f)
+        return
+    print(f"error: {message}", file=sys.stderr)
+
+
 def run_stage(name: str, params_path: Path, resume: str = "auto") -> int:
     from llm.config import load_params
-    from llm.stages import STAGES
+    from llm.distributed import launch, processes, under_launcher
+    from llm.io import remove_stale_outputs
+    from llm.layout import Layout
+    from llm.stages import run
 
     params = load_params(params_path)
-    root = params_path.resolve().parent
+    layout = Layout.of(params_path.resolve().parent)
     t0 = time.perf_counter()
-    if name == "train":
-        from llm.train import train
-
-        train(params, root, resume=resume)
+    if not under_launcher():  # the launch swept already; its workers would race each other
+        remove_stale_outputs(layout)  # what any killed stage left behind, not only this one
+    if name == "train" and processes(params.train) > 1 and not under_launcher():
+        flag = {"always": ["--resume"], "never": ["--restart"]}.get(resume, [])
+        os.environ["LLM_LAUNCHED"] = "1"
+        launch(params.train, ["train", "--params", str(params_path.resolve()), *flag])
     else:
-        STAGES[name](params, root)
+        run(name, params, layout, **({"resume": resume} if name == "train" else {}))
     logging.getLogger("llm").info("%s: done in %.1f s", name, time.perf_counter() - t0)
     return 0
 

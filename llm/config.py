@@ -34,6 +34,18 @@ class IngestParams(_Group):
     comes first. Row groups are the units of parallel work in clean and shards."""
     max_binary_fraction: float = Field(0.1, ge=0.0, le=1.0)
     """A file whose first 8 KiB has more than this fraction of control characters is binary."""
+    max_document_bytes: int = Field(1_000_000, ge=1024)
+    """A file, record or archive member with more text than this (UTF-8 bytes) becomes several
+    documents, `URI#part-0`, `URI#part-1`, ..., cut at blank lines, else at line ends, else between
+    characters. Files are streamed, so this also bounds the memory one takes, and a single-file
+    corpus gets documents to split into train and val. The default keeps every play whole."""
+    on_bad_record: Literal["skip", "fail"] = "skip"
+    """A record that cannot be read (invalid JSON, no text field, a text field that is not a
+    string) or a file that cannot be (corrupt, truncated, no permission). skip: counted, with the
+    first examples in metrics/ingest.json; fail: the stage stops at the first, naming file:line."""
+    max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)
+    """Under skip, the stage fails when more than this fraction of records (bad / (good + bad)) is
+    bad: a wrong text_field must not silently skip everything."""
     inbox: str = "data/inbox"
     """A drop folder read like a source that may be empty or missing ("" = none). The Dagster
     sensor `new_raw_files` starts ingest and everything downstream when a file lands in it."""
@@ -57,7 +69,7 @@ class NearDedupParams(_Group):
     shingle_words: int = Field(5, ge=1, le=32)
 
     @model_validator(mode="after")
-    def _bands_divide(self) -> "NearDedupParams":
+    def _bands_divide(self) -> NearDedupParams:
         if self.num_perm % self.num_bands:
             raise ValueError(f"num_bands ({self.num_bands}) must divide num_perm ({self.num_perm})")
         return self
@@ -94,7 +106,7 @@ class QualityParams(_Group):
     """Fraction of characters in lines that repeat an earlier line (Gopher: 0.2)."""
 
     @model_validator(mode="after")
-    def _range(self) -> "QualityParams":
+    def _range(self) -> QualityParams:
         if self.min_chars > self.max_chars:
             raise ValueError(f"min_chars ({self.min_chars}) is larger than max_chars ({self.max_chars})")
         return self
@@ -128,7 +140,7 @@ class SplitParams(_Group):
 # ----------------------------------------------------------------------------- tokenizer
 class TokenizerParams(_Group):
     model_type: Literal["bpe", "unigram", "char"] = "bpe"
-    vocab_size: int = Field(4096, ge=32, le=1_000_000)
+    vocab_size: int = Field(2048, ge=32, le=1_000_000)
     byte_fallback: bool = True
     character_coverage: float = Field(1.0, gt=0.0, le=1.0)
     max_train_bytes: int = Field(100_000_000, ge=1000)
@@ -145,7 +157,7 @@ class TokenizerParams(_Group):
     """Bytes of val text encoded for the stats (bytes per token, coverage)."""
 
     @model_validator(mode="after")
-    def _ids(self) -> "TokenizerParams":
+    def _ids(self) -> TokenizerParams:
         ids = {"unk_id": self.unk_id, "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id}
         used = [v for v in ids.values() if v >= 0]
         if len(set(used)) != len(used):
@@ -177,7 +189,7 @@ class _Shape(_Group):
     n_embd: int = Field(ge=8)
 
     @model_validator(mode="after")
-    def _heads(self) -> "_Shape":
+    def _heads(self) -> _Shape:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
         return self
@@ -188,8 +200,8 @@ class ModelParams(_Shape):
 
     n_layer: int = Field(4, ge=1)
     n_head: int = Field(4, ge=1)
-    n_embd: int = Field(256, ge=8)
-    block_size: int = Field(256, ge=8)
+    n_embd: int = Field(128, ge=8)
+    block_size: int = Field(128, ge=8)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     bias: bool = True
 
@@ -199,31 +211,44 @@ class TrainParams(_Group):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     batch_size: int = Field(16, ge=1)
     """Sequences per micro-batch, per process."""
-    tokens_per_step: int = Field(16384, ge=1)
+    tokens_per_step: int = Field(4096, ge=1)
     """Tokens per optimizer step; gradient accumulation makes up the difference from
     batch_size * block_size * processes."""
-    max_steps: int = Field(1000, ge=1)
-    time_budget_minutes: float = Field(0.0, ge=0.0)
+    max_steps: int = Field(1500, ge=1)
+    time_budget_minutes: float = Field(9.0, ge=0.0)
     """Stop early at this wall-clock budget (0 = none). Runs stopped by it are not reproducible
     step for step: size max_steps to fit and keep the budget as a guard."""
-    learning_rate: float = Field(1e-3, gt=0.0)
+    learning_rate: float = Field(2e-3, gt=0.0)
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     """The cosine decay ends at learning_rate * min_lr_ratio at max_steps."""
-    warmup_steps: int = Field(50, ge=0)
+    warmup_steps: int = Field(75, ge=0)
     weight_decay: float = Field(0.1, ge=0.0)
     beta1: float = Field(0.9, ge=0.0, lt=1.0)
     beta2: float = Field(0.95, ge=0.0, lt=1.0)
     grad_clip: float = Field(1.0, ge=0.0)
     """Clip the gradient's global norm to this (0 = no clipping)."""
-    eval_interval: int = Field(50, ge=1)
+    eval_interval: int = Field(100, ge=1)
     eval_tokens: int = Field(65536, ge=1)
     """Val tokens (a fixed prefix of the val stream) for the periodic val loss."""
-    checkpoint_interval: int = Field(100, ge=1)
+    checkpoint_interval: int = Field(250, ge=1)
     log_interval: int = Field(10, ge=1)
     compile: bool = False
     """torch.compile the model (CUDA: faster steps after a minute of compiling)."""
     threads: int = Field(0, ge=0)
-    """CPU threads (0 = one per core)."""
+    """CPU threads per process (0 = the node's cores shared among its processes)."""
+    nproc_per_node: int = Field(1, ge=1)
+    """Training processes per machine (GPUs, or CPU processes with gloo). Above 1 in all,
+    `llm train` starts itself through torch.distributed.run and trains with DDP."""
+    nnodes: int = Field(1, ge=1)
+    """Machines in the run; each runs the same `llm train` (dvc repro) with the same params."""
+    rdzv_endpoint: str = ""
+    """host:port where the nodes meet (c10d rendezvous); "" = this machine only."""
+
+    @model_validator(mode="after")
+    def _rendezvous(self) -> TrainParams:
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(f"nnodes is {self.nnodes}: set rdzv_endpoint (host:port of the first node)")
+        return self
 
 
 class EvaluateParams(_Group):
@@ -319,7 +344,12 @@ class Params(BaseModel):
     sample: SampleParams = SampleParams()
     report: ReportParams = ReportParams()
     tracking: TrackingParams = TrackingParams()
-    ladder: LadderParams = LadderParams(rungs={"xs": RungParams(n_layer=2, n_head=2, n_embd=64)})
+    ladder: LadderParams = LadderParams(rungs={
+        "xs": RungParams(n_layer=1, n_head=2, n_embd=32),
+        "s": RungParams(n_layer=2, n_head=2, n_embd=64),
+        "m": RungParams(n_layer=4, n_head=4, n_embd=128),
+        "l": RungParams(n_layer=6, n_head=6, n_embd=192),
+    })
     orchestration: OrchestrationParams = OrchestrationParams()
 
 

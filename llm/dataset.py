@@ -8,8 +8,9 @@ index) is the dataset's state, so training resumes exactly where it stopped.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch

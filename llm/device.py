@@ -78,6 +78,8 @@ def set_threads(threads: int) -> int:
             threads = len(os.sched_getaffinity(0))
         except AttributeError:
             threads = os.cpu_count() or 1
+        # Processes on this node share its cores (torchrun sets LOCAL_WORLD_SIZE).
+        threads = max(1, threads // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     torch.set_num_threads(threads)
     return threads
 

@@ -23,6 +23,7 @@ from llm.artifacts import load_final
 from llm.config import Params
 from llm.device import pick_device
 from llm.io import write_json
+from llm.layout import Layout
 from llm.progress import progress_enabled
 from llm.shards import open_split, token_stream
 
@@ -97,7 +98,7 @@ def token_nll(model, stream: np.ndarray, block_size: int, batch_size: int, devic
         x = torch.stack([data[a : a + width] for a in group]).to(device.torch_device)
         y = torch.stack([data[a + 1 : a + 1 + width] for a in group]).to(device.torch_device)
         with device.autocast():
-            logits, _, _, _ = model(x)
+            logits, _ = model(x)
         nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), y, reduction="none").cpu().numpy()
         for row, a in zip(nll, group):
             out[a : a + width] = row
@@ -106,12 +107,10 @@ def token_nll(model, stream: np.ndarray, block_size: int, batch_size: int, devic
     return out
 
 
-def evaluate(params: Params, root: Path, layout=None, register: bool = True) -> dict:
-    """layout: where the model is and the metrics go (default: the project's); register: add the
-    model to the MLflow registry and gate its `champion` alias."""
-    from llm.stages import Layout
-
-    lay = layout or Layout(root)
+def evaluate(params: Params, layout: Layout, register: bool = True) -> dict:
+    """Bits per byte of the final model on the whole val split -> metrics/eval.json. register:
+    add the model to the MLflow registry and gate its `champion` alias."""
+    lay = layout
     device = pick_device(params.train.device)
     model, tok, info = load_final(lay.final, device.torch_device)
     docs = ValDocs(lay.shards, params.evaluate.max_tokens)
@@ -143,7 +142,7 @@ def evaluate(params: Params, root: Path, layout=None, register: bool = True) -> 
     by_source = _per_source(nll, docs)
     if len(by_source) > 1:
         result["per_source"] = by_source
-    _track(params, root, lay, result, register)
+    _track(params, lay, result, register)
     write_json(lay.metrics("eval"), result)
     log.info(
         "evaluate: val_bpb %.4f (loss %.4f, ppl %.1f); baselines: %s",
@@ -167,13 +166,13 @@ def _per_source(nll: np.ndarray, docs: ValDocs) -> dict:
             for k, v in sorted(out.items())}
 
 
-def _track(params: Params, root: Path, lay, result: dict, register: bool) -> None:
+def _track(params: Params, lay: Layout, result: dict, register: bool) -> None:
     import mlflow
 
     from llm.tracking import flatten, register_and_gate, resume_run
 
-    with resume_run(lay.metrics("train"), root, params) as run:
+    with resume_run(lay.metrics("train"), lay.root, params) as run:
         metrics = {k: v for k, v in flatten(result).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         mlflow.log_metrics(metrics)
         if register:
-            register_and_gate(root, params.tracking.registered_model, run, "model", result["val_bpb"])
+            register_and_gate(lay.root, params.tracking.registered_model, run, "model", result["val_bpb"])

@@ -8,13 +8,25 @@ Dagster asset pages share.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
+import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
+from llm.faults import kill_point
+
+log = logging.getLogger(__name__)
+
+
+_STALE = re.compile(r"^\.(?P<name>.+)\.(?P<tag>tmp|old)-(?P<pid>\d+)$")
 
 
 def _sibling(path: Path, tag: str) -> Path:
@@ -31,13 +43,31 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_siblings(path: Path) -> None:
-    """Temporary siblings left by a run that was killed (SIGKILL, power loss) before it could
-    clean up: those whose process is gone."""
-    for p in path.parent.glob(f".{path.name}.*-*"):
-        pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+def remove_stale_siblings(directory: Path) -> None:
+    """Temporary siblings in `directory` left by runs that were killed (SIGKILL, power loss)
+    before they could clean up: those whose process is gone. An `old` copy whose output is
+    missing is the last good output (a kill between the two renames of the fallback swap): it
+    is put back, never deleted."""
+    if not directory.is_dir():
+        return
+    for p in sorted(directory.iterdir()):
+        m = _STALE.match(p.name)
+        if m is None or _pid_alive(int(m["pid"])):
+            continue
+        target = directory / m["name"]
+        if m["tag"] == "old" and not target.exists():
+            log.warning("restoring %s from %s, left by a killed run", target, p.name)
+            p.rename(target)
+        else:
+            log.info("removing %s, left by a killed run", p)
             _remove(p)
+
+
+def remove_stale_outputs(layout) -> None:
+    """What a killed stage left anywhere in the project's outputs, whichever stage runs next."""
+    dirs = {d for out in layout.outputs() for d in (out.parent, out)}
+    for d in sorted(dirs):
+        remove_stale_siblings(d)
 
 
 def _remove(path: Path) -> None:
@@ -47,12 +77,52 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the
+    system or file system cannot."""
+    if not sys.platform.startswith("linux") or os.environ.get("LLM_NO_RENAME_EXCHANGE"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is None:
+        return False
+    at_fdcwd = -100
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def replace_dir(tmp: Path, path: Path) -> None:
+    """Put the finished directory `tmp` at `path`. A SIGKILL at any instant leaves either the
+    previous `path` or the new one: one atomic exchange where the system has it; otherwise two
+    renames, and a kill between them leaves the previous output as `.NAME.old-PID`, which the
+    next run of any stage puts back (remove_stale_siblings)."""
+    if not path.exists():
+        tmp.rename(path)
+        return
+    if _exchange(tmp, path):
+        kill_point("atomic_dir.exchanged")
+        _remove(tmp)  # now the previous output
+        return
+    old = _sibling(path, "old")
+    path.rename(old)
+    kill_point("atomic_dir.between_renames")
+    tmp.rename(path)
+    _remove(old)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary directory; on success it replaces `path`, on error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_siblings(path)
+    remove_stale_siblings(path.parent)
     tmp = _sibling(path, "tmp")
     _remove(tmp)
     tmp.mkdir()
@@ -61,12 +131,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = _sibling(path, "old")
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
-    if old.exists():
-        _remove(old)
+    kill_point("atomic_dir.written")
+    replace_dir(tmp, path)
 
 
 @contextlib.contextmanager

@@ -18,7 +18,10 @@ from pathlib import Path
 
 from llm.config import Params, parse_params
 from llm.errors import UserError
+from llm.evaluate import evaluate
 from llm.io import atomic_file, read_json, write_json
+from llm.layout import Layout
+from llm.train import train
 
 log = logging.getLogger(__name__)
 RESULT = "rung.json"
@@ -42,16 +45,12 @@ def rung_params(params: Params, name: str) -> Params:
 
 def run_rung(params: Params, root: Path, name: str, resume: str = "auto") -> dict:
     """Train and evaluate one rung into ladder/NAME/; returns (and writes) its point."""
-    from llm.evaluate import evaluate
-    from llm.stages import Layout
-    from llm.train import train
-
     rp = rung_params(params, name)
-    lay = Layout(Path(root), ladder_dir(root) / name)
+    lay = Layout.of(root, ladder_dir(root) / name)
     log.info("ladder: rung %s: %d layers x %d wide, %d heads; %d steps x %d tokens", name, rp.model.n_layer,
              rp.model.n_embd, rp.model.n_head, rp.train.max_steps, rp.train.tokens_per_step)
-    summary = train(rp, Path(root), resume, layout=lay, tags={"ladder.rung": name})
-    result = evaluate(rp, Path(root), layout=lay, register=False)
+    summary = train(rp, lay, resume, tags={"ladder.rung": name})
+    result = evaluate(rp, lay, register=False)
     point = {
         "rung": name,
         **params.ladder.rungs[name].model_dump(),

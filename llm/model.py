@@ -137,15 +137,11 @@ class GPT(nn.Module):
         for block in self.blocks:
             block.attn.use_sdpa = sdpa
 
-    def forward(
-        self,
-        idx: torch.Tensor,
-        targets: torch.Tensor | None = None,
-        past: KVCache | None = None,
-        need_weights: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, KVCache, list[torch.Tensor]]:
-        """Logits (B, T, vocab), mean cross-entropy if targets are given, the KV cache after
-        this call, and per-layer attention weights when need_weights."""
+    def _trunk(
+        self, idx: torch.Tensor, past: KVCache | None = None, need_weights: bool = False
+    ) -> tuple[torch.Tensor, KVCache, list[torch.Tensor]]:
+        """The final hidden states (B, T, C), the KV cache after them, and per-layer attention
+        weights when need_weights."""
         B, T = idx.shape
         start = 0 if past is None else past[0][0].size(2)
         if start + T > self.config.block_size:
@@ -159,11 +155,27 @@ class GPT(nn.Module):
             present.append(kv)
             if w is not None:
                 weights.append(w)
-        logits = self.lm_head(self.ln_f(x))
+        return self.ln_f(x), present, weights
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, vocab) and, if targets are given, the mean cross-entropy."""
+        x, _, _ = self._trunk(idx)
+        logits = self.lm_head(x)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
-        return logits, loss, present, weights
+        return logits, loss
+
+    def forward_cached(self, idx: torch.Tensor, past: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+        """Generation: logits of the new tokens idx, given the cache of the tokens before them,
+        and the cache including them."""
+        x, present, _ = self._trunk(idx, past)
+        return self.lm_head(x), present
+
+    def attention_weights(self, idx: torch.Tensor) -> list[torch.Tensor]:
+        """Per layer, the attention weights (B, heads, T, T), through the explicit path."""
+        _, _, weights = self._trunk(idx, need_weights=True)
+        return weights
 
     # -- accounting
     def num_params(self, non_embedding: bool = True) -> int:

@@ -23,6 +23,7 @@ from llm.artifacts import load_final
 from llm.config import Params
 from llm.errors import UserError
 from llm.io import atomic_dir, code_fence, read_json
+from llm.layout import Layout
 from llm.sample import SamplingParams, complete
 from llm.shards import read_manifest
 
@@ -43,7 +44,7 @@ def attention_maps(model, tokenizer, prompt: str) -> tuple[list[str], torch.Tens
     """Pieces of the prompt and its attention weights, (layers, heads, T, T), through the
     explicit attention path."""
     ids = tokenizer.encode(prompt)[: model.config.block_size]
-    _, _, _, weights = model(torch.tensor([ids], device=next(model.parameters()).device), need_weights=True)
+    weights = model.attention_weights(torch.tensor([ids], device=next(model.parameters()).device))
     return [tokenizer.piece(i) for i in ids], torch.stack([w[0] for w in weights]).float().cpu()
 
 
@@ -114,13 +115,12 @@ def read_history(path: Path) -> list[dict]:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def report(params: Params, root: Path) -> dict:
-    from llm.stages import Layout
-
-    lay = Layout(root)
+def report(params: Params, layout: Layout) -> dict:
+    """Model card, metrics against baselines, loss curve, samples and attention -> reports/."""
+    lay = layout
     model, tok, info = load_final(lay.final)
     evaluation = read_json(_needs(lay.metrics("eval"), "evaluate"))
-    history = read_history(_needs(lay.metrics_dir / "loss.csv", "train"))
+    history = read_history(_needs(lay.loss_csv, "train"))
     tok_stats = read_json(lay.tokenizer / "stats.json")
     splits = read_manifest(lay.shards)["splits"]
     rp = params.report
@@ -155,7 +155,7 @@ def report(params: Params, root: Path) -> dict:
             render_html(card, evaluation, samples, sinks, pieces, loss_png, attn_png, rp.attention_prompt), encoding="utf-8"
         )
         (tmp / "report.md").write_text(render_markdown(card, evaluation, samples, sinks, rp.attention_prompt), encoding="utf-8")
-        _track(params, root, lay, tmp)
+        _track(params, lay, tmp)
     log.info("report: %s (%d samples)", lay.reports / "report.html", len(samples))
     return {"samples": len(samples), "path": str(lay.reports / "report.html")}
 
@@ -169,7 +169,7 @@ def _baseline_rows(evaluation: dict) -> list[tuple[str, float, str]]:
 
 def render_html(card, evaluation, samples, sinks, pieces, loss_png, attn_png, attention_prompt) -> str:
     e = html.escape
-    img = lambda data, alt: f'<img alt="{e(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'  # noqa: E731
+    img = lambda data, alt: f'<img alt="{e(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
     card_rows = "".join(f"<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>" for k, v in card.items())
     metric_rows = "".join(
         f"<tr><td>{e(n)}</td><td>{v:.4f}</td><td>{e(s)}</td></tr>" for n, v, s in _baseline_rows(evaluation)
@@ -230,13 +230,13 @@ def render_markdown(card, evaluation, samples, sinks, attention_prompt) -> str:
     return "\n".join(lines)
 
 
-def _track(params: Params, root: Path, lay, report_dir: Path) -> None:
+def _track(params: Params, lay: Layout, report_dir: Path) -> None:
     import mlflow
 
     from llm.tracking import resume_run
 
-    with resume_run(lay.metrics("train"), root, params) as run:
+    with resume_run(lay.metrics("train"), lay.root, params) as run:
         mlflow.log_artifacts(str(report_dir), artifact_path="report")
-        mlflow.log_artifact(str(lay.metrics_dir / "loss.csv"), artifact_path="plots")
+        mlflow.log_artifact(str(lay.loss_csv), artifact_path="plots")
         mlflow.log_artifacts(str(lay.tokenizer), artifact_path="tokenizer")
         log.info("report: logged to MLflow run %s", run.info.run_id)

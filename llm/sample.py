@@ -60,11 +60,11 @@ def generate(
     out: list[int] = []
     for _ in range(sp.max_new_tokens):
         if use_cache and past is not None and len(tokens) <= block:
-            logits, _, past, _ = model(torch.tensor([[tokens[-1]]], device=device), past=past)
+            logits, past = model.forward_cached(torch.tensor([[tokens[-1]]], device=device), past)
         else:
             # No cache yet, or the context outgrew the block: recompute on the last block tokens.
             context = tokens[-block:]
-            logits, _, past, _ = model(torch.tensor([context], device=device))
+            logits, past = model.forward_cached(torch.tensor([context], device=device))
             if len(tokens) >= block:
                 past = None  # absolute positions: a cropped window cannot reuse the old cache
         nxt = pick(logits[0, -1], sp, generator)
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     from llm.artifacts import load_final
     from llm.config import load_params
     from llm.device import pick_device
-    from llm.stages import Layout
+    from llm.layout import Layout
 
     ap = argparse.ArgumentParser(prog="llm sample", description="Generate text with the trained model.")
     ap.add_argument("--params", default="params.yaml")

@@ -17,10 +17,11 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from llm.config import ShardsParams, SplitParams, group_dict
+from llm.config import Params, group_dict
 from llm.corpus.tables import count_rows, read_row_group, row_groups
 from llm.errors import UserError
 from llm.io import atomic_dir, file_sha256, write_json
+from llm.layout import Layout
 from llm.parallel import ordered_map, resolve_workers
 from llm.progress import progress_enabled
 from llm.split import SPLITS, split_of
@@ -139,9 +140,10 @@ class _Split:
         }
 
 
-def write_shards(
-    params: ShardsParams, split: SplitParams, clean_dir: Path, tokenizer_dir: Path, out_dir: Path, metrics_path: Path
-) -> dict:
+def write_shards(params: Params, layout: Layout) -> dict:
+    """Tokenize the clean table into Arrow shards per split, with a manifest of their hashes."""
+    params, split = params.shards, params.split
+    clean_dir, tokenizer_dir, out_dir, metrics_path = layout.clean, layout.tokenizer, layout.shards, layout.metrics("shards")
     tok = Tokenizer.load(tokenizer_dir)
     dtype = token_dtype(tok.vocab_size)
     workers = resolve_workers(params.num_workers)

@@ -14,6 +14,6 @@ SPLITS = ("train", "val")
 
 
 def split_of(doc_id: str, params: SplitParams) -> str:
-    digest = hashlib.sha256(f"{params.salt}:{doc_id}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{params.salt}:{doc_id}".encode()).digest()
     u = int.from_bytes(digest[:8], "big") / 2**64
     return "val" if u < params.val_fraction else "train"

@@ -12,16 +12,17 @@ import io
 import logging
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from tqdm import tqdm
 
-from llm.config import SplitParams, TokenizerParams, group_dict
+from llm.config import Params, SplitParams, group_dict
 from llm.corpus.tables import iter_batches
 from llm.errors import UserError
 from llm.io import atomic_dir, file_sha256, write_json
+from llm.layout import Layout
 from llm.parallel import resolve_workers
 from llm.progress import progress_enabled
 from llm.split import split_of
@@ -52,7 +53,7 @@ class Tokenizer:
         self._word_cache: dict[str, list[int]] = {}
 
     @classmethod
-    def load(cls, directory: str | Path) -> "Tokenizer":
+    def load(cls, directory: str | Path) -> Tokenizer:
         return cls(Path(directory) / MODEL_FILE)
 
     def encode(self, text: str) -> list[int]:
@@ -194,9 +195,10 @@ def _train_lines(clean_dir: Path, split: SplitParams, keep: float, seed: int, st
                     yield line
 
 
-def train_tokenizer(
-    params: TokenizerParams, split: SplitParams, seed: int, clean_dir: Path, out_dir: Path, stats_path: Path
-) -> dict:
+def train_tokenizer(params: Params, layout: Layout) -> dict:
+    """Train sentencepiece on the train split of the clean table; write the model and its stats."""
+    params, split, seed = params.tokenizer, params.split, params.seed
+    clean_dir, out_dir, stats_path = layout.clean, layout.tokenizer, layout.metrics("tokenizer")
     import sentencepiece as spm
 
     train_bytes = 0

@@ -11,8 +11,10 @@ import contextlib
 import logging
 import os
 import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 
@@ -77,14 +79,32 @@ def dvc_hashes(root: Path) -> dict[str, str]:
     return out
 
 
+# MLflow 3 opens an experiment in its GenAI view (traces) unless it is marked as model training.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id(mlflow, root: Path, name: str) -> str:
+    """The experiment's id, created (or re-marked) as a model-training experiment."""
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
+        if exp.tags.get("mlflow.experimentKind") != EXPERIMENT_KIND["mlflow.experimentKind"]:
+            mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
         return exp.experiment_id
     location = None
     if tracking_uri(root).startswith("sqlite:"):
         location = (Path(root) / "mlartifacts").resolve().as_uri()
-    return mlflow.create_experiment(name, artifact_location=location)
+    return mlflow.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+
+
+def run_name(params: Params, commit: str, tags: dict[str, str]) -> str:
+    """A name a person can read in the runs table: the DVC experiment's name inside `dvc exp
+    run` (DVC sets DVC_EXP_NAME), else the model's shape and the short git commit."""
+    if os.environ.get("DVC_EXP_NAME"):
+        return os.environ["DVC_EXP_NAME"]
+    m = params.model
+    prefix = f"rung-{tags['ladder.rung']}" if "ladder.rung" in tags else "gpt"
+    short = commit[:7] + ("-dirty" if commit.endswith("-dirty") else "") if commit != "unknown" else "nogit"
+    return f"{prefix}-{m.n_layer}x{m.n_embd}-{short}"
 
 
 @contextlib.contextmanager
@@ -92,10 +112,14 @@ def start_run(params: Params, root: Path, tags: dict[str, str]) -> Iterator[Any]
     """A new run with the flattened params and the provenance tags."""
     mlflow = _mlflow(root)
     exp = experiment_id(mlflow, root, params.tracking.experiment)
-    all_tags = {"git.commit": git_commit(root), **dvc_hashes(root), **tags}
+    commit = git_commit(root)
+    all_tags = {"git.commit": commit, **dvc_hashes(root), **tags}
     if os.environ.get("DAGSTER_RUN_ID"):
         all_tags["dagster.run_id"] = os.environ["DAGSTER_RUN_ID"]
-    with mlflow.start_run(experiment_id=exp, log_system_metrics=params.tracking.system_metrics) as run:
+    if os.environ.get("DVC_EXP_NAME"):
+        all_tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
+    name = run_name(params, commit, tags)
+    with mlflow.start_run(experiment_id=exp, run_name=name, log_system_metrics=params.tracking.system_metrics) as run:
         mlflow.set_tags(all_tags)
         mlflow.log_params(flatten(params.model_dump(mode="json")))
         log.info("mlflow: run %s in experiment %r at %s", run.info.run_id, params.tracking.experiment, tracking_uri(root))
@@ -125,8 +149,9 @@ def resume_run(train_summary: Path, root: Path, params: Params) -> Iterator[Any]
 
 
 def register_and_gate(root: Path, name: str, run: Any, artifact_path: str, val_bpb: float) -> dict:
-    """Register the run's model as a new version; move the `champion` alias to it only if its
-    val_bpb beats the current champion's. Returns the decision."""
+    """Register the run's model as a new version (tagged with its val_bpb and the DVC hashes of
+    its data); move the `champion` alias to it only if its val_bpb beats the current champion's,
+    and say why on the version and the registered model. Returns the decision."""
     mlflow = _mlflow(root)
     client = mlflow.MlflowClient()
     try:
@@ -134,7 +159,12 @@ def register_and_gate(root: Path, name: str, run: Any, artifact_path: str, val_b
     except Exception:  # noqa: BLE001 - not registered yet
         client.create_registered_model(name, description="GPT models trained by llm-pipeline; champion = best val_bpb")
     source = f"{run.info.artifact_uri}/{artifact_path}"
-    version = client.create_model_version(name, source, run_id=run.info.run_id, tags={"val_bpb": f"{val_bpb:.6f}"})
+    run = client.get_run(run.info.run_id)  # with the tags set since it started
+    data = {k: v for k, v in run.data.tags.items() if k.startswith("dvc.")}
+    version = client.create_model_version(
+        name, source, run_id=run.info.run_id, tags={"val_bpb": f"{val_bpb:.6f}", **data, "git.commit": run.data.tags.get("git.commit", "")},
+        description=f"{run.info.run_name}: val_bpb {val_bpb:.4f} on the held-out split",
+    )
     champion_bpb = None
     try:
         current = client.get_model_version_by_alias(name, CHAMPION)
@@ -144,6 +174,13 @@ def register_and_gate(root: Path, name: str, run: Any, artifact_path: str, val_b
     promoted = champion_bpb is None or val_bpb < champion_bpb
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, version.version)
+        why = "the first model" if champion_bpb is None else f"beats version {current.version}'s {champion_bpb:.4f}"
+        client.update_registered_model(name, description=f"GPT models trained by llm-pipeline. `champion` is version "
+                                                         f"{version.version} ({run.info.run_name}): val_bpb {val_bpb:.4f}, {why}.")
+        verdict = f"champion: {why}"
+    else:
+        verdict = f"not champion: version {current.version} has val_bpb {champion_bpb:.4f}"
+    client.update_model_version(name, version.version, description=f"{run.info.run_name}: val_bpb {val_bpb:.4f}; {verdict}")
     decision = {
         "model": name,
         "version": int(version.version),
@@ -158,3 +195,64 @@ def register_and_gate(root: Path, name: str, run: Any, artifact_path: str, val_b
         "now champion" if promoted else f"champion stays version {decision['previous_champion_version']} ({champion_bpb:.4f})",
     )
     return decision
+
+
+class Tracker:
+    """One training run in MLflow: per-step metrics sent in batches, the summary and the model
+    at the end. A context manager: the run is open inside it."""
+
+    def __init__(self, params: Params, root: Path, tags: dict[str, str]):
+        self.params, self.root, self.tags = params, root, tags
+        self.pending: list = []
+        self._ctx = None
+        self.run = None
+
+    def __enter__(self) -> Tracker:
+        self._ctx = start_run(self.params, self.root, self.tags)
+        self.run = self._ctx.__enter__()
+        return self
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        if len(self.pending) >= 200:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending and self.run is not None:
+            import mlflow
+
+            mlflow.MlflowClient().log_batch(self.run.info.run_id, metrics=self.pending)
+            self.pending = []
+
+    def finish(self, final_dir: Path, summary: dict) -> dict:
+        """The summary's numbers and the final model into the run; returns the run's ids."""
+        import mlflow
+
+        self.flush()
+        mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        mlflow.log_artifacts(str(final_dir), artifact_path="model")
+        return {"mlflow_run_id": self.run.info.run_id, "mlflow_experiment_id": self.run.info.experiment_id}
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if self._ctx is not None:
+            self.flush()
+            self._ctx.__exit__(exc_type, *exc)
+
+
+class NullTracker:
+    """The tracker of a process that does not track (ranks other than 0): does nothing."""
+
+    def __enter__(self) -> NullTracker:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        return None
+
+    def finish(self, final_dir: Path, summary: dict) -> dict:
+        return {}

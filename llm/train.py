@@ -1,10 +1,12 @@
 """Stage `train`: shards -> models/checkpoints/last.pt and models/final/.
 
-The same loop runs on one CPU, one GPU, or N processes under torchrun (DDP; gloo on CPU,
-NCCL on GPU). AdamW with decay/no-decay groups, linear warmup then cosine decay, gradient
-accumulation to `train.tokens_per_step`, global-norm clipping. Checkpoints hold everything
-needed to continue bit-identically on CPU: weights, optimizer, step, RNG state and the data
-loader's position.
+The shape is torchtitan's: a `TrainState` that is exactly what a checkpoint holds, a
+`train_step()` that returns the loss and the gradient norm, one function that records an
+evaluation, and a tracker (MLflow, or nothing on ranks other than 0). The same loop runs on one
+CPU, one GPU, or N processes (DDP; gloo on CPU, NCCL on GPU) started by torch's elastic launcher
+(llm/distributed.py). AdamW with decay/no-decay groups, linear warmup then cosine decay,
+gradient accumulation to `train.tokens_per_step`, global-norm clipping. A checkpoint continues
+bit-identically on CPU: weights, optimizer, step, RNG state and the data loader's position.
 """
 
 from __future__ import annotations
@@ -17,53 +19,47 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
+from llm.artifacts import save_final
 from llm.config import Params, TrainParams
 from llm.dataset import TokenBlocks
 from llm.device import Device, peak_flops, pick_device, set_threads
+from llm.distributed import Dist, init_distributed
 from llm.errors import UserError
+from llm.faults import kill_point, poisoned
 from llm.io import atomic_dir, atomic_file, write_json
+from llm.layout import Layout
 from llm.model import GPT, GPTConfig
 from llm.progress import progress_enabled
 from llm.shards import read_manifest
+from llm.tokenizer import MODEL_FILE
+from llm.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "last.pt"
 # Params that do not change the numbers a run computes: changing them keeps its checkpoint.
-_NOT_IN_FINGERPRINT = {"time_budget_minutes", "checkpoint_interval", "log_interval", "eval_interval", "eval_tokens", "threads", "compile", "device"}
+_NOT_IN_FINGERPRINT = {"time_budget_minutes", "checkpoint_interval", "log_interval", "eval_interval", "eval_tokens", "threads",
+                       "compile", "device", "rdzv_endpoint"}
+HISTORY_FIELDS = ["step", "tokens", "train_loss", "val_loss", "lr"]
 
 
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite."""
 
 
-@dataclass(frozen=True)
-class Dist:
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
+class NonFiniteLoss(Exception):
+    """Raised by train_step before the optimizer steps; the loop turns it into TrainingDiverged."""
 
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_type: str) -> Dist:
-    """torchrun sets RANK/WORLD_SIZE; without it this is a single process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    return Dist(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), world)
+    def __init__(self, loss: float):
+        super().__init__(f"loss is {loss}")
+        self.loss = loss
 
 
 def lr_at(step: int, tp: TrainParams) -> float:
@@ -107,7 +103,7 @@ def evaluate_loss(model: GPT, val: TokenBlocks, max_tokens: int, batch_size: int
         x = torch.stack([b[0] for b in blocks]).to(device.torch_device)
         y = torch.stack([b[1] for b in blocks]).to(device.torch_device)
         with device.autocast():
-            _, loss, _, _ = model(x, y)
+            _, loss = model(x, y)
         total += loss.item() * len(blocks)
         count += len(blocks)
     model.train(was_training)
@@ -138,253 +134,272 @@ def load_checkpoint(path: Path, fp: str) -> dict | None:
     return ckpt
 
 
-def train(params: Params, root: Path, resume: str = "auto", layout=None, tags: dict[str, str] | None = None) -> dict:
-    """resume: auto (continue a checkpoint of the same params and data), always (fail if there is
-    none), never (start from scratch). layout: where outputs go (default: the project's); tags:
-    extra MLflow tags of the run."""
-    from llm.stages import Layout
+@dataclass
+class TrainState:
+    """Everything a run needs to continue exactly where it is, and what a checkpoint holds."""
 
-    lay = layout or Layout(root)
+    model: GPT
+    optimizer: torch.optim.Optimizer
+    data: TokenBlocks
+    fingerprint: str
+    step: int = 0
+    elapsed: float = 0.0
+    """Training seconds before this process started (resumed runs) plus this process's."""
+    history: list[dict] = field(default_factory=list)
+    """One row per evaluation: HISTORY_FIELDS (metrics/loss.csv)."""
+    initial_val_loss: float = math.nan
+    """Measured before the first step: an initialisation bug shows up here, not as ln(vocab)."""
+
+    def state_dict(self, device: Device) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "data": self.data.state_dict(),
+            "rng": rng_state(device),
+            "fingerprint": self.fingerprint,
+            "step": self.step,
+            "elapsed": self.elapsed,
+            "history": self.history,
+            "initial_val_loss": self.initial_val_loss,
+        }
+
+    def load_state_dict(self, ckpt: dict[str, Any], device: Device) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.data.load_state_dict(ckpt["data"])
+        set_rng_state(ckpt["rng"], device)
+        self.step, self.elapsed, self.history = ckpt["step"], ckpt["elapsed"], ckpt["history"]
+        self.initial_val_loss = ckpt.get("initial_val_loss", math.nan)
+
+    def save(self, path: Path, device: Device) -> None:
+        """Written atomically: tensors and plain data only, loadable with weights_only=True."""
+        with atomic_file(path, "wb") as f:
+            torch.save(self.state_dict(device), f)
+        kill_point(f"train.checkpoint.{self.step}")
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float
+    """Mean over the micro-batches and over all processes."""
+    grad_norm: float
+
+
+def train_step(model: torch.nn.Module, state: TrainState, batches: Iterator, accum: int, lr: float, grad_clip: float,
+               device: Device, dist: Dist) -> StepResult:
+    """One optimizer step over `accum` micro-batches. `model` is what runs the batches (the
+    compiled or DDP-wrapped model); gradients are synchronised on the last micro-batch only. The
+    finite-loss decision is taken on the all-reduced loss, before the optimizer steps, so every
+    rank raises NonFiniteLoss together and the weights stay as they were."""
+    for g in state.optimizer.param_groups:
+        g["lr"] = lr
+    loss_sum = torch.zeros((), device=device.torch_device)
+    for micro in range(accum):
+        x, y = next(batches)
+        x, y = x.to(device.torch_device, non_blocking=True), y.to(device.torch_device, non_blocking=True)
+        last = micro == accum - 1
+        sync = model.no_sync() if (dist.world_size > 1 and not last) else contextlib.nullcontext()
+        with sync, device.autocast():
+            _, loss = model(x, y)
+        if poisoned(dist.rank, state.step + 1):
+            loss = loss * float("nan")
+        (loss / accum).backward()
+        loss_sum += loss.detach()
+    step_loss = dist.mean(loss_sum / accum).item()  # one device sync per step, not per micro-batch
+    if not math.isfinite(step_loss):
+        state.optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLoss(step_loss)
+    norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    state.optimizer.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    return StepResult(step_loss, float(norm))
+
+
+def record_evaluation(state: TrainState, val: TokenBlocks, tp: TrainParams, device: Device, train_losses: list[float],
+                      lr: float) -> float:
+    """Measure the val loss now and append the history row (with the mean train loss since
+    the last row); returns the val loss."""
+    val_loss = evaluate_loss(state.model, val, tp.eval_tokens, tp.batch_size, device)
+    state.history.append({"step": state.step, "tokens": state.step * tp.tokens_per_step,
+                          "train_loss": round(sum(train_losses) / max(1, len(train_losses)), 5),
+                          "val_loss": round(val_loss, 5), "lr": lr})
+    train_losses.clear()
+    return val_loss
+
+
+class Throughput:
+    """Tokens per second and MFU over the steps since the last report."""
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, peak: float):
+        self.tokens_per_step, self.flops_per_token, self.peak = tokens_per_step, flops_per_token, peak
+        self.steps, self.t0 = 0, time.perf_counter()
+
+    def tick(self) -> None:
+        self.steps += 1
+
+    def report(self, device: Device) -> dict[str, float]:
+        device.synchronize()
+        tok_s = self.steps * self.tokens_per_step / max(time.perf_counter() - self.t0, 1e-9)
+        self.steps, self.t0 = 0, time.perf_counter()
+        return {"tokens_per_sec": tok_s, "mfu": tok_s * self.flops_per_token / self.peak if self.peak else 0.0}
+
+
+def build(params: Params, layout: Layout, device: Device, dist: Dist) -> tuple[TrainState, TokenBlocks, dict]:
+    """The model, optimizer and data of this run, from scratch (the checkpoint comes after)."""
     tp, mp = params.train, params.model
-    manifest = read_manifest(lay.shards)
-    device = pick_device(tp.device, int(os.environ.get("LOCAL_RANK", "0")))
-    dist = init_distributed(device.type)
-    threads = set_threads(tp.threads) if device.type == "cpu" else torch.get_num_threads()
+    manifest = read_manifest(layout.shards)
     torch.manual_seed(params.seed)
     cfg = GPTConfig(vocab_size=manifest["tokenizer"]["vocab_size"], **mp.model_dump())
     model = GPT(cfg).to(device.torch_device)
-    accum = accumulation_steps(tp, mp.block_size, dist.world_size)
-    train_data = TokenBlocks(lay.shards, "train", mp.block_size, seed=params.seed, rank=dist.rank, world_size=dist.world_size)
-    val_data = TokenBlocks(lay.shards, "val", mp.block_size, shuffle=False)
-    groups = model.optimizer_groups(tp.weight_decay)
-    opt = torch.optim.AdamW(groups, lr=tp.learning_rate, betas=(tp.beta1, tp.beta2), fused=device.type == "cuda")
+    train_data = TokenBlocks(layout.shards, "train", mp.block_size, seed=params.seed, rank=dist.rank, world_size=dist.world_size)
+    val_data = TokenBlocks(layout.shards, "val", mp.block_size, shuffle=False)
+    opt = torch.optim.AdamW(model.optimizer_groups(tp.weight_decay), lr=tp.learning_rate, betas=(tp.beta1, tp.beta2),
+                            fused=device.type == "cuda")
+    return TrainState(model, opt, train_data, fingerprint(params, manifest)), val_data, manifest
 
-    fp = fingerprint(params, manifest)
-    ckpt_path = lay.checkpoints / CHECKPOINT
-    ckpt = None if resume == "never" else load_checkpoint(ckpt_path, fp)
+
+def train(params: Params, layout: Layout, resume: str = "auto", tags: dict[str, str] | None = None) -> dict:
+    """Train into layout.final. resume: auto (continue a checkpoint of the same params and
+    data), always (fail if there is none), never (start from scratch). tags: extra MLflow tags."""
+    tp = params.train
+    device = pick_device(tp.device, int(os.environ.get("LOCAL_RANK", "0")))
+    dist = init_distributed(device.type)
+    try:
+        return _train(params, layout, resume, tags or {}, device, dist)
+    finally:
+        dist.close()
+
+
+def _train(params: Params, layout: Layout, resume: str, tags: dict[str, str], device: Device, dist: Dist) -> dict:
+    tp = params.train
+    threads = set_threads(tp.threads) if device.type == "cpu" else torch.get_num_threads()
+    state, val_data, manifest = build(params, layout, device, dist)
+    model, cfg = state.model, state.model.config
+    accum = accumulation_steps(tp, cfg.block_size, dist.world_size)
+    ckpt_path = layout.checkpoints / CHECKPOINT
+    ckpt = None if resume == "never" else load_checkpoint(ckpt_path, state.fingerprint)
     if resume == "always" and ckpt is None:
         raise UserError(f"train --resume: no checkpoint of these params and data at {ckpt_path}")
-    start_step, elapsed_before, history = 0, 0.0, []
+    saved_step = None
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        train_data.load_state_dict(ckpt["data"])
-        set_rng_state(ckpt["rng"], device)
-        start_step, elapsed_before, history = ckpt["step"], ckpt["elapsed"], ckpt["history"]
-        log.info("train: resuming %s at step %d", ckpt_path, start_step)
+        state.load_state_dict(ckpt, device)
+        saved_step = state.step
+        log.info("train: resuming %s at step %d", ckpt_path, state.step)
+    start_step = state.step
 
-    compiled = torch.compile(model) if tp.compile else model
+    runner = torch.compile(model) if tp.compile else model
     if dist.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        compiled = DDP(compiled, device_ids=[dist.local_rank] if device.type == "cuda" else None)
+        runner = DDP(runner, device_ids=[dist.local_rank] if device.type == "cuda" else None)
     flops_per_token = model.flops_per_token()
     peak, peak_source = peak_flops(device) if dist.main else (0.0, "")
     log.info(
         "train: %.2f M params, %d layers x %d wide, block %d, vocab %d on %s (%s); %d tokens/step = %d x %d x %d x %d processes; "
         "peak %.1f GFLOP/s (%s)",
         model.num_params() / 1e6, cfg.n_layer, cfg.n_embd, cfg.block_size, cfg.vocab_size, device.name,
-        str(device.dtype).replace("torch.", ""), tp.tokens_per_step, tp.batch_size, mp.block_size, accum, dist.world_size,
+        str(device.dtype).replace("torch.", ""), tp.tokens_per_step, tp.batch_size, cfg.block_size, accum, dist.world_size,
         peak / 1e9, peak_source,
     )
-
-    tracker = _Tracker(params, root, device, threads, dist.main, tags or {})
-    batches = train_data.batches(tp.batch_size)
+    if start_step == 0:
+        state.initial_val_loss = evaluate_loss(model, val_data, tp.eval_tokens, tp.batch_size, device)
+    tracker = Tracker(params, layout.root, {"device": device.name, "torch": torch.__version__, "threads": str(threads),
+                                            "stage": "train", **tags}) if dist.main else NullTracker()
+    batches = state.data.batches(tp.batch_size)
     model.train()
-    t_start = time.perf_counter()
+    t_start, elapsed_before = time.perf_counter(), state.elapsed
     budget = tp.time_budget_minutes * 60 if tp.time_budget_minutes > 0 else math.inf
     stopped_by = "max_steps"
     bar = tqdm(total=tp.max_steps, initial=start_step, desc="train", unit="step",
                disable=not (dist.main and progress_enabled()), mininterval=1.0)
-    done = start_step
-    window_tokens, window_t0, train_loss_sum, train_loss_n = 0, time.perf_counter(), 0.0, 0
-    try:
-        with tracker:
-            for step in range(start_step, tp.max_steps):
-                lr = lr_at(step, tp)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                loss_sum = torch.zeros((), device=device.torch_device)
-                for micro in range(accum):
-                    x, y = next(batches)
-                    x, y = x.to(device.torch_device, non_blocking=True), y.to(device.torch_device, non_blocking=True)
-                    sync = micro == accum - 1 or dist.world_size == 1
-                    ctx = compiled.no_sync() if (dist.world_size > 1 and not sync) else contextlib.nullcontext()
-                    with ctx, device.autocast():
-                        _, loss, _, _ = compiled(x, y)
-                    (loss / accum).backward()
-                    loss_sum += loss.detach()
-                step_loss = (loss_sum / accum).item()  # one device sync per step, not per micro-batch
-                if not math.isfinite(step_loss):
-                    where = f"; the last good checkpoint is {ckpt_path} (step {ckpt['step']})" if ckpt_path.is_file() and ckpt else ""
-                    raise TrainingDiverged(
-                        f"train: loss is {step_loss} at step {step + 1}{where}; lower train.learning_rate or raise train.warmup_steps"
-                    )
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tp.grad_clip if tp.grad_clip > 0 else float("inf"))
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                done = step + 1
-                window_tokens += tp.tokens_per_step
-                train_loss_sum += step_loss
-                train_loss_n += 1
-                metrics = {"train_loss": step_loss, "lr": lr, "grad_norm": float(norm)}
-                if done % tp.log_interval == 0 or done == tp.max_steps:
-                    device.synchronize()
-                    dt = time.perf_counter() - window_t0
-                    tok_s = window_tokens / dt
-                    metrics.update(tokens_per_sec=tok_s, mfu=tok_s * flops_per_token / peak if peak else 0.0)
-                    window_tokens, window_t0 = 0, time.perf_counter()
-                    elapsed = elapsed_before + time.perf_counter() - t_start
-                    eta = (tp.max_steps - done) * elapsed / max(1, done - start_step) if done > start_step else 0.0
-                    bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", mfu=f"{metrics['mfu']:.0%}")
-                    if bar.disable and dist.main:  # no bar (not a terminal): a log line instead
-                        log.info("step %d/%d loss %.4f lr %.2e grad %.2f %.0f tok/s mfu %.1f%% eta %.0fs",
-                                 done, tp.max_steps, step_loss, lr, float(norm), tok_s, 100 * metrics["mfu"], eta)
-                if done % tp.eval_interval == 0 or done == tp.max_steps:
-                    last_val = evaluate_loss(model, val_data, tp.eval_tokens, tp.batch_size, device)
-                    metrics["val_loss"] = last_val
-                    history.append({"step": done, "tokens": done * tp.tokens_per_step,
-                                    "train_loss": round(train_loss_sum / train_loss_n, 5), "val_loss": round(last_val, 5), "lr": lr})
-                    train_loss_sum, train_loss_n = 0.0, 0
-                    if dist.main:
-                        log.info("step %d: val loss %.4f", done, last_val)
-                tracker.log(metrics, done)
-                bar.update(1)
-                elapsed = elapsed_before + time.perf_counter() - t_start
-                if dist.main and (done % tp.checkpoint_interval == 0 or done == tp.max_steps):
-                    ckpt = save_checkpoint(ckpt_path, model, opt, done, train_data, device, fp, elapsed, history)
-                if elapsed > budget and done < tp.max_steps:
-                    stopped_by = "time_budget"
-                    log.warning("train: time budget of %.1f min reached at step %d of %d", tp.time_budget_minutes, done, tp.max_steps)
-                    if dist.main:
-                        ckpt = save_checkpoint(ckpt_path, model, opt, done, train_data, device, fp, elapsed, history)
-                    break
-            bar.close()
-            step = done
-            elapsed = elapsed_before + time.perf_counter() - t_start
-            if not history or history[-1]["step"] != step:  # stopped by the budget between evals
-                last_val = evaluate_loss(model, val_data, tp.eval_tokens, tp.batch_size, device)
-                history.append({"step": step, "tokens": step * tp.tokens_per_step,
-                                "train_loss": round(train_loss_sum / max(1, train_loss_n), 5),
-                                "val_loss": round(last_val, 5), "lr": lr_at(max(0, step - 1), tp)})
-            summary = {
-                "steps": step,
-                "stopped_by": stopped_by,
-                "tokens_seen": step * tp.tokens_per_step,
-                "train_seconds": round(elapsed, 1),
-                "tokens_per_sec": round(step * tp.tokens_per_step / max(elapsed, 1e-9)),
-                "final_train_loss": history[-1]["train_loss"],
-                "final_val_loss": history[-1]["val_loss"],
-                "initial_val_loss": round(math.log(cfg.vocab_size), 5),
-                "params": model.num_params(),
-                "flops_per_token": flops_per_token,
-                "mfu": round(step * tp.tokens_per_step / max(elapsed, 1e-9) * flops_per_token / peak, 4) if peak else 0.0,
-                "peak_flops": peak,
-                "device": device.name,
-                "processes": dist.world_size,
-            }
-            if dist.main:
-                _write_outputs(lay, model, history, summary, params, manifest, tracker)
-    finally:
-        bar.close()
-        if dist.world_size > 1:
-            import torch.distributed as tdist
-
-            tdist.destroy_process_group()
+    speed = Throughput(tp.tokens_per_step, flops_per_token, peak)
+    train_losses: list[float] = []
+    lr = lr_at(max(0, state.step - 1), tp)
+    with tracker, contextlib.closing(bar):
+        while state.step < tp.max_steps:
+            lr = lr_at(state.step, tp)
+            try:
+                result = train_step(runner, state, batches, accum, lr, tp.grad_clip, device, dist)
+            except NonFiniteLoss as e:
+                where = f"; the last good checkpoint is {ckpt_path} (step {saved_step})" if saved_step is not None else ""
+                raise TrainingDiverged(
+                    f"train: loss is {e.loss} at step {state.step + 1}{where}; lower train.learning_rate or raise train.warmup_steps"
+                ) from None
+            done = state.step
+            kill_point(f"train.rank{dist.rank}.step{done}")
+            speed.tick()
+            train_losses.append(result.loss)
+            metrics = {"train_loss": result.loss, "lr": lr, "grad_norm": result.grad_norm}
+            state.elapsed = elapsed_before + time.perf_counter() - t_start
+            if done % tp.log_interval == 0 or done == tp.max_steps:
+                metrics.update(speed.report(device))
+                eta = (tp.max_steps - done) * (state.elapsed - elapsed_before) / max(1, done - start_step)
+                metrics["eta_seconds"] = eta
+                bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{metrics['tokens_per_sec']:,.0f}",
+                                mfu=f"{metrics['mfu']:.0%}")
+                if bar.disable and dist.main:  # no bar (not a terminal): a log line instead
+                    log.info("step %d/%d loss %.4f lr %.2e grad %.2f %.0f tok/s mfu %.1f%% eta %.0fs", done, tp.max_steps,
+                             result.loss, lr, result.grad_norm, metrics["tokens_per_sec"], 100 * metrics["mfu"], eta)
+            if done % tp.eval_interval == 0 or done == tp.max_steps:
+                metrics["val_loss"] = record_evaluation(state, val_data, tp, device, train_losses, lr)
+                if dist.main:
+                    log.info("step %d: val loss %.4f", done, metrics["val_loss"])
+            tracker.log(metrics, done)
+            bar.update(1)
+            over_budget = dist.any(state.elapsed > budget) and done < tp.max_steps
+            if done % tp.checkpoint_interval == 0 or done == tp.max_steps or over_budget:
+                if dist.main:
+                    state.save(ckpt_path, device)
+                saved_step = done  # every rank knows it, for the error line
+            if over_budget:
+                stopped_by = "time_budget"
+                log.warning("train: time budget of %.1f min reached at step %d of %d", tp.time_budget_minutes, done, tp.max_steps)
+                break
+        if not state.history or state.history[-1]["step"] != state.step:  # stopped by the budget between evals
+            record_evaluation(state, val_data, tp, device, train_losses, lr)
+        summary = _summary(state, tp, stopped_by, flops_per_token, peak, device, dist)
+        if dist.main:
+            _write_outputs(layout, state, summary, params, manifest, tracker)
     return summary
 
 
-def save_checkpoint(path: Path, model: GPT, opt, step: int, data: TokenBlocks, device: Device, fp: str,
-                    elapsed: float, history: list[dict]) -> dict:
-    """Everything to continue exactly here, written atomically (tensors and plain data only)."""
-    ckpt = {
-        "model": model.state_dict(),
-        "optimizer": opt.state_dict(),
-        "step": step,
-        "data": data.state_dict(),
-        "rng": rng_state(device),
-        "fingerprint": fp,
-        "elapsed": elapsed,
-        "history": history,
+def _summary(state: TrainState, tp: TrainParams, stopped_by: str, flops_per_token: float,
+             peak: float, device: Device, dist: Dist) -> dict:
+    tokens_per_sec = state.step * tp.tokens_per_step / max(state.elapsed, 1e-9)
+    return {
+        "steps": state.step,
+        "stopped_by": stopped_by,
+        "tokens_seen": state.step * tp.tokens_per_step,
+        "train_seconds": round(state.elapsed, 1),
+        "tokens_per_sec": round(tokens_per_sec),
+        "final_train_loss": state.history[-1]["train_loss"],
+        "final_val_loss": state.history[-1]["val_loss"],
+        "initial_val_loss": round(state.initial_val_loss, 5),
+        "params": state.model.num_params(),
+        "flops_per_token": flops_per_token,
+        "mfu": round(tokens_per_sec * flops_per_token / peak, 4) if peak else 0.0,
+        "peak_flops": peak,
+        "device": device.name,
+        "processes": dist.world_size,
     }
-    with atomic_file(path, "wb") as f:
-        torch.save(ckpt, f)
-    return ckpt
 
 
-def _write_outputs(lay, model: GPT, history: list[dict], summary: dict, params: Params, manifest: dict, tracker: "_Tracker") -> None:
-    from llm.artifacts import save_final
-    from llm.tokenizer import MODEL_FILE
-
+def _write_outputs(layout: Layout, state: TrainState, summary: dict, params: Params, manifest: dict, tracker) -> None:
     # Only what the weights depend on goes beside them, so the same params and data give the
     # same bytes; timing, device and the MLflow run id go to metrics/train.json.
     info = {"tokenizer_sha256": manifest["tokenizer"]["sha256"], "seed": params.seed,
             "steps": summary["steps"], "tokens_seen": summary["tokens_seen"]}
-    with atomic_dir(lay.final) as tmp:
-        save_final(model, tmp, lay.tokenizer / MODEL_FILE, info)
-    summary["mlflow_run_id"] = tracker.finish(lay.final, summary)
-    write_json(lay.metrics("train"), summary)
-    with atomic_file(lay.metrics_dir / "loss.csv") as f:
-        w = csv.DictWriter(f, fieldnames=["step", "tokens", "train_loss", "val_loss", "lr"], lineterminator="\n")
+    with atomic_dir(layout.final) as tmp:
+        save_final(state.model, tmp, layout.tokenizer / MODEL_FILE, info)
+    summary.update(tracker.finish(layout.final, summary))
+    write_json(layout.metrics("train"), summary)
+    with atomic_file(layout.loss_csv) as f:
+        w = csv.DictWriter(f, fieldnames=HISTORY_FIELDS, lineterminator="\n")
         w.writeheader()
-        w.writerows(history)
+        w.writerows(state.history)
     log.info(
-        "train: %d steps, %s tokens in %.0f s (%.0f tok/s, MFU %.1f%%); loss %.3f -> val %.3f",
+        "train: %d steps, %s tokens in %.0f s (%.0f tok/s, MFU %.1f%%); val loss %.3f -> %.3f",
         summary["steps"], f"{summary['tokens_seen']:,}", summary["train_seconds"], summary["tokens_per_sec"],
         100 * summary["mfu"], summary["initial_val_loss"], summary["final_val_loss"],
     )
-
-
-class _Tracker:
-    """Per-step metrics to MLflow in batches; the run id and artifacts at the end. Only the
-    main process tracks."""
-
-    def __init__(self, params: Params, root: Path, device: Device, threads: int, enabled: bool, tags: dict[str, str]):
-        self.params, self.root, self.device, self.threads, self.enabled = params, root, device, threads, enabled
-        self.tags = tags
-        self.pending: list = []
-        self._ctx = None
-        self.run = None
-
-    def __enter__(self) -> "_Tracker":
-        if self.enabled:
-            from llm.tracking import start_run
-
-            self._ctx = start_run(self.params, self.root, {"device": self.device.name, "torch": torch.__version__,
-                                                           "threads": str(self.threads), "stage": "train", **self.tags})
-            self.run = self._ctx.__enter__()
-        return self
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        if not self.enabled:
-            return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        if len(self.pending) >= 200:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.pending and self.run is not None:
-            import mlflow
-
-            mlflow.MlflowClient().log_batch(self.run.info.run_id, metrics=self.pending)
-            self.pending = []
-
-    def finish(self, final_dir: Path, summary: dict) -> str | None:
-        """Summary metrics and the final model into the run; returns the run id."""
-        if self.run is None:
-            return None
-        import mlflow
-
-        self.flush()
-        mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
-        mlflow.log_artifacts(str(final_dir), artifact_path="model")
-        summary["mlflow_experiment_id"] = self.run.info.experiment_id  # for links to the run (Dagster UI)
-        return self.run.info.run_id
-
-    def __exit__(self, exc_type, *exc) -> None:
-        if self._ctx is not None:
-            self.flush()
-            self._ctx.__exit__(exc_type, *exc)

@@ -84,15 +84,16 @@ def load(root: Path) -> Params:
 
 @pytest.fixture(scope="session")
 def built(tmp_path_factory) -> tuple[Path, Params]:
-    """The four data stages run once on the slice; shared read-only by tests."""
-    from llm.stages import STAGES
+    """Every stage run once on the slice; shared read-only by tests."""
+    from llm.layout import Layout
+    from llm.stages import STAGES, run
 
     root = tmp_path_factory.mktemp("built")
     write_corpus_slice(root / "corpus")
     write_params(root, small_params(["corpus"]))
     params = load(root)
-    for run in STAGES.values():
-        run(params, root)
+    for name in STAGES:
+        run(name, params, Layout(root))
     return root, params
 
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llm.config import CleanParams, IngestParams
+from llm.config import CleanParams, IngestParams, Params
 from llm.corpus.clean import (
     clean,
     dedup_key,
@@ -23,6 +23,7 @@ from llm.corpus.clean import (
 )
 from llm.corpus.ingest import ingest
 from llm.errors import UserError
+from llm.layout import Layout
 from tests.conftest import plays_dir
 
 WORDS = (
@@ -48,10 +49,15 @@ def run_clean(tmp_path: Path, docs: dict[str, str], batch_docs: int = 256, **ove
     src.mkdir(parents=True, exist_ok=True)
     for name, text in docs.items():
         (src / name).write_text(text, encoding="utf-8")
-    ingest(IngestParams(sources=["src"], batch_docs=batch_docs), tmp_path, tmp_path / "raw", tmp_path / "ingest.json")
-    params = CleanParams.model_validate({"num_workers": 1, **overrides})
-    report = clean(params, 1, tmp_path / "raw", tmp_path / "clean", tmp_path / "clean.json")
-    return report, pq.read_table(tmp_path / "clean").to_pylist()
+    params = Params(
+        ingest=IngestParams(sources=["src"], batch_docs=batch_docs),
+        clean=CleanParams.model_validate({"num_workers": 1, **overrides}),
+        seed=1,
+    )
+    layout = Layout(tmp_path)
+    ingest(params, layout)
+    report = clean(params, layout)
+    return report, pq.read_table(layout.clean).to_pylist()
 
 
 # ----------------------------------------------------------------------------- text steps
@@ -191,11 +197,11 @@ def test_clean_in_parallel_gives_the_same_table(tmp_path: Path):
     docs = {f"{i:02d}.md": f"# Doc {i}\n\n**SPEAKER**  \n" + prose(300, i) for i in range(12)}
     _, serial = run_clean(tmp_path / "one", docs)
     _, parallel = run_clean(tmp_path / "two", docs, num_workers=2, batch_docs=3)
-    assert len(pq.ParquetFile(next((tmp_path / "two" / "raw").iterdir())).metadata.to_dict()["row_groups"]) == 4
+    assert len(pq.ParquetFile(next((tmp_path / "two" / "data" / "raw").iterdir())).metadata.to_dict()["row_groups"]) == 4
     assert serial == parallel and len(serial) == 12
 
 
 def test_everything_removed_is_a_clear_error(tmp_path: Path):
     with pytest.raises(UserError, match=r"clean: every document was removed \(too_short 1\)"):
         run_clean(tmp_path, {"a.txt": "tiny but not empty"})
-    assert not (tmp_path / "clean").exists()
+    assert not (tmp_path / "data" / "clean").exists()

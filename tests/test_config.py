@@ -32,6 +32,13 @@ def test_every_default_is_spelled_out_in_params_yaml():
     assert keys(params.model_dump()) == keys(data)
 
 
+def test_the_code_defaults_are_the_values_in_params_yaml():
+    """One source of defaults: a group left out of params.yaml means what params.yaml says."""
+    spelled = load_params(REPO / "params.yaml")
+    defaults = parse_params({"ingest": {"sources": spelled.ingest.sources}})
+    assert defaults.model_dump(mode="json") == spelled.model_dump(mode="json")
+
+
 @pytest.mark.parametrize(
     "override, expected",
     [

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from llm.artifacts import load_final
+from llm.device import pick_device
 from llm.evaluate import ValDocs, bits_per_byte, compressor_bpb, evaluate, token_nll, unigram_nats
 from llm.io import read_json
-from llm.stages import Layout
+from llm.layout import Layout
 from llm.tracking import register_and_gate, start_run
 from llm.train import train
 from tests.test_model import tiny
@@ -58,28 +60,43 @@ def test_compressors_on_repetitive_and_random_bytes():
 
 def test_evaluate_stage(built, tmp_path: Path):
     root, params = project_from(built, tmp_path)
-    train(params, root)
-    result = evaluate(params, root)
+    train(params, Layout(root))
+    result = evaluate(params, Layout(root))
     assert read_json(Layout(root).metrics("eval")) == result
     assert set(result["baseline_bpb"]) == {"gzip", "bz2", "xz", "unigram"}
-    assert result["val_bpb"] == pytest.approx(result["val_loss"] * result["val_tokens"] / result["val_bytes"] / math.log(2), rel=0.01)
-    assert result["val_ppl"] == pytest.approx(math.exp(result["val_loss"]), rel=1e-3)
+    # bits per byte recomputed from scratch: every val token but the first is predicted once.
     docs = ValDocs(Layout(root).shards, params.evaluate.max_tokens)
+    model, _, _ = load_final(Layout(root).final)
+    nll = token_nll(model, docs.stream, model.config.block_size, 4, pick_device("cpu"))
+    assert len(nll) == result["val_tokens"] - 1
+    assert result["val_bpb"] == pytest.approx(nll.sum() / math.log(2) / sum(docs.n_bytes), abs=2e-5)
+    assert result["val_loss"] == pytest.approx(nll.mean(), abs=2e-5)
+    assert result["val_ppl"] == pytest.approx(math.exp(result["val_loss"]), rel=1e-3)
     assert result["val_bytes"] == sum(docs.n_bytes) and result["val_documents"] == len(docs.spans)
     assert "per_source" not in result  # one source
+    # The first evaluated model becomes the registry's champion, tagged with its val_bpb.
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    champion = client.get_model_version_by_alias(params.tracking.registered_model, "champion")
+    assert champion.run_id == read_json(Layout(root).metrics("train"))["mlflow_run_id"]
+    assert float(champion.tags["val_bpb"]) == pytest.approx(result["val_bpb"], abs=1e-5)
 
 
 def test_champion_alias_moves_only_on_a_better_val_bpb(built, tmp_path: Path):
     root, params = project_from(built, tmp_path)
     decisions = []
     for bpb in (2.0, 2.5, 1.5):
-        with start_run(params, root, {"stage": "test"}) as run:
+        with start_run(params, root, {"stage": "test", "dvc.shards.md5": "abc"}) as run:
             mlflow.log_text("weights", "model/model.txt")
             decisions.append(register_and_gate(root, "gate-test", run, "model", bpb))
     assert [d["promoted"] for d in decisions] == [True, False, True]
     assert decisions[1]["previous_champion_val_bpb"] == 2.0
     client = mlflow.MlflowClient()
-    assert int(client.get_model_version_by_alias("gate-test", "champion").version) == 3
+    champion = client.get_model_version_by_alias("gate-test", "champion")
+    assert int(champion.version) == 3
+    assert champion.tags["dvc.shards.md5"] == "abc" and champion.tags["val_bpb"] == "1.500000"
+    assert "beats version 1's 2.0000" in champion.description
+    assert "not champion: version 1 has val_bpb 2.0000" in client.get_model_version("gate-test", "2").description
+    assert "`champion` is version 3" in client.get_registered_model("gate-test").description
 
 
 def test_per_source_bits_per_byte_split_the_total():

@@ -38,18 +38,18 @@ def test_sdpa_equals_the_explicit_masked_softmax_path():
 def test_sdpa_equals_explicit_with_a_kv_cache_and_several_new_tokens():
     model = tiny()
     x = torch.randint(0, 64, (1, 24))
-    _, _, past, _ = model(x[:, :16])
-    fast, *_ = model(x[:, 16:], past=past)
+    _, past = model.forward_cached(x[:, :16])
+    fast, _ = model.forward_cached(x[:, 16:], past)
     model.set_attention(sdpa=False)
-    slow, *_ = model(x[:, 16:], past=past)
-    full, *_ = model(x)
+    slow, _ = model.forward_cached(x[:, 16:], past)
+    full, _ = model(x)
     assert torch.allclose(fast, slow, atol=1e-5)
     assert torch.allclose(fast, full[:, 16:], atol=1e-5)
 
 
 def test_attention_weights_are_causal_distributions():
     model = tiny()
-    _, _, _, weights = model(torch.randint(0, 64, (1, 10)), need_weights=True)
+    weights = model.attention_weights(torch.randint(0, 64, (1, 10)))
     assert len(weights) == 2 and weights[0].shape == (1, 4, 10, 10)
     for w in weights:
         assert torch.allclose(w.sum(-1), torch.ones(1, 4, 10), atol=1e-6)
@@ -63,7 +63,7 @@ def test_overfits_one_batch():
     y = torch.roll(x, -1, dims=1)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(300):
-        _, loss, _, _ = model(x, y)
+        _, loss = model(x, y)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -73,7 +73,7 @@ def test_overfits_one_batch():
 def test_initial_loss_is_near_uniform():
     model = tiny()
     x = torch.randint(0, 64, (8, 32))
-    _, loss, _, _ = model(x, torch.randint(0, 64, (8, 32)))
+    _, loss = model(x, torch.randint(0, 64, (8, 32)))
     assert abs(loss.item() - math.log(64)) < 0.1
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import torch
 
 from llm.evaluate import evaluate
+from llm.layout import Layout
 from llm.report import report, sink_scores
-from llm.stages import Layout
 from llm.train import train
 from tests.test_train import project_from
 
@@ -15,9 +15,9 @@ from tests.test_train import project_from
 def test_report_renders_and_escapes_what_the_model_wrote(built, tmp_path: Path):
     hostile = "<script>alert('x')</script> ROMEO:"
     root, params = project_from(built, tmp_path, report={"prompts": [hostile, "```\nJULIET:"], "temperatures": [0.8, 1.2]})
-    train(params, root)
-    evaluate(params, root)
-    report(params, root)
+    train(params, Layout(root))
+    evaluate(params, Layout(root))
+    report(params, Layout(root))
     html = (Layout(root).reports / "report.html").read_text()
     md = (Layout(root).reports / "report.md").read_text()
     assert "<script>" not in html and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in html

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import torch
 
+from llm.layout import Layout
 from llm.sample import SamplingParams, filter_logits, generate
 from tests.test_model import tiny
 
@@ -56,7 +57,7 @@ def test_sample_cli_is_seeded_and_has_an_interactive_mode(built, tmp_path):
     from tests.test_train import project_from
 
     root, params = project_from(built, tmp_path)
-    train(params, root)
+    train(params, Layout(root))
     cmd = [sys.executable, "-m", "llm.cli", "sample", "--max-new-tokens", "12", "--temperature", "1.0"]
     runs = [subprocess.run(cmd + ["--prompt", "ROMEO:", "--seed", str(s)], cwd=root, capture_output=True, text=True, timeout=120)
             for s in (1, 1, 2)]

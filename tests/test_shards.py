@@ -11,9 +11,9 @@ from llm.config import SplitParams
 from llm.corpus.tables import iter_batches
 from llm.dataset import TokenBlocks
 from llm.io import file_sha256, read_json
-from llm.shards import open_split, read_manifest, token_dtype, token_stream
+from llm.layout import Layout
+from llm.shards import open_split, read_manifest, token_dtype, token_stream, write_shards
 from llm.split import split_of
-from llm.stages import Layout, run_shards
 from llm.tokenizer import Tokenizer
 from tests.conftest import deep_update, load, write_params
 
@@ -100,7 +100,7 @@ def test_parallel_tokenization_gives_identical_shards(built, tmp_path: Path):
     for name in ("clean", "tokenizer"):
         (tmp_path / "data" / name).symlink_to(getattr(Layout(root), name))
     write_params(tmp_path, deep_update(load(root).model_dump(mode="json"), {"shards": {"num_workers": 2}}))
-    run_shards(load(tmp_path), tmp_path)
+    write_shards(load(tmp_path), Layout(tmp_path))
     a = read_manifest(Layout(root).shards)["splits"]
     b = read_manifest(Layout(tmp_path).shards)["splits"]
     assert a == b  # includes every shard's sha256
@@ -129,7 +129,7 @@ def test_blocks_cross_shard_boundaries(built):
 
 def test_shuffling_is_seeded(built):
     root, _ = built
-    take = lambda ds: [x for (x, _), _ in zip(ds, range(10))]  # noqa: E731
+    take = lambda ds: [x for (x, _), _ in zip(ds, range(10))]
     a = take(TokenBlocks(Layout(root).shards, "train", 32, seed=3))
     b = take(TokenBlocks(Layout(root).shards, "train", 32, seed=3))
     c = take(TokenBlocks(Layout(root).shards, "train", 32, seed=4))

@@ -11,9 +11,9 @@ from llm.corpus.clean import fix_unicode, normalize_whitespace
 from llm.corpus.tables import iter_batches
 from llm.errors import UserError
 from llm.io import file_sha256, read_json
+from llm.layout import Layout
 from llm.split import split_of
-from llm.stages import Layout, run_tokenizer
-from llm.tokenizer import Tokenizer
+from llm.tokenizer import Tokenizer, train_tokenizer
 from tests.conftest import deep_update, load, write_params
 
 
@@ -79,7 +79,7 @@ def test_training_is_deterministic(built, tmp_path: Path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "clean").symlink_to(Layout(root).clean)
     write_params(tmp_path, load(root).model_dump(mode="json"))
-    run_tokenizer(load(tmp_path), tmp_path)
+    train_tokenizer(load(tmp_path), Layout(tmp_path))
     assert file_sha256(Layout(tmp_path).tokenizer / "tokenizer.model") == first
 
 
@@ -94,7 +94,7 @@ def test_pieces_do_not_depend_on_the_thread_count(built, tmp_path: Path, model_t
         (d / "data").mkdir(parents=True)
         (d / "data" / "clean").symlink_to(Layout(root).clean)
         write_params(d, deep_update(load(root).model_dump(mode="json"), {"tokenizer": {"num_threads": threads, "model_type": model_type}}))
-        run_tokenizer(load(d), d)
+        train_tokenizer(load(d), Layout(d))
         vocabs.append((Layout(d).tokenizer / "tokenizer.vocab").read_text(encoding="utf-8"))
         models.append((Layout(d).tokenizer / "tokenizer.model").read_bytes())
     assert vocabs[0] == vocabs[1]
@@ -114,7 +114,7 @@ def test_other_model_types_round_trip(built, tmp_path: Path, model_type: str):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "clean").symlink_to(Layout(root).clean)
     write_params(tmp_path, deep_update(load(root).model_dump(mode="json"), {"tokenizer": {"model_type": model_type, "vocab_size": 400}}))
-    stats = run_tokenizer(load(tmp_path), tmp_path)
+    stats = train_tokenizer(load(tmp_path), Layout(tmp_path))
     assert stats["val_roundtrip_failures"] == 0
     tok = Tokenizer.load(Layout(tmp_path).tokenizer)
     text = "KING LEAR\nBlow, winds, and crack your cheeks! rage! blow!"
@@ -130,7 +130,7 @@ def test_unreachable_vocab_size_is_a_user_error(built, tmp_path: Path):
     (tmp_path / "data" / "clean").symlink_to(Layout(root).clean)
     write_params(tmp_path, deep_update(load(root).model_dump(mode="json"), {"tokenizer": {"vocab_size": 200_000}}))
     with pytest.raises(UserError, match="tokenizer: sentencepiece could not train with these params"):
-        run_tokenizer(load(tmp_path), tmp_path)
+        train_tokenizer(load(tmp_path), Layout(tmp_path))
     assert not (tmp_path / "data" / "tokenizer").exists()
 
 

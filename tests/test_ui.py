@@ -5,6 +5,7 @@ and the model's as not yet. A screenshot goes to test-artifacts/ (or $TEST_ARTIF
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -55,14 +56,10 @@ def stop(proc: subprocess.Popen) -> None:
     """dagster dev and its daemon, webserver and code servers: Ctrl-C to the group, then kill."""
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGINT)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     proc.wait(timeout=10)
 
 

@@ -13,17 +13,16 @@ import hashlib
 import ipaddress
 import logging
 import re
-import unicodedata
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from llm.config import CleanParams
+from llm.config import CleanParams, Params
 from llm.corpus.tables import CLEAN_ARROW_SCHEMA, TableWriter, count_rows, read_row_group, row_groups
 from llm.errors import UserError
 from llm.io import atomic_dir, write_json
+from llm.layout import Layout
 from llm.parallel import ordered_map, resolve_workers
 from llm.progress import progress_enabled
 
@@ -325,10 +324,7 @@ class NearDuplicateIndex:
         self.sketches: list[Any] = []
 
     def seen(self, minhash: Any) -> bool:
-        for key in self.lsh.query(minhash):
-            if self.sketches[key].jaccard(minhash) >= self.threshold:
-                return True
-        return False
+        return any(self.sketches[key].jaccard(minhash) >= self.threshold for key in self.lsh.query(minhash))
 
     def add(self, minhash: Any) -> None:
         self.lsh.insert(len(self.sketches), minhash)
@@ -352,8 +348,10 @@ class FilterReport:
         return out
 
 
-def clean(params: CleanParams, seed: int, raw_dir: Path, out_dir: Path, report_path: Path) -> dict:
+def clean(params: Params, layout: Layout) -> dict:
     """Clean the raw table into the clean table; return (and write) the filter report."""
+    params, seed = params.clean, params.seed
+    raw_dir, out_dir, report_path = layout.raw, layout.clean, layout.metrics("clean")
     workers = resolve_workers(params.num_workers)
     total_docs = count_rows(raw_dir)
     log.info("clean: %d documents from %s with %d worker(s)", total_docs, raw_dir, workers)

@@ -7,29 +7,57 @@ A source string from `ingest.sources` is one of
 
 Each file becomes documents by its name: .txt/.md/anything textual is one document; .jsonl
 and .json hold records with a text field; .parquet has a text column; .zip/.tar/.tar.gz/.tgz
-archives are opened and their members read the same way; a trailing .gz is decompressed.
-Files are visited in sorted order, so the same sources always give the same document order.
+archives are opened and their members read the same way; a trailing .gz/.bz2/.xz/.zst is
+decompressed. Files are visited in sorted order, so the same sources always give the same
+document order.
+
+Files are streamed (llm/corpus/streaming.py), never read whole: a file, record or archive member
+larger than ingest.max_document_bytes becomes several documents, `URI#part-0`, `URI#part-1`, ...
+A record or file that cannot be read (invalid JSON, no text field, a corrupt .gz, no permission)
+is a bad record: counted with an example and skipped, or fatal under ingest.on_bad_record: fail;
+more than ingest.max_bad_fraction of them fails the stage.
 """
 
 from __future__ import annotations
 
-import codecs
+import bz2
 import glob as globlib
 import gzip
 import importlib.util
-import io
 import json
+import lzma
+import re
+import shutil
 import tarfile
+import tempfile
 import unicodedata
 import zipfile
+import zlib
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator
 
+import pyarrow as pa
+
+from llm.config import IngestParams
+from llm.corpus.streaming import (
+    JsonStreamError,
+    decode_utf8,
+    decoded_chunks,
+    iter_json_records,
+    iter_lines,
+    read_head,
+    split_into_parts,
+)
 from llm.errors import UserError
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 SNIFF_BYTES = 8192
+# A JSON record is parsed whole, so its size is capped: a longer one is a bad record, which keeps
+# a .jsonl line of a decompression bomb from taking unbounded memory.
+MAX_RECORD_BYTES = 64 << 20
+MAX_BAD_EXAMPLES = 10
 _ALLOWED_CONTROLS = set("\t\n\r\f\v\b")
 
 
@@ -44,11 +72,15 @@ class Document:
 
 @dataclass
 class ReadCounts:
-    """What reading saw, by reason. Becomes part of the ingest report."""
+    """What reading saw, by reason. Becomes the ingest report (metrics/ingest.json)."""
 
     files: int = 0
     documents: int = 0
     bytes: int = 0
+    records: int = 0  # read whole: a text file, a JSON record, a Parquet row
+    bad_records: int = 0  # records and files that could not be read, skipped
+    bad_record_examples: list[str] = field(default_factory=list)  # the first few, "file:line: why"
+    inputs_cut_into_parts: int = 0  # files and records larger than ingest.max_document_bytes
     binary_files_skipped: int = 0
     empty_dropped: int = 0
     invalid_utf8_documents: int = 0
@@ -56,37 +88,39 @@ class ReadCounts:
     per_source: dict[str, int] = field(default_factory=dict)
     skipped_examples: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        # Per file: (bad records, the first), for the failure message; not a field, so not reported.
+        self.bad_by_file: dict[str, tuple[int, str]] = {}
+
     def skipped(self, what: str) -> None:
         """Remember the first few skipped files, for the log."""
         if len(self.skipped_examples) < 20:
             self.skipped_examples.append(what)
 
+    def bad(self, file: str, example: str) -> None:
+        """Count a bad record of `file`; `example` is "file:line: why"."""
+        self.bad_records += 1
+        if len(self.bad_record_examples) < MAX_BAD_EXAMPLES:
+            self.bad_record_examples.append(example)
+        n, first = self.bad_by_file.get(file, (0, example))
+        self.bad_by_file[file] = (n + 1, first)
+
+    def check_bad_fraction(self, max_fraction: float) -> None:
+        """Fail when more than max_fraction of the records were bad: a wrong ingest.text_field
+        skips every record, and that must stop the stage rather than leave an empty corpus."""
+        total = self.records + self.bad_records
+        if not self.bad_records or self.bad_records / total <= max_fraction:
+            return
+        worst = max(self.bad_by_file, key=lambda f: self.bad_by_file[f][0])
+        n, first = self.bad_by_file[worst]
+        raise UserError(
+            f"ingest: {self.bad_records} of {total} records are bad ({self.bad_records / total:.1%}, more than "
+            f"ingest.max_bad_fraction {max_fraction:g}); {n} in {worst}, first {first}; "
+            f"check ingest.text_field, or raise ingest.max_bad_fraction to skip them (ingest.on_bad_record: fail stops at the first)"
+        )
+
 
 # ----------------------------------------------------------------------------- decoding
-class _ErrorCounter:
-    """A codec error handler that replaces undecodable bytes with U+FFFD and counts them."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def __call__(self, err: UnicodeDecodeError) -> tuple[str, int]:
-        self.count += 1
-        return "\ufffd", err.end
-
-
-def decode_utf8(data: bytes) -> tuple[str, int]:
-    """Decode UTF-8 (BOM dropped); invalid sequences become U+FFFD. Returns (text, n_invalid)."""
-    try:
-        return data.decode("utf-8-sig"), 0
-    except UnicodeDecodeError:
-        pass
-    counter = _ErrorCounter()
-    name = f"llm-count-{id(counter)}"
-    codecs.register_error(name, counter)
-    text = data.decode("utf-8-sig", errors=name)
-    return text, counter.count
-
-
 def looks_binary(data: bytes, max_control_fraction: float) -> bool:
     """NUL bytes, or too many control / undecodable characters in the first 8 KiB."""
     head = data[:SNIFF_BYTES]
@@ -111,7 +145,7 @@ class Entry:
 
     uri: str
     name: str
-    open: Callable[[], BinaryIO]
+    open: Callable[[], AbstractContextManager[BinaryIO]]
 
 
 def _has_glob(s: str) -> bool:
@@ -138,8 +172,9 @@ def resolve_source(source: str, root: Path, key: str) -> list[Entry]:
         return _fsspec_entries(source, key)
 
     def uri_of(p: Path) -> str:
+        # The file's own name, not a symlink's target: a dangling link names itself.
         try:
-            return p.resolve().relative_to(root.resolve()).as_posix()
+            return (p.parent.resolve() / p.name).relative_to(root.resolve()).as_posix()
         except ValueError:
             return p.as_posix()
 
@@ -148,7 +183,7 @@ def resolve_source(source: str, root: Path, key: str) -> list[Entry]:
         base = root / base
     if _has_glob(source):
         matches = sorted(Path(p) for p in globlib.glob(str(base), recursive=True))
-        matches = [p for p in matches if p.is_file()]
+        matches = [p for p in matches if _is_file(p)]
         if not matches:
             raise UserError(f"{key}: glob matches no files: {source}")
         return [e for p in matches for e in _local_entries(p, uri_of)]
@@ -173,8 +208,14 @@ def inbox_entries(inbox: str, root: Path) -> list[Entry]:
     return resolve_source(inbox, root, "ingest.inbox") if any(_files(base)) else []
 
 
+def _is_file(path: Path) -> bool:
+    """A file, or a symlink to nothing: listed, so that reading it fails as a bad record
+    rather than the file silently missing from the corpus."""
+    return path.is_file() or (path.is_symlink() and not path.exists())
+
+
 def _files(directory: Path) -> Iterator[Path]:
-    return (p for p in directory.rglob("*") if p.is_file() and not _hidden(p.relative_to(directory)))
+    return (p for p in directory.rglob("*") if _is_file(p) and not _hidden(p.relative_to(directory)))
 
 
 def watched_files(sources: list[str], inbox: str, root: Path) -> dict[str, tuple[int, int]]:
@@ -189,7 +230,10 @@ def watched_files(sources: list[str], inbox: str, root: Path) -> dict[str, tuple
 
 
 def _stat(path: Path) -> tuple[int, int]:
-    st = path.stat()
+    try:
+        st = path.stat()
+    except OSError:  # a dangling symlink: the link itself
+        st = path.lstat()
     return st.st_mtime_ns, st.st_size
 
 
@@ -224,7 +268,7 @@ def _fsspec_entries(source: str, key: str) -> list[Entry]:
     return [Entry(f.full_name, f.full_name.rsplit("/", 1)[-1], f.open) for f in ordered]
 
 
-# ----------------------------------------------------------------------------- readers
+# ----------------------------------------------------------------------------- opening
 def _suffix_of(name: str) -> str:
     lower = name.lower()
     for s in ARCHIVE_SUFFIXES:
@@ -233,38 +277,128 @@ def _suffix_of(name: str) -> str:
     return Path(lower).suffix
 
 
-class Reader:
-    """Turns entries into documents, counting what it skips."""
+def _zstd_reader(raw: BinaryIO) -> BinaryIO:
+    """zstd through pyarrow, already a dependency (the standard library has no zstd before 3.14)."""
+    return pa.CompressedInputStream(pa.PythonFile(raw, mode="r"), "zstd")  # type: ignore[return-value]
 
-    def __init__(self, source: str, text_field: str, max_binary_fraction: float, counts: ReadCounts):
+
+# Each wraps a raw stream in one that decompresses as it is read, a chunk at a time.
+DECOMPRESSORS: dict[str, Callable[[BinaryIO], BinaryIO]] = {
+    ".gz": lambda raw: gzip.GzipFile(fileobj=raw, mode="rb"),  # type: ignore[dict-item]
+    ".bz2": lambda raw: bz2.BZ2File(raw),  # type: ignore[dict-item]
+    ".xz": lambda raw: lzma.LZMAFile(raw),  # type: ignore[dict-item]
+    ".zst": _zstd_reader,
+}
+
+# What reading a file may raise when the file, not the code, is at fault: no permission, gone,
+# corrupt or truncated compression, a broken archive or Parquet file.
+UNREADABLE = (OSError, EOFError, zlib.error, lzma.LZMAError, zipfile.BadZipFile, tarfile.TarError, pa.ArrowException)
+
+
+def _decompressed(entry: Entry, suffix: str) -> Entry:
+    """The entry with its compression suffix removed, opening to the decompressed stream."""
+    decompress = DECOMPRESSORS[suffix]
+
+    @contextmanager
+    def open_decompressed() -> Iterator[BinaryIO]:
+        with entry.open() as raw, decompress(raw) as stream:
+            yield stream
+
+    return Entry(entry.uri, entry.name[: -len(suffix)], open_decompressed)
+
+
+@contextmanager
+def _seekable(stream: BinaryIO) -> Iterator[BinaryIO]:
+    """The stream itself, or its copy in a temporary file: zip and tar need to seek, and a copy
+    on disk keeps a big archive out of memory."""
+    if stream.seekable():
+        yield stream
+        return
+    with tempfile.TemporaryFile() as copy:
+        shutil.copyfileobj(stream, copy)
+        copy.seek(0)
+        yield copy  # type: ignore[misc]
+
+
+def _why_unreadable(e: BaseException) -> str:
+    if isinstance(e, (zipfile.BadZipFile, tarfile.TarError)):
+        return f"not a readable archive: {e}"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror  # "Permission denied", without the absolute path
+    return str(e) or type(e).__name__
+
+
+class BadRecord(ValueError):
+    """A record without usable text; the message says why."""
+
+
+def record_text(record: object, text_field: str) -> str:
+    """The text of a JSON record: the record itself when it is a string, else its text field."""
+    if isinstance(record, str):
+        return record
+    if not isinstance(record, dict):
+        raise BadRecord(f"expected a JSON object with field {text_field!r}, got {type(record).__name__}")
+    if text_field not in record:
+        raise BadRecord(f"record has no field {text_field!r} (set ingest.text_field)")
+    value = record[text_field]
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise BadRecord(f"field {text_field!r} is {type(value).__name__}, not a string")
+    return value
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _without_lone_surrogates(text: str) -> tuple[str, int]:
+    """JSON may escape half a surrogate pair ("\\ud800"), which has no UTF-8: it becomes U+FFFD
+    and counts as an invalid sequence, like an undecodable byte."""
+    return _LONE_SURROGATE.subn("\ufffd", text)
+
+
+# ----------------------------------------------------------------------------- readers
+class Reader:
+    """Turns entries into documents, counting what it skips. What cannot be read is a bad
+    record: counted with an example, or fatal under ingest.on_bad_record: fail."""
+
+    def __init__(self, source: str, params: IngestParams, counts: ReadCounts):
         self.source = source
-        self.text_field = text_field
-        self.max_binary_fraction = max_binary_fraction
+        self.params = params
         self.counts = counts
 
     def read(self, entry: Entry) -> Iterator[Document]:
+        """The documents of one file or archive; one that cannot be read is a bad record (the
+        documents it gave before failing are kept)."""
+        try:
+            yield from self._read_any(entry)
+        except UNREADABLE as e:
+            self._bad(entry.uri, entry.uri, f"cannot read: {_why_unreadable(e)}")
+
+    def _read_any(self, entry: Entry) -> Iterator[Document]:
         suffix = _suffix_of(entry.name)
         if suffix in ARCHIVE_SUFFIXES:
             yield from self._archive(entry, suffix)
-            return
-        self.counts.files += 1
-        yield from self._read_file(entry, suffix)
-
-    def _read_file(self, entry: Entry, suffix: str) -> Iterator[Document]:
-        if suffix == ".gz":
-            inner = entry.name[:-3]
-            opener = entry.open
-            yield from self._read_file(Entry(entry.uri, inner, lambda: gzip.open(opener(), "rb")), _suffix_of(inner))  # type: ignore[arg-type,return-value]
-        elif suffix in (".jsonl", ".ndjson"):
-            yield from self._jsonl(entry)
-        elif suffix == ".json":
-            yield from self._json(entry)
-        elif suffix == ".parquet":
-            yield from self._parquet(entry)
+        elif suffix in DECOMPRESSORS:
+            yield from self._read_any(_decompressed(entry, suffix))
         else:
-            yield from self._text_file(entry)
+            self.counts.files += 1
+            if suffix in (".jsonl", ".ndjson"):
+                yield from self._jsonl(entry)
+            elif suffix == ".json":
+                yield from self._json(entry)
+            elif suffix == ".parquet":
+                yield from self._parquet(entry)
+            else:
+                yield from self._text_file(entry)
 
-    def _emit(self, uri: str, text: str, n_errors: int) -> Iterator[Document]:
+    def _bad(self, file: str, where: str, why: str) -> None:
+        why = " ".join(why.split())  # one line, whatever the exception said
+        if self.params.on_bad_record == "fail":
+            raise UserError(f"{where}: {why} (ingest.on_bad_record: fail)")
+        self.counts.bad(file, f"{where}: {why}")
+
+    def _emit(self, uri: str, text: str, n_errors: int, n_bytes: int) -> Iterator[Document]:
         if not text.strip():
             self.counts.empty_dropped += 1
             self.counts.skipped(f"empty: {uri}")
@@ -272,103 +406,121 @@ class Reader:
         if n_errors:
             self.counts.invalid_utf8_documents += 1
             self.counts.invalid_utf8_sequences += n_errors
-        yield Document(self.source, uri, text, n_errors, len(text.encode("utf-8")))
+        yield Document(self.source, uri, text, n_errors, n_bytes)
+
+    def _emit_parts(self, uri: str, chunks: Iterable[tuple[str, int]]) -> Iterator[Document]:
+        """The text of `chunks` as one document named `uri`, or, past max_document_bytes, as
+        documents named `uri#part-0`, `uri#part-1`, ..."""
+        for part in split_into_parts(chunks, self.params.max_document_bytes):
+            if part.index == 0:
+                self.counts.inputs_cut_into_parts += 1
+            name = uri if part.index is None else f"{uri}#part-{part.index}"
+            yield from self._emit(name, part.text, part.n_decode_errors, part.n_bytes)
+
+    def _emit_record(self, uri: str, text: str, n_errors: int) -> Iterator[Document]:
+        self.counts.records += 1
+        text, n_surrogates = _without_lone_surrogates(text)
+        n_bytes = len(text.encode("utf-8"))
+        if n_bytes <= self.params.max_document_bytes:
+            yield from self._emit(uri, text, n_errors + n_surrogates, n_bytes)
+        else:
+            yield from self._emit_parts(uri, [(text, n_errors + n_surrogates)])
 
     def _text_file(self, entry: Entry) -> Iterator[Document]:
         with entry.open() as f:
-            data = f.read()
-        if looks_binary(data, self.max_binary_fraction):
-            self.counts.binary_files_skipped += 1
-            self.counts.skipped(f"binary: {entry.uri}")
-            return
-        text, n_errors = decode_utf8(data)
-        yield from self._emit(entry.uri, text, n_errors)
-
-    def _record_text(self, record: object, where: str) -> str:
-        if isinstance(record, str):
-            return record
-        if not isinstance(record, dict):
-            raise UserError(f"{where}: expected a JSON object with field {self.text_field!r}, got {type(record).__name__}")
-        if self.text_field not in record:
-            raise UserError(f"{where}: record has no field {self.text_field!r} (set ingest.text_field)")
-        value = record[self.text_field]
-        if value is None:
-            return ""
-        if not isinstance(value, str):
-            raise UserError(f"{where}: field {self.text_field!r} is {type(value).__name__}, not a string")
-        return value
+            head = read_head(f, SNIFF_BYTES)
+            if looks_binary(head, self.params.max_binary_fraction):
+                self.counts.binary_files_skipped += 1
+                self.counts.skipped(f"binary: {entry.uri}")
+                return
+            yield from self._emit_parts(entry.uri, decoded_chunks(f, head))
+        self.counts.records += 1
 
     def _jsonl(self, entry: Entry) -> Iterator[Document]:
         with entry.open() as f:
-            for lineno, raw in enumerate(f, start=1):
+            for lineno, raw in iter_lines(f, MAX_RECORD_BYTES):
+                where = f"{entry.uri}:{lineno}"
+                if raw is None:
+                    self._bad(entry.uri, where, f"line longer than {MAX_RECORD_BYTES} bytes")
+                    continue
                 if not raw.strip():
                     continue
                 line, n_errors = decode_utf8(raw)
-                where = f"{entry.uri}:{lineno}"
                 try:
-                    record = json.loads(line)
+                    text = record_text(json.loads(line), self.params.text_field)
                 except json.JSONDecodeError as e:
-                    raise UserError(f"{where}: not valid JSON: {e.msg}") from None
-                yield from self._emit(where, self._record_text(record, where), n_errors)
+                    self._bad(entry.uri, where, f"not valid JSON: {e.msg}")
+                    continue
+                except BadRecord as e:
+                    self._bad(entry.uri, where, str(e))
+                    continue
+                yield from self._emit_record(where, text, n_errors)
 
     def _json(self, entry: Entry) -> Iterator[Document]:
+        """A top-level array is read one element at a time. Invalid JSON ends the file: what
+        follows cannot be told apart from the error."""
         with entry.open() as f:
-            text, n_errors = decode_utf8(f.read())
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{entry.uri}: not valid JSON: {e.msg} (line {e.lineno})") from None
-        records = data if isinstance(data, list) else [data]
-        for i, record in enumerate(records):
-            where = f"{entry.uri}#{i}"
-            yield from self._emit(where, self._record_text(record, where), n_errors if i == 0 else 0)
+            try:
+                for index, (record, n_errors) in enumerate(iter_json_records(f, MAX_RECORD_BYTES)):
+                    where = f"{entry.uri}#{index}"
+                    try:
+                        text = record_text(record, self.params.text_field)
+                    except BadRecord as e:
+                        self._bad(entry.uri, where, str(e))
+                        continue
+                    yield from self._emit_record(where, text, n_errors)
+            except JsonStreamError as e:
+                self._bad(entry.uri, f"{entry.uri}#{e.index}", f"not valid JSON (line {e.line}): {e.msg}")
 
     def _parquet(self, entry: Entry) -> Iterator[Document]:
         import pyarrow.parquet as pq
 
+        column = self.params.text_field
         with entry.open() as f:
             pf = pq.ParquetFile(f)
-            if self.text_field not in pf.schema_arrow.names:
-                raise UserError(
-                    f"{entry.uri}: no column {self.text_field!r} (columns: {', '.join(pf.schema_arrow.names)}; set ingest.text_field)"
-                )
+            if column not in pf.schema_arrow.names:
+                names = ", ".join(pf.schema_arrow.names)
+                self._bad(entry.uri, entry.uri, f"no column {column!r} (columns: {names}; set ingest.text_field)")
+                return
             row = 0
-            for batch in pf.iter_batches(columns=[self.text_field], batch_size=1024):
+            for batch in pf.iter_batches(columns=[column], batch_size=1024):
                 for value in batch.column(0).to_pylist():
-                    yield from self._emit(f"{entry.uri}#{row}", value or "", 0)
+                    where = f"{entry.uri}#{row}"
                     row += 1
+                    if value is not None and not isinstance(value, str):
+                        self._bad(entry.uri, where, f"column {column!r} is {type(value).__name__}, not a string")
+                        continue
+                    yield from self._emit_record(where, value or "", 0)
 
     def _archive(self, entry: Entry, suffix: str) -> Iterator[Document]:
-        """Members of a zip or tar archive, in name order, each read by its own name."""
-        with entry.open() as f:
-            try:
-                if suffix == ".zip":
-                    archive = zipfile.ZipFile(f if f.seekable() else io.BytesIO(f.read()))
-                    members = [(i.filename, (lambda i=i: archive.open(i))) for i in archive.infolist() if not i.is_dir()]
-                else:
-                    archive = tarfile.open(fileobj=f, mode="r:*")
-                    members = [(m.name, (lambda m=m: archive.extractfile(m))) for m in archive.getmembers() if m.isfile()]
-            except (zipfile.BadZipFile, tarfile.TarError) as e:
-                raise UserError(f"{entry.uri}: not a readable archive: {e}") from None
+        """Members of a zip or tar archive, in name order, each read by its own name. Members are
+        streamed from the archive, so a big (or bomb) member is read like a big file."""
+        with entry.open() as raw, _seekable(raw) as f:
+            if suffix == ".zip":
+                archive = zipfile.ZipFile(f)
+                members = [(i.filename, (lambda i=i: archive.open(i))) for i in archive.infolist() if not i.is_dir()]
+            else:
+                archive = tarfile.open(fileobj=f, mode="r:*")
+                members = [(m.name, (lambda m=m: archive.extractfile(m))) for m in archive.getmembers() if m.isfile()]
             with archive:
                 for name, opener in sorted(members, key=lambda m: m[0]):
                     if not _hidden(Path(name)):
                         yield from self.read(Entry(f"{entry.uri}!{name}", Path(name).name, opener))  # type: ignore[arg-type]
 
 
-def iter_documents(
-    sources: list[str], root: Path, text_field: str, max_binary_fraction: float, counts: ReadCounts, inbox: str = ""
-) -> Iterator[Document]:
+def iter_documents(params: IngestParams, root: Path, counts: ReadCounts) -> Iterator[Document]:
     """Every document of every source, then of the inbox, in a stable order. Sources are
-    resolved up front, so a missing one fails before anything is read."""
-    resolved = [(s, resolve_source(s, root, f"ingest.sources[{i}]")) for i, s in enumerate(sources)]
-    if entries := inbox_entries(inbox, root):
-        resolved.append((inbox, entries))
+    resolved up front, so a missing one fails before anything is read; too many bad records
+    fail at the end, before anything is written."""
+    resolved = [(s, resolve_source(s, root, f"ingest.sources[{i}]")) for i, s in enumerate(params.sources)]
+    if entries := inbox_entries(params.inbox, root):
+        resolved.append((params.inbox, entries))
     for source, entries in resolved:
-        reader = Reader(source, text_field, max_binary_fraction, counts)
+        reader = Reader(source, params, counts)
         for entry in entries:
             for doc in reader.read(entry):
                 counts.documents += 1
                 counts.bytes += doc.n_bytes
                 counts.per_source[source] = counts.per_source.get(source, 0) + 1
                 yield doc
+    counts.check_bad_fraction(params.max_bad_fraction)

@@ -7,8 +7,8 @@ number of documents, so no stage ever holds the corpus in memory.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pandas as pd
 import pyarrow as pa
@@ -194,7 +194,7 @@ class TableWriter:
             self._writer.close()
             self._writer = None
 
-    def __enter__(self) -> "TableWriter":
+    def __enter__(self) -> TableWriter:
         return self
 
     def __exit__(self, exc_type, *exc) -> None:

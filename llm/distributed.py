@@ -1,0 +1,126 @@
+"""Several processes, one training run: torch's elastic launcher starts them, DDP joins them.
+
+`llm train` with train.nproc_per_node x train.nnodes > 1 relaunches itself through
+`torch.distributed.run` (the code behind `torchrun`), so `dvc repro`, `dvc exp run`, the Dagster
+assets and the schedule all train with DDP and nobody types torchrun. The launcher watches the
+workers: when one fails or is killed it stops the others, and the launch ends with one line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from llm.config import TrainParams
+from llm.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where it is used: `llm ingest` does not need it
+    import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the run; a single process is rank 0 of 1."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean over all processes (the value itself in one process). A NaN or inf on any
+        rank makes the result non-finite on every rank, so all of them stop together."""
+        if self.world_size == 1:
+            return value
+        import torch.distributed as tdist
+
+        value = value.detach().clone()
+        tdist.all_reduce(value, op=tdist.ReduceOp.SUM)
+        return value / self.world_size
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is true on one (a time budget reached, say)."""
+        if self.world_size == 1:
+            return flag
+        import torch
+        import torch.distributed as tdist
+
+        t = torch.tensor([1.0 if flag else 0.0])
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def close(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as tdist
+
+            if tdist.is_initialized():
+                tdist.destroy_process_group()
+
+
+def init_distributed(device_type: str) -> Dist:
+    """The launcher sets RANK and WORLD_SIZE; without them this is a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized():
+        tdist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    return Dist(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), world)
+
+
+def processes(tp: TrainParams) -> int:
+    return tp.nproc_per_node * tp.nnodes
+
+
+def under_launcher() -> bool:
+    """True inside a worker the elastic launcher started (or a hand-run torchrun)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+
+
+def launcher_args(tp: TrainParams, run_id: str) -> list[str]:
+    """torchrun's own arguments for the train params: a c10d rendezvous at train.rdzv_endpoint
+    across nodes, on a free local port on one node."""
+    # torchrun's --standalone, spelled out (its handling lives in torchrun's main, not in the
+    # config this module builds): c10d on a free port of this machine.
+    endpoint = tp.rdzv_endpoint or "127.0.0.1:0"
+    return [f"--nproc-per-node={tp.nproc_per_node}", f"--nnodes={tp.nnodes}", "--max-restarts=0",
+            "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={run_id}"]
+
+
+def launch(tp: TrainParams, worker_argv: list[str], run_id: str = "llm-train") -> None:
+    """Run `python -m llm.cli WORKER_ARGV` on nproc_per_node processes per node through
+    torch.distributed.run; a failed or killed worker ends the launch with one UserError."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+    from torch.distributed.run import config_from_args, get_args_parser
+
+    args = get_args_parser().parse_args([*launcher_args(tp, run_id), "-m", "llm.cli", *worker_argv])
+    config, cmd, cmd_args = config_from_args(args)
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+    log.info("train: launching %d process(es) x %d node(s) through torch.distributed.run", tp.nproc_per_node, tp.nnodes)
+    try:
+        elastic_launch(config=config, entrypoint=cmd)(*cmd_args)
+    except ChildFailedError as e:
+        raise UserError(describe_failure(e, processes(tp))) from None
+
+
+def describe_failure(err, world_size: int) -> str:
+    """One line for a failed launch. A worker's own error line (it hands it over in torch
+    elastic's error file) is the message; otherwise how the first failed process ended."""
+    rank, failure = err.get_first_failure()
+    message = failure.message if isinstance(failure.message, str) else ""
+    if failure.exitcode > 0 and message and "To enable traceback" not in message:  # the worker's own line
+        others = len(err.failures) - 1
+        together = f"all {world_size} processes stopped together" if others + 1 == world_size else f"process {rank}; the others were stopped"
+        return f"{message} ({together})"
+    code = failure.exitcode
+    how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+    return f"train: process {rank} of {world_size} {how}; the launch stopped the others (its log is above)"
