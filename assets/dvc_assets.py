@@ -75,15 +75,22 @@ def run_stage(context: dg.AssetExecutionContext, project: Path, stage: Stage, sp
     cmd = [dvc_command(), "repro", "--single-item", *(["--force"] if force else []), stage.name]
     lines = stream(context, cmd, project, f"dvc repro {stage.name}")
     recomputed = any(line.startswith(f"Running stage '{stage.name}'") for line in lines)
-    hashes = locked_hashes(project, stage.name)
-    metadata = {"recomputed": recomputed, "dvc_hashes": dg.MetadataValue.json(hashes)}
+    metadata = {"recomputed": recomputed, **stage_metadata(project, stage.name, spec, context.log.warning)}
+    return dg.MaterializeResult(data_version=data_version(project, stage.name), metadata=metadata)
+
+
+def stage_metadata(project: Path, stage: str, spec: StageSpec | None, warn=None) -> dict:
+    """What a stage's asset page shows: DVC's hashes of its outputs and the per-stage numbers.
+    The same for a Dagster materialization and for a `dvc repro` the sensor reports."""
+    metadata: dict = {"dvc_hashes": dg.MetadataValue.json(locked_hashes(project, stage))}
     if spec is not None and spec.metadata is not None:
         try:
             metadata.update(spec.metadata(Layout.of(project)))
         except Exception as e:  # noqa: BLE001 - the stage succeeded; say what the page lacks, keep the result
-            context.log.warning(f"{stage.name}: no UI metadata: {type(e).__name__}: {e}")
+            if warn is not None:
+                warn(f"{stage}: no UI metadata: {type(e).__name__}: {e}")
             metadata["metadata error"] = f"{type(e).__name__}: {e}"
-    return dg.MaterializeResult(data_version=data_version(project, stage.name), metadata=metadata)
+    return metadata
 
 
 def stage_asset(project: Path, stage: Stage, spec: StageSpec | None = None) -> dg.AssetsDefinition:

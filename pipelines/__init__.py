@@ -21,7 +21,7 @@ from assets.dvc_assets import build_assets
 from assets.ladder import ladder_assets
 from llm.config import load_params
 from pipelines.jobs import build_jobs, retrain_schedule
-from pipelines.sensors import new_raw_files_sensor, scaling_automation_sensor
+from pipelines.sensors import dvc_lock_sensor, new_raw_files_sensor, scaling_automation_sensor
 
 PROJECT = Path(os.environ.get("LLM_PROJECT") or Path(__file__).resolve().parents[1]).resolve()
 
@@ -31,12 +31,15 @@ def build_definitions(project: Path) -> dg.Definitions:
     rungs = list(params.ladder.rungs)
     stage_assets = build_assets(project, STAGE_SPECS)
     stages = [a.key.to_user_string() for a in stage_assets]
+    code_versions = {a.key.to_user_string(): a.code_versions_by_key.get(a.key) for a in stage_assets}
+    upstream = {a.key.to_user_string(): [k.to_user_string() for k in a.asset_deps[a.key]] for a in stage_assets}
     return dg.Definitions(
         assets=[*stage_assets, *ladder_assets(project, rungs)],
         asset_checks=build_checks(project, stages, STAGE_SPECS),
         jobs=build_jobs(stages),
         schedules=[retrain_schedule(params)],
         sensors=[new_raw_files_sensor(project, params.orchestration.sensor_interval_seconds),
+                 dvc_lock_sensor(project, stages, code_versions, upstream, params.orchestration.sensor_interval_seconds),
                  scaling_automation_sensor(params.orchestration.sensor_interval_seconds)],
     )
 

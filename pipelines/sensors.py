@@ -62,3 +62,59 @@ def scaling_automation_sensor(interval_seconds: int) -> dg.AutomationConditionSe
         minimum_interval_seconds=interval_seconds,
         description="Re-plots `scaling` when a rung of `ladder` is materialized",
     )
+
+
+def dvc_lock_sensor(project: Path, stages: list[str], code_versions: dict[str, str | None],
+                    upstream: dict[str, list[str]], interval_seconds: int) -> dg.SensorDefinition:
+    """Records what `dvc repro` (or `dvc exp apply`) built outside Dagster, so the UI shows one
+    truth: each tick reads dvc.lock, and every stage whose outputs' data version differs from
+    its latest materialization in Dagster gets a runless materialization with that data version,
+    the page's metadata, the code version and the data versions of its inputs (so staleness shows)."""
+
+    @dg.sensor(
+        name="dvc_lock",
+        minimum_interval_seconds=interval_seconds,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Records stages that `dvc repro` built outside Dagster (dvc.lock changed) as materializations "
+                    "with DVC's data versions.",
+    )
+    def dvc_lock(context: dg.SensorEvaluationContext):
+        events = lock_events(context.instance, project, stages, code_versions, upstream)
+        if not events:
+            return dg.SkipReason("dvc.lock agrees with Dagster")
+        context.log.info(f"dvc.lock: recording {', '.join(e.asset_key.to_user_string() for e in events)}")
+        return dg.SensorResult(asset_events=events)
+
+    return dvc_lock
+
+
+def lock_events(instance: dg.DagsterInstance, project: Path, stages: list[str], code_versions: dict[str, str | None],
+                upstream: dict[str, list[str]]) -> list[dg.AssetMaterialization]:
+    """The materializations that would bring Dagster level with dvc.lock, in DAG order."""
+    from assets import STAGE_SPECS
+    from assets.dvc_assets import data_version, stage_metadata
+
+    versions = {s: data_version(project, s) for s in stages}
+    events = []
+    for stage in stages:
+        version = versions[stage]
+        latest = _latest(instance, stage)
+        if version is None or (latest is not None and latest.asset_materialization.tags.get("dagster/data_version") == version.value):
+            continue
+        tags = {"dagster/data_version": version.value, "llm/recorded_from": "dvc.lock"}
+        if code_versions.get(stage):
+            tags["dagster/code_version"] = code_versions[stage]
+        for parent in upstream.get(stage, []):
+            if versions.get(parent) is not None:
+                tags[f"dagster/input_data_version/{parent}"] = versions[parent].value
+                record = _latest(instance, parent)
+                tags[f"dagster/input_event_pointer/{parent}"] = str(record.storage_id) if record else "NULL"
+        metadata = {"recomputed": "outside Dagster (dvc repro)", **stage_metadata(project, stage, STAGE_SPECS.get(stage))}
+        events.append(dg.AssetMaterialization(asset_key=stage, metadata=metadata, tags=tags,
+                                              description="built by `dvc repro` outside Dagster; recorded from dvc.lock"))
+    return events
+
+
+def _latest(instance: dg.DagsterInstance, stage: str) -> dg.EventLogRecord | None:
+    records = instance.fetch_materializations(dg.AssetKey(stage), limit=1).records
+    return records[0] if records else None

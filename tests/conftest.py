@@ -100,6 +100,7 @@ def built(tmp_path_factory) -> tuple[Path, Params]:
 def copy_repo_files(dest: Path, names: list[str]) -> None:
     for name in names:
         src = REPO / name
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
         if src.is_dir():
             shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
@@ -126,10 +127,11 @@ def make_dvc_project(root: Path, n_plays: int, max_chars: int, **override: Any) 
     spelled out, as in the project's params.yaml: dvc exp run -S needs the key there)."""
     from llm.config import parse_params
 
-    copy_repo_files(root, ["llm", "dvc.yaml", ".dvcignore", ".gitignore"])
+    # The inbox (a dependency of ingest) comes as a checkout has it: data/inbox/.gitkeep, from git.
+    copy_repo_files(root, ["llm", "dvc.yaml", ".dvcignore", ".gitignore", "data/inbox/.gitkeep"])
     write_corpus_slice(root / "corpus", n_plays=n_plays, max_chars=max_chars)
     write_params(root, parse_params(small_params(["corpus"], **override)).model_dump(mode="json"))
-    (root / "data" / "inbox").mkdir(parents=True)  # a dependency of ingest (make setup creates it)
     run(["git", "init", "-q"], root)
     run([dvc_bin(), "init", "-q"], root)
+    copy_repo_files(root, [".dvc/config"])  # the project's DVC settings (analytics off)
     return root

@@ -15,10 +15,10 @@ from llm.corpus.clean import (
     dedup_key,
     fix_unicode,
     normal_words,
-    shingles,
     normalize_whitespace,
     quality_failure,
     redact_pii,
+    shingles,
     strip_markdown,
 )
 from llm.corpus.ingest import ingest
@@ -26,11 +26,7 @@ from llm.errors import UserError
 from llm.layout import Layout
 from tests.conftest import plays_dir
 
-WORDS = (
-    "the king queen lord lady sword crown night day love death honour blood heaven earth speak "
-    "hear thee thou shall would never ever again forth hither whither noble gentle fair foul "
-    "storm sea ship land castle gate wall tower battle peace war friend foe heart mind soul"
-).split()
+WORDS = ["the", "king", "queen", "lord", "lady", "sword", "crown", "night", "day", "love", "death", "honour", "blood", "heaven", "earth", "speak", "hear", "thee", "thou", "shall", "would", "never", "ever", "again", "forth", "hither", "whither", "noble", "gentle", "fair", "foul", "storm", "sea", "ship", "land", "castle", "gate", "wall", "tower", "battle", "peace", "war", "friend", "foe", "heart", "mind", "soul"]
 
 
 def prose(n_words: int, seed: int) -> str:

@@ -71,7 +71,7 @@ def test_a_users_own_stage_materializes_and_a_broken_page_does_not_fail_it(tmp_p
     (tmp_path / "dvc.yaml").write_text("stages:\n  hello:\n    cmd: echo hello > hello.txt\n    outs: [hello.txt]\n")
     run(["git", "init", "-q"], tmp_path)
     run([dvc_bin(), "init", "-q"], tmp_path)
-    broken = StageSpec("mine", metadata=lambda project: {"size": (project / "missing.json").stat().st_size})
+    broken = StageSpec("mine", metadata=lambda layout: {"size": (layout.root / "missing.json").stat().st_size})
     with dg.instance_for_test() as instance:
         result = dg.materialize(build_assets(tmp_path, {"hello": broken}), instance=instance)
     meta = materializations(result)["hello"].metadata
@@ -221,6 +221,29 @@ def test_dagster_and_dvc_repro_give_the_same_artifacts(materialized, tmp_path: P
         assert a[stage]["outs"] == b[stage]["outs"], stage
     final = [o for o in a["train"]["outs"] if o["path"] == "models/final"]
     assert final and final == [o for o in b["train"]["outs"] if o["path"] == "models/final"]
+
+    # Dagster then shows what `dvc repro` built: the dvc_lock sensor records every stage with
+    # the data version a Dagster materialization of the same bytes has, and the page's metadata.
+    from pipelines import build_definitions
+
+    defs = build_definitions(other)
+    sensor = next(s for s in defs.sensors if s.name == "dvc_lock")
+    dagster_versions = {k: m.tags["dagster/data_version"] for k, m in materializations(materialized[3]).items()}
+    with dg.instance_for_test() as instance:
+        result = sensor(dg.build_sensor_context(instance=instance, definitions=defs))
+        events = {e.asset_key.to_user_string(): e for e in result.asset_events}
+        assert list(events) == STAGES  # in DAG order
+        for stage in ("ingest", "clean", "tokenizer", "shards"):
+            assert events[stage].tags["dagster/data_version"] == dagster_versions[stage], stage
+        assert events["clean"].tags["dagster/input_data_version/ingest"] == events["ingest"].tags["dagster/data_version"]
+        assert events["evaluate"].metadata["val_bpb"].value == read_json(other / "metrics" / "eval.json")["val_bpb"]
+        assert events["train"].metadata["loss curve"].value.startswith("![train and val loss per step](data:image/png")
+        for event in result.asset_events:
+            instance.report_runless_asset_event(event)
+        again = sensor(dg.build_sensor_context(instance=instance, definitions=defs))
+        assert isinstance(again, dg.SkipReason) and "agrees" in again.skip_message
+        latest = instance.fetch_materializations(dg.AssetKey("evaluate"), limit=1).records[0]
+        assert latest.asset_materialization.tags["dagster/data_version"] == events["evaluate"].tags["dagster/data_version"]
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict
+
 from tqdm import tqdm
 
 from llm.config import Params

@@ -33,10 +33,11 @@ import tempfile
 import unicodedata
 import zipfile
 import zlib
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Iterator
+from typing import BinaryIO
 
 import pyarrow as pa
 
@@ -277,18 +278,19 @@ def _suffix_of(name: str) -> str:
     return Path(lower).suffix
 
 
-def _zstd_reader(raw: BinaryIO) -> BinaryIO:
-    """zstd through pyarrow, already a dependency (the standard library has no zstd before 3.14)."""
+COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")
+
+
+def _decompressing(raw: BinaryIO, suffix: str) -> BinaryIO:
+    """A stream that decompresses `raw` as it is read, a chunk at a time."""
+    if suffix == ".gz":
+        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
+    if suffix == ".bz2":
+        return bz2.BZ2File(raw)  # type: ignore[return-value]
+    if suffix == ".xz":
+        return lzma.LZMAFile(raw)  # type: ignore[return-value]
+    # zstd through pyarrow, already a dependency: the standard library has none before 3.14.
     return pa.CompressedInputStream(pa.PythonFile(raw, mode="r"), "zstd")  # type: ignore[return-value]
-
-
-# Each wraps a raw stream in one that decompresses as it is read, a chunk at a time.
-DECOMPRESSORS: dict[str, Callable[[BinaryIO], BinaryIO]] = {
-    ".gz": lambda raw: gzip.GzipFile(fileobj=raw, mode="rb"),  # type: ignore[dict-item]
-    ".bz2": lambda raw: bz2.BZ2File(raw),  # type: ignore[dict-item]
-    ".xz": lambda raw: lzma.LZMAFile(raw),  # type: ignore[dict-item]
-    ".zst": _zstd_reader,
-}
 
 # What reading a file may raise when the file, not the code, is at fault: no permission, gone,
 # corrupt or truncated compression, a broken archive or Parquet file.
@@ -297,11 +299,10 @@ UNREADABLE = (OSError, EOFError, zlib.error, lzma.LZMAError, zipfile.BadZipFile,
 
 def _decompressed(entry: Entry, suffix: str) -> Entry:
     """The entry with its compression suffix removed, opening to the decompressed stream."""
-    decompress = DECOMPRESSORS[suffix]
 
     @contextmanager
     def open_decompressed() -> Iterator[BinaryIO]:
-        with entry.open() as raw, decompress(raw) as stream:
+        with entry.open() as raw, _decompressing(raw, suffix) as stream:
             yield stream
 
     return Entry(entry.uri, entry.name[: -len(suffix)], open_decompressed)
@@ -318,6 +319,17 @@ def _seekable(stream: BinaryIO) -> Iterator[BinaryIO]:
         shutil.copyfileobj(stream, copy)
         copy.seek(0)
         yield copy  # type: ignore[misc]
+
+
+def _open_archive(f: BinaryIO, suffix: str) -> zipfile.ZipFile | tarfile.TarFile:
+    return zipfile.ZipFile(f) if suffix == ".zip" else tarfile.open(fileobj=f, mode="r:*")
+
+
+def _members(archive: zipfile.ZipFile | tarfile.TarFile) -> list[tuple[str, Callable[[], BinaryIO]]]:
+    """(name, opener) of each file in the archive."""
+    if isinstance(archive, zipfile.ZipFile):
+        return [(i.filename, (lambda i=i: archive.open(i))) for i in archive.infolist() if not i.is_dir()]  # type: ignore[misc]
+    return [(m.name, (lambda m=m: archive.extractfile(m))) for m in archive.getmembers() if m.isfile()]  # type: ignore[misc]
 
 
 def _why_unreadable(e: BaseException) -> str:
@@ -379,7 +391,7 @@ class Reader:
         suffix = _suffix_of(entry.name)
         if suffix in ARCHIVE_SUFFIXES:
             yield from self._archive(entry, suffix)
-        elif suffix in DECOMPRESSORS:
+        elif suffix in COMPRESSION_SUFFIXES:
             yield from self._read_any(_decompressed(entry, suffix))
         else:
             self.counts.files += 1
@@ -495,17 +507,10 @@ class Reader:
     def _archive(self, entry: Entry, suffix: str) -> Iterator[Document]:
         """Members of a zip or tar archive, in name order, each read by its own name. Members are
         streamed from the archive, so a big (or bomb) member is read like a big file."""
-        with entry.open() as raw, _seekable(raw) as f:
-            if suffix == ".zip":
-                archive = zipfile.ZipFile(f)
-                members = [(i.filename, (lambda i=i: archive.open(i))) for i in archive.infolist() if not i.is_dir()]
-            else:
-                archive = tarfile.open(fileobj=f, mode="r:*")
-                members = [(m.name, (lambda m=m: archive.extractfile(m))) for m in archive.getmembers() if m.isfile()]
-            with archive:
-                for name, opener in sorted(members, key=lambda m: m[0]):
-                    if not _hidden(Path(name)):
-                        yield from self.read(Entry(f"{entry.uri}!{name}", Path(name).name, opener))  # type: ignore[arg-type]
+        with entry.open() as raw, _seekable(raw) as f, _open_archive(f, suffix) as archive:
+            for name, opener in sorted(_members(archive), key=lambda m: m[0]):
+                if not _hidden(Path(name)):
+                    yield from self.read(Entry(f"{entry.uri}!{name}", Path(name).name, opener))  # type: ignore[arg-type]
 
 
 def iter_documents(params: IngestParams, root: Path, counts: ReadCounts) -> Iterator[Document]:

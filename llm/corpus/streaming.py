@@ -20,8 +20,9 @@ import itertools
 import json
 import re
 import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Iterable, Iterator
+from typing import BinaryIO
 
 CHUNK_BYTES = 1 << 20
 
@@ -99,11 +100,9 @@ def cut_point(buf: bytes | bytearray, max_bytes: int) -> int:
     max_bytes, else after the last line end, else at the last character start. Boundaries in the
     first half are passed over, so that no part is less than half full."""
     half = max_bytes // 2
-    last = None
-    for last in _BLANK_LINE.finditer(buf, half, max_bytes):
-        pass
-    if last is not None:
-        return last.end()
+    blank_line_ends = [m.end() for m in _BLANK_LINE.finditer(buf, half, max_bytes)]
+    if blank_line_ends:
+        return blank_line_ends[-1]
     newline = buf.rfind(b"\n", half, max_bytes)
     if newline >= 0:
         return newline + 1
