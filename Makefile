@@ -77,18 +77,12 @@ MLFLOW_PORT ?= 5000
 DAGSTER_PORT ?= 3000
 
 
-# The Dagster UI (assets derived from dvc.yaml) and the MLflow UI, both on loopback only.
+# The Dagster UI (assets derived from dvc.yaml) and the MLflow UI, both on loopback only. One
+# supervisor (pipelines/ui.py) stops both process trees on Ctrl-C, on SIGTERM to make (a script,
+# a service manager) and when either server dies. exec: make's signal goes straight to it.
 ui: setup
-	@echo "Dagster UI: http://127.0.0.1:$(DAGSTER_PORT)"
-	@echo "MLflow UI:  http://127.0.0.1:$(MLFLOW_PORT)"
-	@# Each server in a process group of its own (set -m); Ctrl-C, or a signal to make, stops both
-	@# whole trees (dagster dev shuts its webserver, daemon and code servers down on SIGINT).
-	@set -m; \
-	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" --host 127.0.0.1 --port $(MLFLOW_PORT) & mlflow=$$!; \
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(DAGSTER_PORT) & dagster=$$!; \
-	trap 'kill -INT -- -$$dagster 2>/dev/null; kill -TERM -- -$$mlflow 2>/dev/null; wait' EXIT; \
-	trap 'exit 130' INT TERM HUP; \
-	wait $$dagster
+	PATH=$(CURDIR)/$(BIN):$$PATH exec $(BIN)/python -m pipelines.ui --dagster-port $(DAGSTER_PORT) --mlflow-port $(MLFLOW_PORT) \
+		--mlflow-store "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}"
 
 clean-env:
 	rm -rf $(VENV) $(DVC_VENV)

@@ -14,12 +14,13 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
 
 from assets import ui
-from assets.dvc_project import Stage, locked_hashes, read_stages
+from assets.dvc_project import Stage, code_deps, code_version, locked_hashes, read_stages
 from assets.spec import StageSpec
 from llm.layout import Layout
 
@@ -43,11 +44,13 @@ def data_version(project: Path, stage: str) -> dg.DataVersion | None:
     return dg.DataVersion(hashlib.sha256(blob).hexdigest()[:16])
 
 
-def stream(context: dg.AssetExecutionContext, cmd: list[str], cwd: Path, what: str) -> list[str]:
-    """Run cmd in cwd, each output line into the run log as it comes; a failure names `what`."""
+def stream(context: dg.AssetExecutionContext, cmd: list[str], cwd: Path, what: str, extra_env: dict[str, str] | None = None,
+           on_line: Callable[[], None] | None = None) -> list[str]:
+    """Run cmd in cwd, each output line into the run log as it comes (then on_line()); a failure
+    names `what`."""
     # The stage commands (`llm ...`) come from this environment, as dvc does.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {**os.environ, "PATH": path, "DAGSTER_RUN_ID": context.run.run_id, "LLM_PROGRESS": "0"}
+    env = {**os.environ, "PATH": path, "DAGSTER_RUN_ID": context.run.run_id, "LLM_PROGRESS": "0", **(extra_env or {})}
     context.log.info(f"{' '.join(Path(c).name if i == 0 else c for i, c in enumerate(cmd))} in {cwd}")
     lines: list[str] = []
     with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
@@ -57,10 +60,28 @@ def stream(context: dg.AssetExecutionContext, cmd: list[str], cwd: Path, what: s
             if line:
                 lines.append(line)
                 context.log.info(line)
+            if on_line is not None:
+                on_line()
     if proc.returncode != 0:
         raise dg.Failure(description=f"{what} failed (exit {proc.returncode}): {lines[-1] if lines else 'no output'}",
                          metadata={"output": ui.fenced("\n".join(lines[-40:]))})
     return lines
+
+
+class LiveMetrics:
+    """Step metrics a stage sends over Dagster Pipes (custom messages) -> asset observations."""
+
+    def __init__(self, context: dg.AssetExecutionContext, asset: str, session: dg.PipesSession):
+        self.context, self.asset, self.session, self.seen = context, asset, session, 0
+
+    def drain(self) -> None:
+        messages = self.session.get_custom_messages()
+        for message in messages[self.seen:]:
+            if isinstance(message, dict) and "step" in message:
+                metadata = {k: float(v) for k, v in message.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                self.context.log_event(dg.AssetObservation(asset_key=self.asset, metadata=metadata,
+                                                           description=f"step {message['step']}"))
+        self.seen = len(messages)
 
 
 class StageRun(dg.Config):
@@ -73,7 +94,16 @@ class StageRun(dg.Config):
 def run_stage(context: dg.AssetExecutionContext, project: Path, stage: Stage, spec: StageSpec | None = None,
               force: bool = False) -> dg.MaterializeResult:
     cmd = [dvc_command(), "repro", "--single-item", *(["--force"] if force else []), stage.name]
-    lines = stream(context, cmd, project, f"dvc repro {stage.name}")
+    if spec is not None and spec.live:
+        # Dagster Pipes through DVC: the stage reports its step metrics while it runs, and each
+        # becomes an observation of the asset (its Plots tab draws them). DVC stays the executor.
+        with dg.open_pipes_session(context, context_injector=dg.PipesEnvContextInjector(),
+                                   message_reader=dg.PipesTempFileMessageReader()) as session:
+            live = LiveMetrics(context, stage.name, session)
+            lines = stream(context, cmd, project, f"dvc repro {stage.name}", session.get_bootstrap_env_vars(), live.drain)
+        live.drain()
+    else:
+        lines = stream(context, cmd, project, f"dvc repro {stage.name}")
     recomputed = any(line.startswith(f"Running stage '{stage.name}'") for line in lines)
     metadata = {"recomputed": recomputed, **stage_metadata(project, stage.name, spec, context.log.warning)}
     return dg.MaterializeResult(data_version=data_version(project, stage.name), metadata=metadata)
@@ -100,7 +130,9 @@ def stage_asset(project: Path, stage: Stage, spec: StageSpec | None = None) -> d
         description=stage.desc or f"DVC stage {stage.name}: {stage.cmd}",
         group_name=spec.group if spec else GROUP,
         kinds={"dvc"},
-        metadata={"cmd": stage.cmd, "outs": list(stage.outs), "params": list(stage.params)},
+        # Dagster marks the asset stale when this differs from the one its last materialization recorded.
+        code_version=code_version(project, stage),
+        metadata={"cmd": stage.cmd, "outs": list(stage.outs), "params": list(stage.params), "code": list(code_deps(stage))},
     )
     def _asset(context: dg.AssetExecutionContext, config: StageRun) -> dg.MaterializeResult:
         return run_stage(context, project, stage, spec, config.force)

@@ -7,6 +7,8 @@ A stage depends on another when one of its deps is, or lies inside, one of the o
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -67,3 +69,22 @@ def locked_hashes(project: Path, stage: str) -> dict[str, str]:
         return {}
     stages = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {})
     return {o["path"]: o.get("md5", "") for o in stages.get(stage, {}).get("outs", [])}
+
+
+def code_deps(stage: Stage) -> tuple[str, ...]:
+    """The stage's code: the Python files among its deps, sorted."""
+    return tuple(sorted(d for d in stage.deps if d.endswith(".py")))
+
+
+def code_version(project: Path, stage: Stage) -> str:
+    """The version of a stage's code, the way dagster-dbt versions a model by its SQL: a hash of
+    its command and of the content of each Python file among its deps, read now. It changes when,
+    and only when, one of those files or the command changes, which is when DVC reruns the stage
+    for its code. Each file counts by its md5, the hash dvc.lock records for it; a missing file
+    counts as missing (DVC will say so when the stage runs)."""
+    files = {}
+    for dep in code_deps(stage):
+        path = Path(project) / dep
+        files[dep] = hashlib.md5(path.read_bytes()).hexdigest() if path.is_file() else "missing"
+    blob = json.dumps({"cmd": stage.cmd, "code": files}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

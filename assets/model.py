@@ -89,7 +89,8 @@ def beats_bz2(layout: Layout) -> tuple[bool, dict]:
 
 
 SPECS = {
-    "train": StageSpec(GROUP, train_metadata, (Check("loss_sane", training_sane, "losses finite, final val loss below the initial one"),)),
+    "train": StageSpec(GROUP, train_metadata, (Check("loss_sane", training_sane, "losses finite, final val loss below the initial one"),),
+                       live=True),
     "evaluate": StageSpec(GROUP, evaluate_metadata, (Check("beats_bz2", beats_bz2, "val bits per byte below bz2 -9 on the same text"),)),
     "report": StageSpec(GROUP, report_metadata),
 }

@@ -25,3 +25,5 @@ class StageSpec:
     metadata: Callable[[Layout], dict] | None = None
     """Materialization metadata from the stage's outputs (numbers, tables, markdown, images)."""
     checks: tuple[Check, ...] = field(default=())
+    live: bool = False
+    """The stage reports progress over Dagster Pipes while it runs (train: step metrics)."""

@@ -35,8 +35,17 @@ def load_final(directory: str | Path, device: str | torch.device = "cpu") -> tup
     directory = Path(directory)
     if not (directory / WEIGHTS).is_file():
         raise UserError(f"{directory}: no trained model (run `llm train` first)")
-    info = read_json(directory / CONFIG)
-    model = GPT(GPTConfig(**info["model"]))
-    load_model(model, str(directory / WEIGHTS), device=str(device))
+    from safetensors import SafetensorError
+
+    try:
+        info = read_json(directory / CONFIG)
+        model = GPT(GPTConfig(**info["model"]))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{directory / CONFIG}: unreadable model config ({e}); rerun `llm train`") from None
+    try:
+        load_model(model, str(directory / WEIGHTS), device=str(device))
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise UserError(f"{directory / WEIGHTS}: unreadable weights ({str(e).splitlines()[0][:160]}); rerun `llm train` "
+                        "or restore them with `dvc checkout models/final`") from None
     model.to(device).eval()
     return model, Tokenizer(directory / MODEL_FILE), info

@@ -218,9 +218,28 @@ def open_split(shards_dir: str | Path, split: str) -> list[pa.Table]:
         raise UserError(f"{shards_dir}: no split {split!r} (have: {', '.join(manifest['splits'])})")
     tables = []
     for shard in manifest["splits"][split]["shards"]:
-        source = pa.memory_map(str(Path(shards_dir) / shard["path"]), "r")
-        tables.append(pa.ipc.open_file(source).read_all())
+        path = Path(shards_dir) / shard["path"]
+        try:
+            tables.append(pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all())
+        except (pa.ArrowInvalid, OSError) as e:
+            raise UserError(f"{path}: unreadable shard ({str(e).splitlines()[0][:200]}); {_RESTORE}") from None
     return tables
+
+
+_RESTORE = "rerun `llm shards` (dvc repro --force shards) or restore it with `dvc checkout data/shards`"
+
+
+def verify_shards(shards_dir: str | Path, splits: tuple[str, ...] = SPLITS) -> None:
+    """Every shard's bytes against the sha256 in the manifest: a flipped byte stops training with
+    one line naming the file, before a step is taken on it."""
+    manifest = read_manifest(shards_dir)
+    for split in splits:
+        for shard in manifest["splits"][split]["shards"]:
+            path = Path(shards_dir) / shard["path"]
+            if not path.is_file():
+                raise UserError(f"{path}: shard listed in manifest.json is missing; {_RESTORE}")
+            if file_sha256(path) != shard["sha256"]:
+                raise UserError(f"{path}: sha256 differs from manifest.json (changed or corrupt); {_RESTORE}")
 
 
 def token_stream(table: pa.Table) -> list[np.ndarray]:

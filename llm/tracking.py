@@ -206,15 +206,19 @@ class Tracker:
         self.pending: list = []
         self._ctx = None
         self.run = None
+        self.pipes = None
 
     def __enter__(self) -> Tracker:
         self._ctx = start_run(self.params, self.root, self.tags)
         self.run = self._ctx.__enter__()
+        self.pipes = open_dagster_pipes()
         return self
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
+        if self.pipes is not None and ("tokens_per_sec" in metrics or "val_loss" in metrics):
+            self.pipes.report_custom_message({"step": step, **metrics})  # live in Dagster, at each log line
         now = int(time.time() * 1000)
         self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
         if len(self.pending) >= 200:
@@ -237,9 +241,22 @@ class Tracker:
         return {"mlflow_run_id": self.run.info.run_id, "mlflow_experiment_id": self.run.info.experiment_id}
 
     def __exit__(self, exc_type, *exc) -> None:
+        if self.pipes is not None:
+            self.pipes.close()
         if self._ctx is not None:
             self.flush()
             self._ctx.__exit__(exc_type, *exc)
+
+
+def open_dagster_pipes():
+    """The Dagster Pipes channel when a Dagster asset runs this stage (through DVC), else None.
+    dagster-pipes is the protocol's small client library: no Dagster, no orchestration here."""
+    if not os.environ.get("DAGSTER_PIPES_CONTEXT"):
+        return None
+    from dagster_pipes import PipesContext
+    from dagster_pipes import open_dagster_pipes as open_pipes
+
+    return PipesContext.get() if PipesContext.is_initialized() else open_pipes()
 
 
 class NullTracker:

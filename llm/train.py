@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from llm.io import atomic_dir, atomic_file, write_json
 from llm.layout import Layout
 from llm.model import GPT, GPTConfig
 from llm.progress import progress_enabled
-from llm.shards import read_manifest
+from llm.shards import read_manifest, verify_shards
 from llm.tokenizer import MODEL_FILE
 from llm.tracking import NullTracker, Tracker
 
@@ -127,7 +128,11 @@ def load_checkpoint(path: Path, fp: str) -> dict | None:
     """The checkpoint at path if it was written by a run with the same fingerprint."""
     if not path.is_file():
         return None
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
+    except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError) as e:
+        raise UserError(f"{path}: unreadable checkpoint ({str(e).splitlines()[0][:160]}); "
+                        "`llm train --restart` starts over (or delete the file)") from None
     if ckpt.get("fingerprint") != fp:
         log.info("train: %s belongs to other params or data; starting from scratch", path)
         return None
@@ -249,6 +254,7 @@ def build(params: Params, layout: Layout, device: Device, dist: Dist) -> tuple[T
     """The model, optimizer and data of this run, from scratch (the checkpoint comes after)."""
     tp, mp = params.train, params.model
     manifest = read_manifest(layout.shards)
+    verify_shards(layout.shards)
     torch.manual_seed(params.seed)
     cfg = GPTConfig(vocab_size=manifest["tokenizer"]["vocab_size"], **mp.model_dump())
     model = GPT(cfg).to(device.torch_device)

@@ -26,7 +26,11 @@ from llm.errors import UserError
 from llm.layout import Layout
 from tests.conftest import plays_dir
 
-WORDS = ["the", "king", "queen", "lord", "lady", "sword", "crown", "night", "day", "love", "death", "honour", "blood", "heaven", "earth", "speak", "hear", "thee", "thou", "shall", "would", "never", "ever", "again", "forth", "hither", "whither", "noble", "gentle", "fair", "foul", "storm", "sea", "ship", "land", "castle", "gate", "wall", "tower", "battle", "peace", "war", "friend", "foe", "heart", "mind", "soul"]
+WORDS = (  # noqa: SIM905 - a word list reads better as text
+    "the king queen lord lady sword crown night day love death honour blood heaven earth speak hear thee thou shall "
+    "would never ever again forth hither whither noble gentle fair foul storm sea ship land castle gate wall tower "
+    "battle peace war friend foe heart mind soul"
+).split()
 
 
 def prose(n_words: int, seed: int) -> str:

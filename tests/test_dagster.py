@@ -166,6 +166,20 @@ def test_materializing_every_asset_runs_the_stages_through_dvc(materialized):
 
 
 @pytest.mark.slow
+def test_training_reports_step_metrics_to_dagster_while_it_runs(materialized):
+    """Over Dagster Pipes, through `dvc repro`: observations of train, each before its materialization."""
+    _, _, instance, first, _, _ = materialized
+    observations = instance.fetch_observations(dg.AssetKey("train"), limit=100, ascending=True).records
+    steps = {int(r.asset_observation.metadata["step"].value): r for r in observations}
+    assert sorted(steps) == [2, 3, 4, 6]  # log_interval 2 (tokens/s, MFU, ETA) and eval_interval 3 (val loss)
+    assert {"train_loss", "tokens_per_sec", "mfu", "eta_seconds"} <= set(steps[2].asset_observation.metadata)
+    assert "val_loss" in steps[3].asset_observation.metadata
+    materialization = instance.fetch_materializations(dg.AssetKey("train"), limit=1, ascending=True).records[0]
+    assert all(r.storage_id < materialization.storage_id for r in observations)  # live, not replayed at the end
+    assert all(r.run_id == materialization.run_id for r in observations)
+
+
+@pytest.mark.slow
 def test_force_reruns_a_stage_that_dvc_has_cached(materialized):
     root, defs, instance, *_ = materialized
     assets = [a for a in defs.assets if a.key.to_user_string() in STAGES]
@@ -332,3 +346,63 @@ def test_the_sensor_requests_a_run_when_a_file_lands_in_the_inbox(tmp_path: Path
         (tmp_path / "params.yaml").write_text("ingest: {sources: [missing_dir]}\n")
         broken, _ = tick(cursor)
         assert isinstance(broken, dg.SkipReason) and "no such file or directory: missing_dir" in broken.skip_message
+
+
+# ----------------------------------------------------------------------------- code versions
+def code_versions(project: Path) -> dict[str, str | None]:
+    return {a.key.to_user_string(): a.code_versions_by_key[a.key] for a in build_assets(project, {})}
+
+
+def test_a_stages_code_version_changes_with_its_code_deps_and_nothing_else(tmp_path: Path):
+    stages = {"prepare": {"cmd": "python prepare.py", "deps": ["prepare.py", "lib.py", "raw.txt"], "outs": ["prepared.txt"]},
+              "fit": {"cmd": "python fit.py", "deps": ["fit.py", "prepared.txt"], "outs": ["model.txt"]}}
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    for name in ("prepare.py", "lib.py", "fit.py", "unlisted.py"):
+        (tmp_path / name).write_text(f"# {name}\n")
+    (tmp_path / "raw.txt").write_text("data\n")
+    first = code_versions(tmp_path)
+    assert first["prepare"] and first["fit"] and first["prepare"] != first["fit"]
+    assert code_versions(tmp_path) == first  # deterministic
+    (tmp_path / "lib.py").write_text("# lib.py\n")  # rewritten, same bytes: content counts, not time
+    (tmp_path / "raw.txt").write_text("other data\n")  # a data dep: DVC's hashes, not the code version
+    (tmp_path / "unlisted.py").write_text("# not a dep\n")
+    assert code_versions(tmp_path) == first
+    (tmp_path / "lib.py").write_text("# lib.py, edited\n")
+    edited = code_versions(tmp_path)
+    assert edited["prepare"] != first["prepare"] and edited["fit"] == first["fit"]
+    (tmp_path / "lib.py").write_text("# lib.py\n")
+    assert code_versions(tmp_path) == first
+
+
+def test_every_project_stage_is_versioned_by_its_own_code():
+    stages = {s.name: s for s in read_stages(REPO)}
+    assets = {a.key.to_user_string(): a for a in build_assets(REPO)}
+    versions = {name: a.code_versions_by_key[a.key] for name, a in assets.items()}
+    assert all(versions.values()) and len(set(versions.values())) == len(versions)
+    for name, a in assets.items():
+        code = a.metadata_by_key[a.key]["code"]
+        assert code and code == sorted(d for d in stages[name].deps if d.endswith(".py")), name
+
+
+def test_an_edited_code_dep_marks_the_materialized_asset_stale(tmp_path: Path):
+    """What the UI shows: fresh after a materialization, stale (cause: code) once its code changes."""
+    # Dagster's own resolver behind the UI's staleness; no public API exposes it yet.
+    from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleCauseCategory, StaleStatus
+    from dagster._core.loader import LoadingContextForTest
+
+    (tmp_path / "dvc.yaml").write_text("stages:\n  hello:\n    cmd: python hello.py\n    deps: [hello.py]\n    outs: [hello.txt]\n")
+    (tmp_path / "hello.py").write_text("open('hello.txt', 'w').write('hello\\n')\n")
+    run(["git", "init", "-q"], tmp_path)
+    run([dvc_bin(), "init", "-q"], tmp_path)
+    key = dg.AssetKey("hello")
+
+    def staleness(instance) -> tuple[StaleStatus, list]:
+        graph = dg.Definitions(assets=build_assets(tmp_path, {})).resolve_asset_graph()
+        resolver = CachingStaleStatusResolver(instance, graph, LoadingContextForTest(instance))
+        return resolver.get_status(key), [c.category for c in resolver.get_stale_causes(key)]
+
+    with dg.instance_for_test() as instance:
+        dg.materialize(build_assets(tmp_path, {}), instance=instance)
+        assert staleness(instance) == (StaleStatus.FRESH, [])
+        (tmp_path / "hello.py").write_text("open('hello.txt', 'w').write('hello, world\\n')\n")
+        assert staleness(instance) == (StaleStatus.STALE, [StaleCauseCategory.CODE])

@@ -1,40 +1,62 @@
 """The whole pipeline through `dvc repro` in a temporary git repository, on a slice of the
-default corpus and a model that trains in seconds."""
+default corpus and a model that trains in seconds.
+
+One template repository is reproduced once per module and never changed afterwards; each test
+that runs DVC works on its own copy (shutil.copytree, DVC cache included), so every test stands
+alone: under -k, in any order.
+"""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
 from llm.io import read_json
-from tests.conftest import REPO, copy_repo_files, dvc_bin, make_dvc_project, run, write_params
+from tests.conftest import REPO, dvc_bin, make_dvc_project, run, write_params
+from tests.test_code_deps import stage_closure
 
 pytestmark = pytest.mark.slow
+
+ALL_STAGES = ["ingest", "clean", "tokenizer", "shards", "train", "evaluate", "report"]
+SLICE = {"n_plays": 8, "max_chars": 20_000}
 
 
 def ran_stages(output: str) -> list[str]:
     return re.findall(r"Running stage '(\w+)'", output)
 
 
+@dataclass(frozen=True)
+class Template:
+    root: Path  # read-only: copy it before running anything in it
+    first_repro: str  # what `dvc repro` printed when it built every stage
+
+
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    root = make_dvc_project(tmp_path_factory.mktemp("dvcrepo"), n_plays=8, max_chars=20_000)
-    run([dvc_bin(), "config", "core.analytics", "false"], root)
+def template(tmp_path_factory) -> Template:
+    """A git + DVC repository with every stage built and dvc.lock committed."""
+    root = make_dvc_project(tmp_path_factory.mktemp("dvcrepo"), **SLICE)
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-qm", "pipeline"], root)
-    return root
+    out = run([dvc_bin(), "repro"], root)
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", "reproduced"], root)
+    return Template(root, out)
 
 
-ALL_STAGES = ["ingest", "clean", "tokenizer", "shards", "train", "evaluate", "report"]
+@pytest.fixture
+def repo(template: Template, tmp_path: Path) -> Path:
+    """This test's own copy of the reproduced template."""
+    return Path(shutil.copytree(template.root, tmp_path / "repo", symlinks=True))
 
 
-def test_repro_builds_every_stage(repo: Path):
-    out = run([dvc_bin(), "repro"], repo)
-    assert ran_stages(out) == ALL_STAGES
+def test_repro_builds_every_stage(template: Template, repo: Path):
+    assert ran_stages(template.first_repro) == ALL_STAGES
     for path in ("data/raw", "data/clean", "data/tokenizer/tokenizer.model", "data/shards/manifest.json",
                  "models/checkpoints/last.pt", "models/final/model.safetensors", "metrics/eval.json", "reports/report.html"):
         assert (repo / path).exists(), path
@@ -70,8 +92,24 @@ def test_changing_a_report_param_reruns_only_the_report(repo: Path):
     params["report"]["max_new_tokens"] = 8
     write_params(repo, params)
     assert ran_stages(run([dvc_bin(), "repro"], repo)) == ["report"]
-    run(["git", "add", "-A"], repo)
-    run(["git", "commit", "-qm", "baseline for experiments"], repo)
+
+
+def stale_stages(repo: Path) -> set[str]:
+    return set(json.loads(run([dvc_bin(), "status", "--json"], repo)))
+
+
+@pytest.mark.parametrize("module", ["llm/parallel.py", "llm/device.py"])
+def test_editing_a_module_makes_the_stages_that_import_it_stale(repo: Path, module: str):
+    """An edit to a library module is a changed dep of exactly the stages that import it."""
+    assert stale_stages(repo) == set()
+    with (repo / module).open("a", encoding="utf-8") as f:
+        f.write("# an edit\n")
+    users = {name for name in ALL_STAGES if module in stage_closure(name)}
+    assert stale_stages(repo) == users
+    if module == "llm/parallel.py":  # the data stages' process pool
+        assert {"clean", "shards"} <= users and "ingest" not in users
+    else:  # the model's device: model stages only
+        assert "train" in users and not users & {"ingest", "clean", "tokenizer", "shards"}
 
 
 def test_experiment_with_a_changed_learning_rate(repo: Path):
@@ -85,17 +123,13 @@ def test_experiment_with_a_changed_learning_rate(repo: Path):
     assert '"loss": [{"type": "vega"' in plots and "val_loss" in plots and "train_loss" in plots
 
 
-def test_same_params_and_data_give_the_same_artifacts(repo: Path, tmp_path: Path):
+def test_same_params_and_data_give_the_same_artifacts(template: Template, tmp_path: Path):
     """Determinism: the stages run again elsewhere produce byte-identical outputs (dvc.lock md5s)."""
-    copy_repo_files(tmp_path, ["llm", "dvc.yaml", ".dvcignore"])
-    shutil.copytree(repo / "corpus", tmp_path / "corpus")
-    shutil.copy2(repo / "params.yaml", tmp_path / "params.yaml")
-    (tmp_path / "data" / "inbox").mkdir(parents=True)
-    run(["git", "init", "-q"], tmp_path)
-    run([dvc_bin(), "init", "-q"], tmp_path)
-    run([dvc_bin(), "repro", "shards"], tmp_path)
-    lock_a = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-    lock_b = yaml.safe_load((tmp_path / "dvc.lock").read_text())["stages"]
+    other = make_dvc_project(tmp_path, **SLICE)
+    assert (other / "params.yaml").read_bytes() == (template.root / "params.yaml").read_bytes()
+    run([dvc_bin(), "repro", "shards"], other)
+    lock_a = yaml.safe_load((template.root / "dvc.lock").read_text())["stages"]
+    lock_b = yaml.safe_load((other / "dvc.lock").read_text())["stages"]
     for stage in ("ingest", "clean", "tokenizer", "shards"):
         assert lock_a[stage]["outs"] == lock_b[stage]["outs"], stage
 

@@ -76,12 +76,12 @@ def test_a_checkpoint_of_other_params_is_not_resumed(built, tmp_path: Path):
     root, params = project_from(built, tmp_path)
     train(params, Layout(root))
     old = weights(root)
-    changed = deep_update(params.model_dump(mode="json"), {"train": {"learning_rate": 0.002}})
+    changed = deep_update(params.model_dump(mode="json"), {"train": {"learning_rate": 0.003}})
     write_params(root, changed)
     train(load(root), Layout(root))
     # The run started from scratch: its weights are those of a fresh run of the new params, not
     # the old checkpoint's (which is at max_steps and would be returned unchanged if resumed).
-    fresh, _ = project_from(built, tmp_path / "fresh", train={"learning_rate": 0.002})
+    fresh, _ = project_from(built, tmp_path / "fresh", train={"learning_rate": 0.003})
     train(load(fresh), Layout(fresh))
     new = weights(root)
     assert all(torch.equal(new[k], weights(fresh)[k]) for k in new)

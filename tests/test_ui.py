@@ -129,3 +129,33 @@ def test_the_asset_graph_shows_the_materialized_assets(tmp_path: Path):
     for key in ("documents in", "documents removed", "filter report", "preview (corpus/"):
         assert key in clean_page, key
     assert (ARTIFACTS / "dagster_asset_graph_data.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_make_ui_started_from_a_script_stops_every_process_on_a_signal_to_make(tmp_path: Path, sig: signal.Signals):
+    """Not a terminal: no process group gets the Ctrl-C, only make gets the signal."""
+    import psutil
+
+    home = tmp_path / "dagster_home"
+    dagster_port, mlflow_port = free_port(), free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "LLM_PROGRESS": "0"}
+    log = tmp_path / "make_ui.log"
+    with open(log, "w") as out:
+        make = subprocess.Popen(["make", "-s", "ui", f"DAGSTER_HOME={home}", f"DAGSTER_PORT={dagster_port}", f"MLFLOW_PORT={mlflow_port}"],
+                                cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    tree: list = []
+    try:
+        wait_for(f"http://127.0.0.1:{dagster_port}/server_info", make, log)
+        wait_for(f"http://127.0.0.1:{mlflow_port}/health", make, log)
+        tree = psutil.Process(make.pid).children(recursive=True)
+        assert any("dagster" in " ".join(p.cmdline()) for p in tree) and any("mlflow" in " ".join(p.cmdline()) for p in tree)
+        os.kill(make.pid, sig)
+        gone, alive = psutil.wait_procs(tree, timeout=15)
+        assert not alive, f"still running 15 s after {sig.name} to make: {[' '.join(p.cmdline())[:120] for p in alive]}"
+        assert "stopping the UIs" in log.read_text()
+    finally:  # a failed test leaves nothing running either
+        for p in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        make.kill()
+        make.wait(timeout=10)

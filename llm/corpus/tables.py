@@ -6,6 +6,7 @@ number of documents, so no stage ever holds the corpus in memory.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from llm.errors import DataValidationError
+from llm.errors import DataValidationError, UserError
 
 RAW_ARROW_SCHEMA = pa.schema(
     [
@@ -208,28 +209,43 @@ class TableWriter:
 def table_files(directory: Path) -> list[Path]:
     files = sorted(Path(directory).glob("part-*.parquet"))
     if not files:
-        from llm.errors import UserError
-
         raise UserError(f"{directory}: no table found (run the stage that writes it first)")
     return files
+
+
+@contextlib.contextmanager
+def _readable(path: str | Path) -> Iterator[None]:
+    """A Parquet file that cannot be read (truncated, corrupted) is a one-line error naming it."""
+    try:
+        yield
+    except (pa.ArrowInvalid, OSError) as e:
+        raise UserError(f"{path}: unreadable Parquet part ({str(e).splitlines()[0][:200]}); rerun the stage that "
+                        "wrote it (dvc repro --force STAGE, or dvc checkout to restore it from the cache)") from None
+
+
+def _open(path: str | Path) -> pq.ParquetFile:
+    with _readable(path):
+        return pq.ParquetFile(path)
 
 
 def iter_batches(directory: Path, columns: list[str] | None = None, batch_size: int = 256) -> Iterator[pa.RecordBatch]:
     """Record batches of a table, in order, bounded in size."""
     for path in table_files(directory):
-        pf = pq.ParquetFile(path)
-        yield from pf.iter_batches(batch_size=batch_size, columns=columns)
+        pf = _open(path)
+        with _readable(path):
+            yield from pf.iter_batches(batch_size=batch_size, columns=columns)
 
 
 def row_groups(directory: Path) -> list[tuple[str, int]]:
     """(file, row group) pairs of a table, in order: the unit of parallel work downstream."""
-    return [(str(p), i) for p in table_files(directory) for i in range(pq.ParquetFile(p).num_row_groups)]
+    return [(str(p), i) for p in table_files(directory) for i in range(_open(p).num_row_groups)]
 
 
 def read_row_group(task: tuple[str, int], columns: list[str]) -> pa.Table:
     path, index = task
-    return pq.ParquetFile(path).read_row_group(index, columns=columns)
+    with _readable(path):
+        return _open(path).read_row_group(index, columns=columns)
 
 
 def count_rows(directory: Path) -> int:
-    return sum(pq.ParquetFile(p).metadata.num_rows for p in table_files(directory))
+    return sum(_open(p).metadata.num_rows for p in table_files(directory))

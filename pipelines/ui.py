@@ -1,0 +1,96 @@
+"""`make ui`: the Dagster UI and the MLflow UI on loopback, stopped together.
+
+A supervisor of two process trees. Each server runs in a session of its own, with SIGINT
+restored (a process started in the background of a non-interactive shell inherits SIGINT as
+ignored, and `dagster dev` would then outlive its parent). Ctrl-C in a terminal, SIGTERM from a
+script or a service manager, its parent (make) going away, or either server dying stops both trees: SIGINT to dagster dev
+(it shuts its webserver, daemon and code servers down), SIGTERM to MLflow, and after a grace
+period SIGKILL to whatever is left.
+
+    python -m pipelines.ui --dagster-port 3000 --mlflow-port 5000 --mlflow-store sqlite:///mlflow.db
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+GRACE_SECONDS = 10.0
+
+
+def _start(cmd: list[str], **kw) -> subprocess.Popen:
+    def child_setup() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    return subprocess.Popen(cmd, start_new_session=True, preexec_fn=child_setup, **kw)
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        return
+
+
+def stop(servers: dict[str, tuple[subprocess.Popen, int]], grace: float = GRACE_SECONDS) -> None:
+    """Each tree its polite signal, then SIGKILL to the groups of those still running."""
+    for proc, sig in servers.values():
+        _signal_group(proc, sig)
+    deadline = time.monotonic() + grace
+    for proc, _ in servers.values():
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+    for proc, _ in servers.values():
+        _signal_group(proc, signal.SIGKILL)  # children that outlived their parent too
+        proc.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipelines.ui", description=__doc__.splitlines()[0])
+    ap.add_argument("--dagster-port", type=int, default=3000)
+    ap.add_argument("--mlflow-port", type=int, default=5000)
+    ap.add_argument("--mlflow-store", required=True, help="MLflow backend store URI")
+    ap.add_argument("--workspace", default="workspace.yaml")
+    args = ap.parse_args(argv)
+    bin_dir = Path(sys.executable).parent
+    servers = {
+        "mlflow": (_start([str(bin_dir / "mlflow"), "ui", "--backend-store-uri", args.mlflow_store, "--host", "127.0.0.1",
+                           "--port", str(args.mlflow_port)]), signal.SIGTERM),
+        "dagster": (_start([str(bin_dir / "dagster"), "dev", "-w", args.workspace, "-h", "127.0.0.1",
+                            "-p", str(args.dagster_port)]), signal.SIGINT),
+    }
+    print(f"Dagster UI: http://127.0.0.1:{args.dagster_port}\nMLflow UI:  http://127.0.0.1:{args.mlflow_port}\n"
+          "Ctrl-C stops both.", flush=True)
+    stopping = {"why": ""}
+
+    def on_signal(signum, _frame) -> None:
+        stopping["why"] = signal.Signals(signum).name
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    parent = os.getppid()
+    try:
+        while not stopping["why"]:
+            if os.getppid() != parent:  # make was killed without passing the signal on
+                stopping["why"] = "parent exited"
+                break
+            dead = [name for name, (proc, _) in servers.items() if proc.poll() is not None]
+            if dead:
+                stopping["why"] = f"{dead[0]} exited with code {servers[dead[0]][0].returncode}"
+                break
+            time.sleep(0.5)
+    finally:
+        print(f"stopping the UIs ({stopping['why'] or 'exit'})", file=sys.stderr, flush=True)
+        stop(servers)
+    return 0 if stopping["why"] in ("SIGINT", "SIGTERM", "SIGHUP", "parent exited") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
