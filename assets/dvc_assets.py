@@ -63,7 +63,9 @@ def stream(context: dg.AssetExecutionContext, cmd: list[str], cwd: Path, what: s
             if on_line is not None:
                 on_line()
     if proc.returncode != 0:
-        raise dg.Failure(description=f"{what} failed (exit {proc.returncode}): {lines[-1] if lines else 'no output'}",
+        # The error line (ours or DVC's) says what happened; DVC's later lines are advice.
+        headline = next((line for line in lines if line.startswith(("error:", "ERROR:"))), lines[-1] if lines else "no output")
+        raise dg.Failure(description=f"{what} failed (exit {proc.returncode}): {headline}",
                          metadata={"output": ui.fenced("\n".join(lines[-40:]))})
     return lines
 
