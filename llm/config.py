@@ -180,6 +180,25 @@ class ShardsParams(_Group):
     """Tokenizer processes, one clean row group at a time; 0 = one per CPU core."""
 
 
+# ----------------------------------------------------------------------------- compute
+class ComputeParams(_Group):
+    """Where the data stages' units run: files for ingest, Parquet row groups for clean and shards.
+    Both engines write the same bytes; global decisions (dedup, the tokenizer's sample) stay in
+    the driver either way."""
+
+    data_engine: Literal["local", "ray"] = "local"
+    """local: a process pool on this machine (clean.num_workers, shards.num_workers; ingest reads
+    in the driver). ray: Ray tasks on the cluster at ray_address."""
+    ray_address: str = ""
+    """"" = the cluster in RAY_ADDRESS if set, else a local Ray cluster started by the stage;
+    `auto` = the cluster `ray start` runs on this machine; `ray://HOST:10001` = Ray Client."""
+    num_cpus: int = Field(0, ge=0)
+    """CPUs of the local Ray cluster a stage starts (ray_address ""); 0 = all."""
+    max_retries: int = Field(3, ge=0)
+    """Times Ray reruns a unit whose worker died (killed, out of memory, node lost); after that
+    the stage fails naming the unit. A unit that raises is not retried."""
+
+
 # ----------------------------------------------------------------------------- model
 class _Shape(_Group):
     """Depth and width of the transformer: the model group, and each rung of the scaling ladder."""
@@ -204,6 +223,16 @@ class ModelParams(_Shape):
     block_size: int = Field(128, ge=8)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     bias: bool = True
+    position: Literal["learned", "rope"] = "learned"
+    """learned: a table of positions (GPT-2); rope: rotary embeddings (Llama)."""
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    qk_norm: bool = False
+    """RMSNorm of each head's queries and keys (Qwen3): steadier attention logits."""
+    mlp: Literal["gelu", "relu2", "swiglu"] = "gelu"
+    """gelu (GPT-2), relu2 (ReLU squared), swiglu (gated SiLU, Llama; same parameter count)."""
+    zero_init: bool = False
+    """Projections into the residual stream start at zero (every block starts as the identity)."""
+    rope_theta: float = Field(10000.0, gt=0.0)
 
 
 # ----------------------------------------------------------------------------- train
@@ -227,6 +256,16 @@ class TrainParams(_Group):
     beta2: float = Field(0.95, ge=0.0, lt=1.0)
     grad_clip: float = Field(1.0, ge=0.0)
     """Clip the gradient's global norm to this (0 = no clipping)."""
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    """adamw: AdamW for every parameter. muon: torch.optim.Muon for the 2-D matrices inside the
+    blocks, AdamW for embeddings, head, biases and gains."""
+    muon_learning_rate: float = Field(0.006, gt=0.0)
+    """Muon's peak learning rate (its updates are scaled to AdamW's RMS, so it is comparable)."""
+    muon_momentum: float = Field(0.95, ge=0.0, lt=1.0)
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    """cosine: warmup, then cosine decay to learning_rate * min_lr_ratio. wsd: warmup, stable
+    at the peak, then linear decay over the last decay_fraction of the steps."""
+    decay_fraction: float = Field(0.3, gt=0.0, le=1.0)
     eval_interval: int = Field(100, ge=1)
     eval_tokens: int = Field(65536, ge=1)
     """Val tokens (a fixed prefix of the val stream) for the periodic val loss."""
@@ -338,6 +377,7 @@ class Params(BaseModel):
     split: SplitParams = SplitParams()
     tokenizer: TokenizerParams = TokenizerParams()
     shards: ShardsParams = ShardsParams()
+    compute: ComputeParams = ComputeParams()
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()

@@ -55,6 +55,11 @@ class Layout:
         return self.models / "final"
 
     @property
+    def hf(self) -> Path:
+        """The model in Hugging Face's format (llm export)."""
+        return self.models / "hf"
+
+    @property
     def reports(self) -> Path:
         return self.run_dir or self.root / "reports"
 
@@ -72,5 +77,5 @@ class Layout:
     def outputs(self) -> list[Path]:
         """Every artifact a stage writes atomically; their parents hold the temporary siblings
         a killed stage may leave behind."""
-        return [self.raw, self.clean, self.tokenizer, self.shards, self.checkpoints, self.final, self.reports,
+        return [self.raw, self.clean, self.tokenizer, self.shards, self.checkpoints, self.final, self.hf, self.reports,
                 self.metrics_dir]

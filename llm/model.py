@@ -1,17 +1,30 @@
-"""A GPT decoder, read top to bottom in the order it runs: config, attention, MLP, block, model.
+"""A GPT decoder, read top to bottom in the order it runs: config, positions, attention, MLP,
+block, model.
 
-Token + learned position embeddings, pre-LayerNorm blocks (attention and a 4x GELU MLP, each
-added to the residual stream), a final LayerNorm, and an LM head tied to the token embedding.
+Pre-norm blocks (attention and an MLP, each added to the residual stream), a final norm, and an
+LM head tied to the token embedding. The recipe is a set of switches, each a library call where
+torch has one, and each expressed exactly by a Hugging Face architecture (llm/export.py):
+
+- position: `learned` (GPT-2's table) or `rope` (rotary, the rotate-half convention of Llama);
+- norm: `layernorm` or `rmsnorm` (nn.RMSNorm);
+- qk_norm: RMSNorm of each head's queries and keys before the rotation (Qwen3);
+- mlp: `gelu` (4x, GPT-2), `relu2` (4x ReLU squared, the speedrun's) or `swiglu` (gated SiLU,
+  Llama's, with 8/3 x width so the parameter count stays that of a 4x MLP);
+- zero_init: projections into the residual stream start at zero, so every block starts as
+  the identity and the model as a bigram.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+NORM_EPS = 1e-6
 
 
 @dataclass(frozen=True)
@@ -23,10 +36,30 @@ class GPTConfig:
     n_embd: int = 256
     dropout: float = 0.0
     bias: bool = True
+    position: Literal["learned", "rope"] = "learned"
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    qk_norm: bool = False
+    mlp: Literal["gelu", "relu2", "swiglu"] = "gelu"
+    zero_init: bool = False
+    rope_theta: float = 10000.0
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        if self.position == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"rope needs an even head size, got {self.n_embd // self.n_head}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def mlp_hidden(self) -> int:
+        """4x width; for the gated MLP 2/3 of that (three matrices instead of two), rounded up to
+        a multiple of 8."""
+        if self.mlp == "swiglu":
+            return 8 * math.ceil(8 * self.n_embd / 3 / 8)
+        return 4 * self.n_embd
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -35,14 +68,46 @@ class GPTConfig:
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
 
+def make_norm(cfg: GPTConfig, dim: int) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=NORM_EPS)
+    return nn.LayerNorm(dim, bias=cfg.bias)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding: each pair (i, i + d/2) of a head's channels is turned by an
+    angle proportional to the position. Attention scores then depend on relative positions."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
+        angles = torch.outer(torch.arange(cfg.block_size, dtype=torch.float32), inv_freq)
+        angles = torch.cat((angles, angles), dim=-1)  # (block, head_dim)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """x: (B, heads, T, head_dim) at positions start..start+T-1."""
+        T = x.size(2)
+        cos, sin = self.cos[start : start + T].to(x.dtype), self.sin[start : start + T].to(x.dtype)
+        return x * cos + rotate_half(x) * sin
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.n_head = cfg.n_head
-        self.head_dim = cfg.n_embd // cfg.n_head
+        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.proj.residual = True  # scaled at init, see GPT._init_weights
+        self.proj.residual = True  # scaled (or zeroed) at init, see GPT._init_weights
+        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=NORM_EPS) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=NORM_EPS) if cfg.qk_norm else None
+        self.rotary = Rotary(cfg) if cfg.position == "rope" else None
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
         # The explicit path (masked softmax) is the readable reference; SDPA is the fast path
@@ -55,6 +120,11 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        start = 0 if past is None else past[0].size(2)
+        if self.rotary is not None:
+            q, k = self.rotary(q, start), self.rotary(k, start)
         if past is not None:  # generation: attend to the cached keys and values too
             k = torch.cat([past[0], k], dim=2)
             v = torch.cat([past[1], v], dim=2)
@@ -82,21 +152,30 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.kind = cfg.mlp
+        hidden = cfg.mlp_hidden
+        self.fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.gate = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias) if cfg.mlp == "swiglu" else None
+        self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
         self.proj.residual = True
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x))))
+        if self.kind == "swiglu":
+            h = F.silu(self.gate(x)) * self.fc(x)
+        elif self.kind == "relu2":
+            h = F.relu(self.fc(x)).square()
+        else:
+            h = F.gelu(self.fc(x))
+        return self.dropout(self.proj(h))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln1 = make_norm(cfg, cfg.n_embd)
         self.attn = CausalSelfAttention(cfg)
-        self.ln2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln2 = make_norm(cfg, cfg.n_embd)
         self.mlp = MLP(cfg)
 
     def forward(self, x, past=None, need_weights=False):
@@ -111,10 +190,10 @@ class GPT(nn.Module):
         super().__init__()
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.position == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_f = make_norm(cfg, cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         # Weight tying: the output projection is the input embedding. Fewer parameters, and
         # rare tokens learn from both ends.
@@ -123,10 +202,16 @@ class GPT(nn.Module):
 
     def _init_weights(self, module: nn.Module) -> None:
         # GPT-2: N(0, 0.02) everywhere; projections into the residual stream scaled by
-        # 1/sqrt(2 * n_layer), so the stream's variance does not grow with depth.
+        # 1/sqrt(2 * n_layer), so the stream's variance does not grow with depth, or zero
+        # (zero_init): each block starts as the identity and learns what to add.
         if isinstance(module, nn.Linear):
-            std = 0.02 / math.sqrt(2 * self.config.n_layer) if getattr(module, "residual", False) else 0.02
-            nn.init.normal_(module.weight, mean=0.0, std=std)
+            std = 0.02
+            if getattr(module, "residual", False):
+                std = 0.0 if self.config.zero_init else 0.02 / math.sqrt(2 * self.config.n_layer)
+            if std:
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            else:
+                nn.init.zeros_(module.weight)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
@@ -146,8 +231,10 @@ class GPT(nn.Module):
         start = 0 if past is None else past[0][0].size(2)
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}")
-        pos = torch.arange(start, start + T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+        x = self.drop(x)
         present: KVCache = []
         weights: list[torch.Tensor] = []
         for i, block in enumerate(self.blocks):
@@ -179,10 +266,10 @@ class GPT(nn.Module):
 
     # -- accounting
     def num_params(self, non_embedding: bool = True) -> int:
-        """Parameters; the position embedding is left out by default (it costs no FLOPs), the
+        """Parameters; the position table is left out by default (it costs no FLOPs), the
         token embedding counts once, as the tied LM head."""
         n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
+        if non_embedding and self.wpe is not None:
             n -= self.wpe.weight.numel()
         return n
 
@@ -194,9 +281,14 @@ class GPT(nn.Module):
         return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * T
 
     def optimizer_groups(self, weight_decay: float) -> list[dict]:
-        """Decay matrices (weights of Linear and Embedding); not biases and LayerNorm gains."""
+        """Decay matrices (weights of Linear and Embedding); not biases and norm gains."""
         params = [p for p in self.parameters() if p.requires_grad]
         return [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
+
+    def hidden_matrices(self) -> list[nn.Parameter]:
+        """The 2-D weights inside the blocks: what Muon orthogonalizes. Embeddings, the (tied)
+        head, biases and gains stay with AdamW."""
+        return [p for block in self.blocks for p in block.parameters() if p.dim() == 2]

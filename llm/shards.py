@@ -22,7 +22,7 @@ from llm.corpus.tables import count_rows, read_row_group, row_groups
 from llm.errors import UserError
 from llm.io import atomic_dir, file_sha256, write_json
 from llm.layout import Layout
-from llm.parallel import ordered_map, resolve_workers
+from llm.parallel import engine_name, ordered_map, resolve_workers, row_group_name
 from llm.progress import progress_enabled
 from llm.split import SPLITS, split_of
 from llm.tokenizer import Tokenizer
@@ -142,13 +142,13 @@ class _Split:
 
 def write_shards(params: Params, layout: Layout) -> dict:
     """Tokenize the clean table into Arrow shards per split, with a manifest of their hashes."""
-    params, split = params.shards, params.split
+    params, split, compute = params.shards, params.split, params.compute
     clean_dir, tokenizer_dir, out_dir, metrics_path = layout.clean, layout.tokenizer, layout.shards, layout.metrics("shards")
     tok = Tokenizer.load(tokenizer_dir)
     dtype = token_dtype(tok.vocab_size)
     workers = resolve_workers(params.num_workers)
     total = count_rows(clean_dir)
-    log.info("shards: tokenizing %d documents with %d worker(s) into %s shards", total, workers, dtype.name)
+    log.info("shards: tokenizing %d documents on %s into %s shards", total, engine_name(compute, workers), dtype.name)
     schema = shard_schema(dtype)
     with atomic_dir(out_dir) as tmp:
         writers = {}
@@ -157,7 +157,9 @@ def write_shards(params: Params, layout: Layout) -> dict:
             writers[name] = _Split(tmp / name, schema, params.shard_tokens)
         bar = tqdm(total=total, desc="shards", unit="doc", disable=not progress_enabled(), mininterval=1.0)
         init = (str(tok.path), params.append_eos, dtype.str)
-        for doc_ids, sources, n_bytes, arrays in ordered_map(_encode_row_group, row_groups(clean_dir), workers, _init_worker, init):
+        units = ordered_map(_encode_row_group, row_groups(clean_dir), workers, _init_worker, init,
+                            compute=compute, stage="shards", unit_name=row_group_name)
+        for doc_ids, sources, n_bytes, arrays in units:
             sides = [split_of(d, split) for d in doc_ids]
             for name in SPLITS:
                 keep = [i for i, s in enumerate(sides) if s == name]

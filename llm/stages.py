@@ -24,6 +24,7 @@ STAGES: dict[str, str] = {
     "train": "llm.train:train",
     "evaluate": "llm.evaluate:evaluate",
     "report": "llm.report:report",
+    "export": "llm.export:export",
 }
 
 

@@ -4,9 +4,10 @@ The shape is torchtitan's: a `TrainState` that is exactly what a checkpoint hold
 `train_step()` that returns the loss and the gradient norm, one function that records an
 evaluation, and a tracker (MLflow, or nothing on ranks other than 0). The same loop runs on one
 CPU, one GPU, or N processes (DDP; gloo on CPU, NCCL on GPU) started by torch's elastic launcher
-(llm/distributed.py). AdamW with decay/no-decay groups, linear warmup then cosine decay,
-gradient accumulation to `train.tokens_per_step`, global-norm clipping. A checkpoint continues
-bit-identically on CPU: weights, optimizer, step, RNG state and the data loader's position.
+(llm/distributed.py). AdamW (or Muon for the blocks' matrices and AdamW for the rest), warmup
+then cosine or warmup-stable-decay, gradient accumulation to `train.tokens_per_step`, global-norm
+clipping. A checkpoint continues bit-identically on CPU: weights, optimizer, step, RNG state and
+the data loader's position.
 """
 
 from __future__ import annotations
@@ -64,13 +65,70 @@ class NonFiniteLoss(Exception):
 
 
 def lr_at(step: int, tp: TrainParams) -> float:
-    """Linear warmup to learning_rate, then cosine decay to learning_rate * min_lr_ratio."""
+    """AdamW's learning rate at a step (Muon's follows the same curve from its own peak).
+    Linear warmup to learning_rate; then cosine decay to learning_rate * min_lr_ratio, or (wsd)
+    the peak held until the last decay_fraction of the steps and a linear decay to that floor."""
     if step < tp.warmup_steps:
         return tp.learning_rate * (step + 1) / tp.warmup_steps
+    low = tp.learning_rate * tp.min_lr_ratio
+    if tp.schedule == "wsd":
+        decay_start = tp.max_steps - max(1, round(tp.decay_fraction * tp.max_steps))
+        progress = min(1.0, max(0.0, (step - decay_start) / max(1, tp.max_steps - decay_start)))
+        return tp.learning_rate - (tp.learning_rate - low) * progress
     span = max(1, tp.max_steps - tp.warmup_steps)
     progress = min(1.0, (step - tp.warmup_steps) / span)
-    low = tp.learning_rate * tp.min_lr_ratio
     return low + 0.5 * (tp.learning_rate - low) * (1 + math.cos(math.pi * progress))
+
+
+class Optimizers:
+    """One optimizer or several (Muon for the blocks' matrices, AdamW for the rest) behind one
+    interface: step, zero_grad, param_groups (each with its peak `base_lr`) and a state dict."""
+
+    def __init__(self, **optimizers: torch.optim.Optimizer):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for opt in self.optimizers.values() for g in opt.param_groups]
+
+    def set_lr(self, factor: float) -> None:
+        """Every group at `factor` times its peak (the schedule's shape, shared)."""
+        for g in self.param_groups:
+            g["lr"] = g["base_lr"] * factor
+
+    def step(self) -> None:
+        for opt in self.optimizers.values():
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state[name])
+
+
+def build_optimizer(model: GPT, tp: TrainParams, device: Device) -> Optimizers:
+    """AdamW with decay for matrices and embeddings, none for biases and gains; with
+    optimizer: muon, torch.optim.Muon takes the blocks' 2-D matrices (its updates scaled to
+    AdamW's RMS, so learning rates compare)."""
+    adamw = dict(betas=(tp.beta1, tp.beta2), fused=device.type == "cuda")
+    if tp.optimizer == "adamw":
+        groups = [{**g, "base_lr": tp.learning_rate} for g in model.optimizer_groups(tp.weight_decay)]
+        return Optimizers(adamw=torch.optim.AdamW(groups, lr=tp.learning_rate, **adamw))
+    hidden = model.hidden_matrices()
+    ids = {id(p) for p in hidden}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": tp.weight_decay, "base_lr": tp.learning_rate},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "base_lr": tp.learning_rate}]
+    muon = torch.optim.Muon([{"params": hidden, "base_lr": tp.muon_learning_rate}], lr=tp.muon_learning_rate,
+                            weight_decay=tp.weight_decay, momentum=tp.muon_momentum, nesterov=True,
+                            adjust_lr_fn="match_rms_adamw")
+    return Optimizers(adamw=torch.optim.AdamW(groups, lr=tp.learning_rate, **adamw), muon=muon)
 
 
 def fingerprint(params: Params, manifest: dict) -> str:
@@ -144,7 +202,7 @@ class TrainState:
     """Everything a run needs to continue exactly where it is, and what a checkpoint holds."""
 
     model: GPT
-    optimizer: torch.optim.Optimizer
+    optimizer: Optimizers
     data: TokenBlocks
     fingerprint: str
     step: int = 0
@@ -190,14 +248,13 @@ class StepResult:
     grad_norm: float
 
 
-def train_step(model: torch.nn.Module, state: TrainState, batches: Iterator, accum: int, lr: float, grad_clip: float,
+def train_step(model: torch.nn.Module, state: TrainState, batches: Iterator, accum: int, lr_factor: float, grad_clip: float,
                device: Device, dist: Dist) -> StepResult:
     """One optimizer step over `accum` micro-batches. `model` is what runs the batches (the
     compiled or DDP-wrapped model); gradients are synchronised on the last micro-batch only. The
     finite-loss decision is taken on the all-reduced loss, before the optimizer steps, so every
     rank raises NonFiniteLoss together and the weights stay as they were."""
-    for g in state.optimizer.param_groups:
-        g["lr"] = lr
+    state.optimizer.set_lr(lr_factor)
     loss_sum = torch.zeros((), device=device.torch_device)
     for micro in range(accum):
         x, y = next(batches)
@@ -260,8 +317,7 @@ def build(params: Params, layout: Layout, device: Device, dist: Dist) -> tuple[T
     model = GPT(cfg).to(device.torch_device)
     train_data = TokenBlocks(layout.shards, "train", mp.block_size, seed=params.seed, rank=dist.rank, world_size=dist.world_size)
     val_data = TokenBlocks(layout.shards, "val", mp.block_size, shuffle=False)
-    opt = torch.optim.AdamW(model.optimizer_groups(tp.weight_decay), lr=tp.learning_rate, betas=(tp.beta1, tp.beta2),
-                            fused=device.type == "cuda")
+    opt = build_optimizer(model, tp, device)
     return TrainState(model, opt, train_data, fingerprint(params, manifest)), val_data, manifest
 
 
@@ -326,7 +382,7 @@ def _train(params: Params, layout: Layout, resume: str, tags: dict[str, str], de
         while state.step < tp.max_steps:
             lr = lr_at(state.step, tp)
             try:
-                result = train_step(runner, state, batches, accum, lr, tp.grad_clip, device, dist)
+                result = train_step(runner, state, batches, accum, lr / tp.learning_rate, tp.grad_clip, device, dist)
             except NonFiniteLoss as e:
                 where = f"; the last good checkpoint is {ckpt_path} (step {saved_step})" if saved_step is not None else ""
                 raise TrainingDiverged(

@@ -135,3 +135,47 @@ def make_dvc_project(root: Path, n_plays: int, max_chars: int, **override: Any) 
     run([dvc_bin(), "init", "-q"], root)
     copy_repo_files(root, [".dvc/config"])  # the project's DVC settings (analytics off)
     return root
+
+
+# Fake credentials for moto's S3 server: real clients (boto3, s3fs) insist on some. Env vars win
+# over any profile; no instance metadata lookup, so nothing reaches beyond loopback.
+FAKE_AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+@pytest.fixture(scope="session")
+def moto_s3() -> str:
+    """The endpoint URL of one S3 server (moto) on a free loopback port, shared by the session.
+    Buckets live in its memory; each test makes its own."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+def s3_client(endpoint: str):
+    """boto3's S3 client for moto's server, with the fake credentials."""
+    import boto3
+
+    env = FAKE_AWS_ENV
+    return boto3.client("s3", endpoint_url=endpoint, region_name=env["AWS_DEFAULT_REGION"],
+                        aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster (2 CPUs) for the session: starting one costs seconds. llm's Ray
+    engine finds it initialized in this process and uses it instead of starting its own."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield ray
+    ray.shutdown()

@@ -17,7 +17,7 @@ from assets.dvc_project import read_stages
 from llm.io import read_json
 from tests.conftest import REPO, dvc_bin, make_dvc_project, run
 
-STAGES = ["ingest", "clean", "tokenizer", "shards", "train", "evaluate", "report"]
+STAGES = ["ingest", "clean", "tokenizer", "shards", "train", "evaluate", "report", "export"]
 
 
 def materializations(result) -> dict:
@@ -46,10 +46,12 @@ def test_every_dvc_stage_is_an_asset_with_dvc_dependencies():
     assert parents["train"] == {"shards", "tokenizer"}
     assert parents["evaluate"] == {"train", "shards"}
     assert parents["report"] == {"train", "evaluate", "shards", "tokenizer"}
+    assert parents["export"] == {"train"}
     assert parents["ladder"] == {"shards", "tokenizer"} and parents["scaling"] == {"ladder"}
     groups = {k.to_user_string(): graph.get(k).group_name for k in graph.get_all_asset_keys()}
     assert groups == {"ingest": "data", "clean": "data", "tokenizer": "data", "shards": "data",
-                      "train": "model", "evaluate": "model", "report": "model", "ladder": "scaling", "scaling": "scaling"}
+                      "train": "model", "evaluate": "model", "report": "model", "export": "model", "ladder": "scaling",
+                      "scaling": "scaling"}
 
 
 def test_a_stage_added_to_dvc_yaml_becomes_an_asset(tmp_path: Path):

@@ -62,7 +62,7 @@ def reference(tmp_path_factory) -> tuple[Path, dict[str, str], dict[str, float]]
     run([dvc_bin(), "config", "core.analytics", "false"], root)
     out = run([dvc_bin(), "repro"], root)
     seconds = {m[1]: float(m[2]) for m in re.finditer(r"INFO llm: (\w+): done in ([\d.]+) s", out)}
-    assert set(seconds) == set(STAGES), out[-2000:]
+    assert set(seconds) >= set(STAGES), out[-2000:]
     return root, locked(root), seconds
 
 

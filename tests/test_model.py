@@ -14,8 +14,16 @@ def tiny(**kw) -> GPT:
     return GPT(cfg).eval()
 
 
-def test_changing_a_future_token_never_changes_earlier_logits():
-    model = tiny()
+RECIPES = {
+    "classic": {},
+    "modern": {"position": "rope", "norm": "rmsnorm", "qk_norm": True, "mlp": "swiglu", "bias": False},
+    "relu2": {"position": "rope", "norm": "rmsnorm", "mlp": "relu2", "bias": False},
+}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_changing_a_future_token_never_changes_earlier_logits(recipe):
+    model = tiny(**RECIPES[recipe])
     x = torch.randint(0, 64, (2, 20))
     logits, *_ = model(x)
     for k in (0, 7, 19):
@@ -26,8 +34,9 @@ def test_changing_a_future_token_never_changes_earlier_logits():
         assert not torch.allclose(logits[:, k:], changed[:, k:])
 
 
-def test_sdpa_equals_the_explicit_masked_softmax_path():
-    model = tiny()
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_sdpa_equals_the_explicit_masked_softmax_path(recipe):
+    model = tiny(**RECIPES[recipe])
     x = torch.randint(0, 64, (3, 32))
     fast, *_ = model(x)
     model.set_attention(sdpa=False)
@@ -35,8 +44,9 @@ def test_sdpa_equals_the_explicit_masked_softmax_path():
     assert torch.allclose(fast, slow, atol=1e-5, rtol=1e-5)
 
 
-def test_sdpa_equals_explicit_with_a_kv_cache_and_several_new_tokens():
-    model = tiny()
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_sdpa_equals_explicit_with_a_kv_cache_and_several_new_tokens(recipe):
+    model = tiny(**RECIPES[recipe])
     x = torch.randint(0, 64, (1, 24))
     _, past = model.forward_cached(x[:, :16])
     fast, _ = model.forward_cached(x[:, 16:], past)
@@ -113,3 +123,53 @@ def test_too_long_a_sequence_is_refused():
 def test_width_must_divide_into_heads():
     with pytest.raises(ValueError, match="multiple of n_head"):
         GPTConfig(vocab_size=10, n_embd=30, n_head=4)
+
+
+def test_rotary_scores_depend_on_relative_position_only():
+    from llm.model import Rotary
+
+    rot = Rotary(GPTConfig(vocab_size=8, block_size=64, n_head=1, n_embd=16, position="rope"))
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+    score = [(rot(q, a) * rot(k, a - 5)).sum().item() for a in (5, 17, 40)]
+    assert score[0] == pytest.approx(score[1], abs=1e-4) and score[1] == pytest.approx(score[2], abs=1e-4)
+    assert (rot(q, 0) * rot(k, 0)).sum().item() == pytest.approx((q * k).sum().item(), abs=1e-5)  # position 0: no turn
+
+
+def test_swiglu_keeps_the_parameter_count_of_a_4x_mlp():
+    classic, gated = tiny(n_embd=96), tiny(n_embd=96, mlp="swiglu")
+    assert gated.config.mlp_hidden == 256 and gated.config.mlp_hidden % 8 == 0
+    assert abs(gated.num_params() - classic.num_params()) / classic.num_params() < 0.02
+
+
+def test_zero_init_makes_every_block_start_as_the_identity():
+    model = tiny(zero_init=True, position="rope", norm="rmsnorm")
+    x = torch.randn(2, 10, 32)
+    for block in model.blocks:
+        y, _, _ = block(x)
+        assert torch.equal(y, x)
+    assert all(not block.attn.proj.weight.any() and not block.mlp.proj.weight.any() for block in model.blocks)
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    from llm.config import TrainParams
+    from llm.device import pick_device
+    from llm.train import build_optimizer
+
+    model = tiny(**RECIPES["modern"])
+    opt = build_optimizer(model, TrainParams(optimizer="muon"), pick_device("cpu"))
+    muon = {id(p) for g in opt.optimizers["muon"].param_groups for p in g["params"]}
+    adamw = {id(p) for g in opt.optimizers["adamw"].param_groups for p in g["params"]}
+    assert muon == {id(p) for p in model.hidden_matrices()} and not muon & adamw
+    assert muon | adamw == {id(p) for p in model.parameters()}
+    assert id(model.wte.weight) in adamw  # embedding and tied head: AdamW
+    x = torch.randint(0, 64, (4, 16))
+    losses = []
+    model.train()
+    for _ in range(80):
+        opt.set_lr(1.0)
+        _, loss = model(x, torch.roll(x, -1, dims=1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]

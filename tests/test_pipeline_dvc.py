@@ -23,7 +23,7 @@ from tests.test_code_deps import stage_closure
 
 pytestmark = pytest.mark.slow
 
-ALL_STAGES = ["ingest", "clean", "tokenizer", "shards", "train", "evaluate", "report"]
+ALL_STAGES = ["ingest", "clean", "tokenizer", "shards", "train", "evaluate", "report", "export"]
 SLICE = {"n_plays": 8, "max_chars": 20_000}
 
 

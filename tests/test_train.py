@@ -46,9 +46,15 @@ def test_two_seeded_runs_give_identical_weights(built, tmp_path: Path):
     assert read_json(Layout(a).metrics("train"))["final_val_loss"] == read_json(Layout(b).metrics("train"))["final_val_loss"]
 
 
-def test_resume_is_bit_identical_to_an_uninterrupted_run(built, tmp_path: Path):
-    cut, pc = project_from(built, tmp_path / "cut", model={"dropout": 0.1})
-    full_drop, pfd = project_from(built, tmp_path / "full_drop", model={"dropout": 0.1})
+MODERN = {"model": {"position": "rope", "norm": "rmsnorm", "qk_norm": True, "mlp": "swiglu", "zero_init": True, "bias": False},
+          "train": {"optimizer": "muon", "schedule": "wsd"}}
+
+
+@pytest.mark.parametrize("recipe", ["classic", "modern"])
+def test_resume_is_bit_identical_to_an_uninterrupted_run(built, tmp_path: Path, recipe: str):
+    override = deep_update({"model": {"dropout": 0.1}}, MODERN if recipe == "modern" else {})
+    cut, pc = project_from(built, tmp_path / "cut", **override)
+    full_drop, pfd = project_from(built, tmp_path / "full_drop", **override)
     train(pfd, Layout(full_drop))
 
     # SIGKILL the second run right after its checkpoint at step 3: no cleanup code runs.
@@ -132,6 +138,15 @@ def test_learning_rate_schedule():
     assert lr_at(0, tp) == pytest.approx(0.1)
     assert lr_at(9, tp) == pytest.approx(1.0)
     assert lr_at(60, tp) == pytest.approx(0.55)
+    assert lr_at(110, tp) == pytest.approx(0.1)
+    assert all(lr_at(s, tp) >= lr_at(s + 1, tp) for s in range(10, 120))
+
+
+def test_warmup_stable_decay_schedule():
+    tp = TrainParams(learning_rate=1.0, min_lr_ratio=0.1, warmup_steps=10, max_steps=110, schedule="wsd", decay_fraction=0.2)
+    assert lr_at(0, tp) == pytest.approx(0.1) and lr_at(9, tp) == pytest.approx(1.0)
+    assert all(lr_at(s, tp) == 1.0 for s in range(10, 88))  # stable until the last 22 steps
+    assert lr_at(99, tp) == pytest.approx(1.0 - 0.9 * 11 / 22)  # linear on the way down
     assert lr_at(110, tp) == pytest.approx(0.1)
     assert all(lr_at(s, tp) >= lr_at(s + 1, tp) for s in range(10, 120))
 

@@ -23,7 +23,7 @@ from llm.corpus.tables import CLEAN_ARROW_SCHEMA, TableWriter, count_rows, read_
 from llm.errors import UserError
 from llm.io import atomic_dir, write_json
 from llm.layout import Layout
-from llm.parallel import ordered_map, resolve_workers
+from llm.parallel import engine_name, ordered_map, resolve_workers, row_group_name
 from llm.progress import progress_enabled
 
 log = logging.getLogger(__name__)
@@ -350,11 +350,11 @@ class FilterReport:
 
 def clean(params: Params, layout: Layout) -> dict:
     """Clean the raw table into the clean table; return (and write) the filter report."""
-    params, seed = params.clean, params.seed
+    params, seed, compute = params.clean, params.seed, params.compute
     raw_dir, out_dir, report_path = layout.raw, layout.clean, layout.metrics("clean")
     workers = resolve_workers(params.num_workers)
     total_docs = count_rows(raw_dir)
-    log.info("clean: %d documents from %s with %d worker(s)", total_docs, raw_dir, workers)
+    log.info("clean: %d documents from %s on %s", total_docs, raw_dir, engine_name(compute, workers))
     report = FilterReport()
     seen_keys: set[str] = set()
     near = (
@@ -365,7 +365,9 @@ def clean(params: Params, layout: Layout) -> dict:
     tasks = row_groups(raw_dir)
     with atomic_dir(out_dir) as tmp, TableWriter(tmp, CLEAN_ARROW_SCHEMA, "clean") as writer:
         bar = tqdm(total=total_docs, desc="clean", unit="doc", disable=not progress_enabled(), mininterval=1.0)
-        for results in ordered_map(_clean_row_group, tasks, workers, _init_worker, (params, seed)):
+        units = ordered_map(_clean_row_group, tasks, workers, _init_worker, (params, seed),
+                            compute=compute, stage="clean", unit_name=row_group_name)
+        for results in units:
             rows: dict[str, list] = {name: [] for name in CLEAN_ARROW_SCHEMA.names}
             for doc in results:
                 report.documents_in += 1

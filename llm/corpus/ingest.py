@@ -20,13 +20,14 @@ log = logging.getLogger(__name__)
 
 def ingest(params: Params, layout: Layout) -> dict:
     """Read every source, write the raw table, return (and write) the ingest report."""
+    compute = params.compute
     params, root, out_dir, report_path = params.ingest, layout.root, layout.raw, layout.metrics("ingest")
     counts = ReadCounts()
     log.info("ingest: %d source(s) -> %s", len(params.sources), out_dir)
     with atomic_dir(out_dir) as tmp, TableWriter(tmp, RAW_ARROW_SCHEMA, "raw") as writer:
         rows: dict[str, list] = {name: [] for name in RAW_ARROW_SCHEMA.names}
         pending_bytes = 0
-        docs = iter_documents(params, root, counts)
+        docs = iter_documents(params, root, counts, compute)
         bar = tqdm(docs, desc="ingest", unit="doc", disable=not progress_enabled(), mininterval=1.0)
         for doc in bar:
             n_bytes = doc.n_bytes

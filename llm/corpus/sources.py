@@ -35,13 +35,13 @@ import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import pyarrow as pa
 
-from llm.config import IngestParams
+from llm.config import ComputeParams, IngestParams
 from llm.corpus.streaming import (
     JsonStreamError,
     decode_utf8,
@@ -52,6 +52,7 @@ from llm.corpus.streaming import (
     split_into_parts,
 )
 from llm.errors import UserError
+from llm.parallel import ordered_map
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 SNIFF_BYTES = 8192
@@ -59,6 +60,7 @@ SNIFF_BYTES = 8192
 # a .jsonl line of a decompression bomb from taking unbounded memory.
 MAX_RECORD_BYTES = 64 << 20
 MAX_BAD_EXAMPLES = 10
+MAX_SKIPPED_EXAMPLES = 20
 _ALLOWED_CONTROLS = set("\t\n\r\f\v\b")
 
 
@@ -95,7 +97,7 @@ class ReadCounts:
 
     def skipped(self, what: str) -> None:
         """Remember the first few skipped files, for the log."""
-        if len(self.skipped_examples) < 20:
+        if len(self.skipped_examples) < MAX_SKIPPED_EXAMPLES:
             self.skipped_examples.append(what)
 
     def bad(self, file: str, example: str) -> None:
@@ -105,6 +107,21 @@ class ReadCounts:
             self.bad_record_examples.append(example)
         n, first = self.bad_by_file.get(file, (0, example))
         self.bad_by_file[file] = (n + 1, first)
+
+    def merge(self, later: ReadCounts) -> None:
+        """Add the counts of files read apart (a Ray unit) as if they had been read here next:
+        sums, the first examples in reading order, the per-file bad counts."""
+        for f in fields(self):
+            mine = getattr(self, f.name)
+            if isinstance(mine, int):
+                setattr(self, f.name, mine + getattr(later, f.name))
+        self.bad_record_examples = (self.bad_record_examples + later.bad_record_examples)[:MAX_BAD_EXAMPLES]
+        self.skipped_examples = (self.skipped_examples + later.skipped_examples)[:MAX_SKIPPED_EXAMPLES]
+        for source, n in later.per_source.items():
+            self.per_source[source] = self.per_source.get(source, 0) + n
+        for file, (n, first) in later.bad_by_file.items():
+            before = self.bad_by_file.get(file)
+            self.bad_by_file[file] = (n, first) if before is None else (before[0] + n, before[1])
 
     def check_bad_fraction(self, max_fraction: float) -> None:
         """Fail when more than max_fraction of the records were bad: a wrong ingest.text_field
@@ -513,19 +530,49 @@ class Reader:
                     yield from self.read(Entry(f"{entry.uri}!{name}", Path(name).name, opener))  # type: ignore[arg-type]
 
 
-def iter_documents(params: IngestParams, root: Path, counts: ReadCounts) -> Iterator[Document]:
+def iter_documents(
+    params: IngestParams, root: Path, counts: ReadCounts, compute: ComputeParams | None = None
+) -> Iterator[Document]:
     """Every document of every source, then of the inbox, in a stable order. Sources are
     resolved up front, so a missing one fails before anything is read; too many bad records
-    fail at the end, before anything is written."""
+    fail at the end, before anything is written.
+
+    The local engine streams each file here, in the driver. On Ray each file (an archive with
+    its members) is a unit read by a worker, which returns the file's documents whole; they
+    come back in file order, so the documents, their order and the counts are the same."""
     resolved = [(s, resolve_source(s, root, f"ingest.sources[{i}]")) for i, s in enumerate(params.sources)]
     if entries := inbox_entries(params.inbox, root):
         resolved.append((params.inbox, entries))
-    for source, entries in resolved:
-        reader = Reader(source, params, counts)
-        for entry in entries:
-            for doc in reader.read(entry):
-                counts.documents += 1
-                counts.bytes += doc.n_bytes
-                counts.per_source[source] = counts.per_source.get(source, 0) + 1
-                yield doc
+    units = [(source, entry) for source, entries in resolved for entry in entries]
+    if compute is not None and compute.data_engine == "ray":
+        files = ordered_map(_read_unit, units, 1, _init_reader, (params,), compute=compute, stage="ingest", unit_name=_unit_name)
+    else:
+        files = ((source, Reader(source, params, counts).read(entry), None) for source, entry in units)
+    for source, docs, read_apart in files:
+        if read_apart is not None:  # what the worker counted while reading the file
+            counts.merge(read_apart)
+        for doc in docs:
+            counts.documents += 1
+            counts.bytes += doc.n_bytes
+            counts.per_source[source] = counts.per_source.get(source, 0) + 1
+            yield doc
     counts.check_bad_fraction(params.max_bad_fraction)
+
+
+_READER: dict[str, Any] = {}
+
+
+def _init_reader(params: IngestParams) -> None:
+    _READER["params"] = params
+
+
+def _read_unit(unit: tuple[str, Entry]) -> tuple[str, list[Document], ReadCounts]:
+    """One file read in a worker: its documents and what reading them counted."""
+    source, entry = unit
+    counts = ReadCounts()
+    docs = list(Reader(source, _READER["params"], counts).read(entry))
+    return source, docs, counts
+
+
+def _unit_name(unit: tuple[str, Entry]) -> str:
+    return unit[1].uri
