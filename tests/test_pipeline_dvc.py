@@ -112,15 +112,42 @@ def test_editing_a_module_makes_the_stages_that_import_it_stale(repo: Path, modu
         assert "train" in users and not users & {"ingest", "clean", "tokenizer", "shards"}
 
 
-def test_experiment_with_a_changed_learning_rate(repo: Path):
-    out = run([dvc_bin(), "exp", "run", "-S", "train.learning_rate=0.003", "-n", "lr3e-3"], repo)
-    assert ran_stages(out) == ["train", "evaluate", "report"]
-    shown = run([dvc_bin(), "exp", "show", "--json"], repo)
-    assert "lr3e-3" in shown and "0.003" in shown
-    diff = run([dvc_bin(), "metrics", "diff", "HEAD", "lr3e-3", "--json"], repo)
-    assert "val_bpb" in diff
-    plots = run([dvc_bin(), "plots", "show", "--json"], repo)
-    assert '"loss": [{"type": "vega"' in plots and "val_loss" in plots and "train_loss" in plots
+def experiments(shown: list) -> dict[str, dict]:
+    """`dvc exp show --json` as {experiment name: its data (params, metrics)}."""
+    out = {}
+    for baseline in shown:
+        for group in baseline.get("experiments") or []:
+            for rev in group.get("revs", []):
+                if rev.get("name"):
+                    out[rev["name"]] = rev["data"]
+    return out
+
+
+def test_each_dvc_experiment_is_one_mlflow_run_named_after_it(repo: Path):
+    import mlflow
+
+    lrs = {"lr3e-3": 0.003, "lr1e-3": 0.001}
+    for name, lr in lrs.items():
+        out = run([dvc_bin(), "exp", "run", "-S", f"train.learning_rate={lr}", "-n", name], repo)
+        assert ran_stages(out) == ["train", "evaluate", "report", "export"]
+    exps = experiments(json.loads(run([dvc_bin(), "exp", "show", "--json"], repo)))
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("llm")
+    for name, lr in lrs.items():
+        data = exps[name]
+        assert data["params"]["params.yaml"]["data"]["train"]["learning_rate"] == lr
+        val_bpb = data["metrics"]["metrics/eval.json"]["data"]["val_bpb"]
+        runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`dvc.exp_name` = '{name}'")
+        assert len(runs) == 1, [r.info.run_name for r in runs]  # train, evaluate and report: one run
+        assert runs[0].info.run_name == name
+        assert runs[0].data.params["train.learning_rate"] == str(lr)
+        assert runs[0].data.metrics["val_bpb"] == pytest.approx(val_bpb, abs=1e-5)
+    assert exps["lr3e-3"]["metrics"]["metrics/eval.json"]["data"]["val_bpb"] != exps["lr1e-3"]["metrics"]["metrics/eval.json"]["data"]["val_bpb"]
+    diff = json.loads(run([dvc_bin(), "metrics", "diff", "HEAD", "lr3e-3", "--json"], repo))
+    assert "val_bpb" in diff["metrics/eval.json"]
+    plots = json.loads(run([dvc_bin(), "plots", "show", "--json"], repo))
+    assert {"train_loss", "val_loss"} <= {k for d in plots["loss"][0]["datapoints"].values() for row in d for k in row} if \
+        "datapoints" in plots["loss"][0] else "val_loss" in json.dumps(plots)
 
 
 def test_same_params_and_data_give_the_same_artifacts(template: Template, tmp_path: Path):
