@@ -1,12 +1,18 @@
 """Throughput and memory of the four data stages on a generated corpus.
 
-    python benchmarks/data.py --sizes 50,200        # MB of generated text per run
+    python benchmarks/data.py --sizes 50,200                # MB of generated text per run
+    python benchmarks/data.py --sizes 50 --engine ray       # the units as Ray tasks (compute.data_engine)
 
 The corpus is made of unique documents: lines of the default corpus (Shakespeare's plays,
 markdown stripped) resampled with a seed into documents of 2-20 KB, written as JSONL files.
 Each stage runs as `llm <stage>` in a subprocess, exactly as `dvc repro` runs it; the peak
 resident memory of the stage's whole process tree (main process plus workers) is sampled
-every 50 ms. Prints a table per size and writes benchmarks/out/data.json.
+every 50 ms (with Ray's local cluster, its raylet and workers are in that tree). Prints a table
+per size and writes benchmarks/out/data.json (data-ray.json for --engine ray).
+
+With --engine ray and no --ray-address, each stage starts a local Ray cluster of every core, as
+`dvc repro` does; its start-up (seconds) is in the stage's time. --ray-address auto uses the
+cluster that `ray start --head` runs on this machine instead.
 """
 
 from __future__ import annotations
@@ -90,13 +96,14 @@ def peak_tree_rss(proc: subprocess.Popen, interval: float = 0.05) -> tuple[int, 
     return peak_tree, peak_main, time.perf_counter() - t0
 
 
-def run_size(work: Path, megabytes: float, seed: int, llm_bin: str) -> list[dict]:
+def run_size(work: Path, megabytes: float, seed: int, llm_bin: str, engine: str, ray_address: str) -> list[dict]:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     n_docs = generate(work / "corpus", megabytes, seed)
     print(f"generated {n_docs} documents ({megabytes:g} MB) in {time.perf_counter() - t0:.1f} s", flush=True)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["ingest"]["sources"] = ["corpus/*.jsonl"]
+    params["compute"].update(data_engine=engine, ray_address=ray_address)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     rows = []
     env = {**os.environ, "LLM_PROGRESS": "0"}
@@ -107,42 +114,48 @@ def run_size(work: Path, megabytes: float, seed: int, llm_bin: str) -> list[dict
         if proc.returncode != 0:
             sys.exit(f"{stage} failed, see {work / f'{stage}.log'}")
         rows.append(
-            {"size_mb": megabytes, "stage": stage, "seconds": round(seconds, 2), "mb_per_s": round(megabytes / seconds, 2),
+            {"engine": engine, "size_mb": megabytes, "stage": stage, "seconds": round(seconds, 2), "mb_per_s": round(megabytes / seconds, 2),
              "peak_rss_tree_mb": round(tree / 2**20), "peak_rss_main_mb": round(main / 2**20)}
         )
         print(f"  {stage:<10} {seconds:7.1f} s", flush=True)
     total = sum(r["seconds"] for r in rows)
     rows.append(
-        {"size_mb": megabytes, "stage": "end-to-end", "seconds": round(total, 2), "mb_per_s": round(megabytes / total, 2),
+        {"engine": engine, "size_mb": megabytes, "stage": "end-to-end", "seconds": round(total, 2), "mb_per_s": round(megabytes / total, 2),
          "peak_rss_tree_mb": max(r["peak_rss_tree_mb"] for r in rows), "peak_rss_main_mb": max(r["peak_rss_main_mb"] for r in rows)}
     )
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
-    head = f"{'size MB':>8} {'stage':<11} {'seconds':>8} {'MB/s':>7} {'peak RSS tree MB':>17} {'peak RSS main MB':>17}"
+    head = f"{'engine':<7} {'size MB':>8} {'stage':<11} {'seconds':>8} {'MB/s':>7} {'peak RSS tree MB':>17} {'peak RSS main MB':>17}"
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['size_mb']:>8g} {r['stage']:<11} {r['seconds']:>8.1f} {r['mb_per_s']:>7.2f} {r['peak_rss_tree_mb']:>17} {r['peak_rss_main_mb']:>17}")
+        print(f"{r['engine']:<7} {r['size_mb']:>8g} {r['stage']:<11} {r['seconds']:>8.1f} {r['mb_per_s']:>7.2f} "
+              f"{r['peak_rss_tree_mb']:>17} {r['peak_rss_main_mb']:>17}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="50,200", help="comma-separated corpus sizes in MB (default 50,200)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--work", default=str(REPO / "benchmarks" / "out" / "data"), help="scratch directory")
+    ap.add_argument("--engine", choices=["local", "ray"], default="local", help="compute.data_engine (default local)")
+    ap.add_argument("--ray-address", default="", help='compute.ray_address with --engine ray ("" = a local cluster per stage)')
+    ap.add_argument("--work", default=None, help="scratch directory (default benchmarks/out/data[-ray])")
+    ap.add_argument("--out", default=None, help="results file (default benchmarks/out/data[-ray].json)")
     args = ap.parse_args()
+    suffix = "" if args.engine == "local" else f"-{args.engine}"
+    work = Path(args.work or REPO / "benchmarks" / "out" / f"data{suffix}")
     llm_bin = str(Path(sys.executable).parent / "llm")
     rows: list[dict] = []
     for size in [float(s) for s in args.sizes.split(",")]:
-        rows += run_size(Path(args.work) / f"{size:g}mb", size, args.seed, llm_bin)
+        rows += run_size(work / f"{size:g}mb", size, args.seed, llm_bin, args.engine, args.ray_address)
     print()
     print_table(rows)
-    out = REPO / "benchmarks" / "out" / "data.json"
+    out = Path(args.out or REPO / "benchmarks" / "out" / f"data{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"cpu_count": os.cpu_count(), "rows": rows}, indent=2))
-    print(f"\nwrote {out.relative_to(REPO)}")
+    out.write_text(json.dumps({"cpu_count": os.cpu_count(), "engine": args.engine, "rows": rows}, indent=2))
+    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""Training throughput and MFU of model shapes, against the measured matmul peak.
+"""Training throughput and MFU of model shapes and recipes, with and without torch.compile,
+against the measured matmul peak.
 
     python benchmarks/train.py                       # the default preset and nanoGPT's CPU example
     python benchmarks/train.py --shapes 4x256x4:256:16,6x384x6:256:8 --steps 12
+    python benchmarks/train.py --recipes preset,classic,modern --compile both
 
 A shape is LAYERSxWIDTHxHEADS:BLOCK:BATCH. Each runs forward, backward and an AdamW step on
 random tokens, exactly as `llm train` does (same model, optimizer, autocast), after warm-up
@@ -23,9 +25,16 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from llm.config import load_params  # noqa: E402
+from llm.config import TrainParams, load_params  # noqa: E402
 from llm.device import measure_matmul_peak, pick_device, set_threads  # noqa: E402
 from llm.model import GPT, GPTConfig  # noqa: E402
+from llm.train import build_optimizer  # noqa: E402
+
+# A recipe: model options and the optimizer ("preset" is whatever params.yaml says).
+RECIPES = {
+    "classic": ({}, "adamw"),
+    "modern": ({"position": "rope", "norm": "rmsnorm", "qk_norm": True, "mlp": "swiglu", "zero_init": True, "bias": False}, "muon"),
+}
 
 
 def parse_shape(text: str) -> tuple[int, int, int, int, int]:
@@ -34,24 +43,30 @@ def parse_shape(text: str) -> tuple[int, int, int, int, int]:
     return layers, width, heads, int(block), int(batch)
 
 
-def measure(shape: tuple[int, int, int, int, int], vocab: int, steps: int, warmup: int, device, peak: float) -> dict:
+def measure(shape: tuple[int, int, int, int, int], vocab: int, steps: int, warmup: int, device, peak: float,
+            recipe: tuple[dict, str] = ({}, "adamw"), compile_model: bool = False) -> dict:
     layers, width, heads, block, batch = shape
+    options, optimizer = recipe
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=vocab, block_size=block, n_layer=layers, n_head=heads, n_embd=width)).to(device.torch_device)
-    opt = torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-3, fused=device.type == "cuda")
+    model = GPT(GPTConfig(vocab_size=vocab, block_size=block, n_layer=layers, n_head=heads, n_embd=width, **options))
+    model = model.to(device.torch_device)
+    opt = build_optimizer(model, TrainParams(optimizer=optimizer), device)
+    runner = torch.compile(model) if compile_model else model
     x = torch.randint(0, vocab, (batch, block), device=device.torch_device)
     y = torch.randint(0, vocab, (batch, block), device=device.torch_device)
 
     def step() -> None:
         with device.autocast():
-            _, loss = model(x, y)
+            _, loss = runner(x, y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
+    t_compile = time.perf_counter()
+    for _ in range(warmup):  # the first step compiles, when compiling
         step()
     device.synchronize()
+    warmup_seconds = time.perf_counter() - t_compile
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
@@ -61,6 +76,8 @@ def measure(shape: tuple[int, int, int, int, int], vocab: int, steps: int, warmu
     flops = model.flops_per_token()
     return {
         "shape": f"{layers}x{width}x{heads}:{block}:{batch}",
+        "recipe": "+".join(f"{k}={v}" for k, v in options.items()) or "classic", "optimizer": optimizer,
+        "compile": compile_model, "warmup_seconds": round(warmup_seconds, 1),
         "params_m": round(model.num_params() / 1e6, 2),
         "vocab": vocab,
         "tokens_per_s": round(tok_s),
@@ -73,8 +90,11 @@ def main() -> None:
     params = load_params(REPO / "params.yaml")
     m, t = params.model, params.train
     default = f"{m.n_layer}x{m.n_embd}x{m.n_head}:{m.block_size}:{t.batch_size}"
+    preset = ({k: getattr(m, k) for k in ("position", "norm", "qk_norm", "mlp", "zero_init", "bias")}, t.optimizer)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default=f"{default},4x128x4:64:12", help=f"comma-separated shapes (default: preset {default} and nanoGPT's CPU example)")
+    ap.add_argument("--recipes", default="preset", help=f"comma-separated: preset (params.yaml), {', '.join(RECIPES)}")
+    ap.add_argument("--compile", choices=["no", "yes", "both"], default="both", help="torch.compile the model (default: both ways)")
     ap.add_argument("--vocab", type=int, default=params.tokenizer.vocab_size)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
@@ -84,12 +104,17 @@ def main() -> None:
     threads = set_threads(t.threads) if device.type == "cpu" else 0
     peak = measure_matmul_peak(device, seconds=2.0)
     print(f"device: {device.name}, {threads} threads; measured matmul peak {peak / 1e9:.1f} GFLOP/s ({device.dtype})")
-    rows = [measure(parse_shape(s), args.vocab, args.steps, args.warmup, device, peak) for s in args.shapes.split(",")]
-    head = f"{'shape L x W x H : block : batch':<32} {'params M':>9} {'vocab':>6} {'tokens/s':>9} {'GFLOP/s':>8} {'MFU':>6}"
+    compiles = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
+    rows = [measure(parse_shape(s), args.vocab, args.steps, args.warmup, device, peak, preset if r == "preset" else RECIPES[r], c)
+            for s in args.shapes.split(",") for r in args.recipes.split(",") for c in compiles]
+    head = (f"{'shape L x W x H : block : batch':<32} {'recipe':<8} {'compile':>7} {'params M':>9} {'tokens/s':>9} {'GFLOP/s':>8} "
+            f"{'MFU':>6} {'warmup s':>8}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['shape']:<32} {r['params_m']:>9} {r['vocab']:>6} {r['tokens_per_s']:>9} {r['gflops_per_s']:>8} {r['mfu']:>6.1%}")
+        name = "classic" if r["recipe"] == "classic" and r["optimizer"] == "adamw" else ("modern" if r["optimizer"] == "muon" else "custom")
+        print(f"{r['shape']:<32} {name:<8} {'yes' if r['compile'] else 'no':>7} {r['params_m']:>9} {r['tokens_per_s']:>9} "
+              f"{r['gflops_per_s']:>8} {r['mfu']:>6.1%} {r['warmup_seconds']:>8}")
     out = REPO / "benchmarks" / "out" / "train.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": device.name, "peak_flops": peak, "rows": rows}, indent=2))

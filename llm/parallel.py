@@ -103,13 +103,13 @@ def _ray_map(
     import ray
 
     started = connect_ray(compute)
+    pending: deque[tuple[T, Any]] = deque()
     try:
         # The init travels once into the object store; a worker runs it when the key is new to it
         # (its first unit of this map), like the local pool's initializer.
         state = ray.put((uuid.uuid4().hex, initializer, initargs))
         task = ray.remote(_run_unit).options(max_retries=compute.max_retries, **_forwarded_env())
         window = max(1, int(ray.cluster_resources().get("CPU", 1)) * window_per_worker)
-        pending: deque[tuple[T, Any]] = deque()
         for item in items:
             pending.append((item, task.remote(fn, state, item)))
             if len(pending) >= window:
@@ -117,6 +117,8 @@ def _ray_map(
         while pending:
             yield _ray_result(*pending.popleft(), compute, stage, unit_name)
     finally:
+        for _, ref in pending:  # left only when the stage failed: its other units stop
+            ray.cancel(ref)
         if started:
             ray.shutdown()
 
@@ -187,7 +189,7 @@ def _ray_result(item: T, ref: Any, compute: ComputeParams, stage: str, unit_name
     except ray.exceptions.RayError as e:  # the worker or its node died, more times than max_retries
         raise UserError(
             f"{stage}: {unit_name(item)}: the Ray worker died ({type(e).__name__}) and compute.max_retries "
-            f"({compute.max_retries}) reruns did not finish it; the previous output is kept, run the stage again"
+            f"({compute.max_retries}) reruns did not finish it; nothing was written (a previous output is kept), run the stage again"
         ) from None
 
 

@@ -47,9 +47,9 @@ def write_mixed_corpus(corpus: Path) -> None:
     (corpus / "blob.bin").write_bytes(bytes(range(256)) * 8)
 
 
-def params_for(engine: str, **override) -> Params:
+def params_for(engine: str, max_retries: int = 1, **override) -> Params:
     override = {"ingest": {"sources": ["corpus"], "batch_docs": 3, "max_bad_fraction": 0.5}, **override}
-    return parse_params(small_params(["corpus"], compute={"data_engine": engine, "max_retries": 1}, **override))
+    return parse_params(small_params(["corpus"], compute={"data_engine": engine, "max_retries": max_retries}, **override))
 
 
 def build(root: Path, params: Params, stages: list[str] = DATA_STAGES) -> None:
@@ -96,6 +96,24 @@ def test_the_ray_engine_writes_the_same_bytes(reference: Path, tmp_path: Path, r
     assert hashes(tmp_path, *OUTPUTS) == hashes(reference, *OUTPUTS)
 
 
+def _init_probe(log: str) -> None:
+    with open(log, "a") as f:
+        f.write(f"{os.getpid()}\n")
+
+
+def _probe(i: int) -> tuple[int, int]:
+    return i, os.getpid()
+
+
+def test_results_come_in_order_and_the_init_runs_once_per_worker(tmp_path: Path, ray_cluster):
+    log = tmp_path / "inits"
+    compute = params_for("ray").compute
+    results = list(llm.parallel.ordered_map(_probe, range(40), 1, _init_probe, (str(log),), window_per_worker=3, compute=compute))
+    assert [i for i, _ in results] == list(range(40))
+    inits = log.read_text().split()
+    assert sorted(inits) == sorted({str(pid) for _, pid in results})  # one init per process that ran units
+
+
 def test_the_local_engine_does_not_import_ray(project: Path):
     code = (
         "import sys\nfrom pathlib import Path\nfrom llm.layout import Layout\nfrom llm.stages import run\n"
@@ -138,18 +156,18 @@ def test_a_worker_killed_past_max_retries_fails_in_one_line_and_writes_nothing(
     shards_before = hashes(root, "data/shards")
     monkeypatch.setenv("LLM_FAULT_POINT", "ray.task")  # every attempt of every unit is killed
 
-    def fails(stage: str) -> None:
+    def fails(stage: str, max_retries: int) -> None:
         with pytest.raises(UserError) as err:
-            build(root, params_for("ray"), [stage])
+            build(root, params_for("ray", max_retries), [stage])
         message = str(err.value)
         assert message.startswith(f"{stage}: part-00000.parquet row group 0: the Ray worker died"), message
-        assert "compute.max_retries (1)" in message and "\n" not in message
+        assert f"compute.max_retries ({max_retries})" in message and "\n" not in message
         assert not [p.name for p in (root / "data").iterdir() if p.name.startswith(".")], "a temporary output is left"
 
-    fails("clean")  # no previous output: none after
+    fails("clean", 1)  # no previous output: none after
     assert not (root / "data/clean").exists()
     shutil.copytree(reference / "data/clean", root / "data/clean")
-    fails("shards")  # a previous output: unchanged after
+    fails("shards", 0)  # a previous output: unchanged after
     assert hashes(root, "data/shards") == shards_before
 
 

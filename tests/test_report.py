@@ -31,6 +31,25 @@ def test_report_renders_and_escapes_what_the_model_wrote(built, tmp_path: Path):
     assert sorted(p.name for p in Layout(root).reports.iterdir()) == ["attention.png", "loss.png", "report.html", "report.md"]
 
 
+def test_what_the_model_writes_is_escaped_too(built, tmp_path: Path, monkeypatch):
+    """A continuation that closes the <pre> and opens a script stays text, in HTML and Markdown."""
+    import llm.report
+
+    root, params = project_from(built, tmp_path, report={"prompts": ["ROMEO:"], "temperatures": [0.8]})
+    train(params, Layout(root))
+    evaluate(params, Layout(root))
+    real = llm.report.complete
+    monkeypatch.setattr(llm.report, "complete", lambda *a: "</pre><script>alert(1)</script>\n```\n" + real(*a))
+    report(params, Layout(root))
+    html = (Layout(root).reports / "report.html").read_text()
+    md = (Layout(root).reports / "report.md").read_text()
+    assert "<script>" not in html and "</pre><script>" not in html
+    assert "&lt;/pre&gt;&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert html.count("<pre>") == html.count("</pre>") == 1
+    sample = md.split("## Samples", 1)[1]
+    assert "````" in sample  # the fence outgrows the backticks the model wrote
+
+
 def test_sink_score_is_the_mean_attention_on_the_first_token():
     w = torch.zeros(1, 2, 3, 3)
     w[0, 0, :, 0] = 1.0  # head 0 always looks at token 0
