@@ -65,8 +65,10 @@ else
 	PATH=$(CURDIR)/$(BIN):$$PATH dvc repro
 endif
 
+# The browser tests' screenshots go to test-artifacts/ (gitignored); pytest alone puts them in a
+# temporary directory unless TEST_ARTIFACTS is set.
 test: setup lint
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q
+	PATH=$(CURDIR)/$(BIN):$$PATH TEST_ARTIFACTS=$${TEST_ARTIFACTS:-$(CURDIR)/test-artifacts} $(BIN)/python -m pytest -q
 
 lint: setup
 	$(BIN)/ruff check .

@@ -1,6 +1,8 @@
 """The recipe ablation: each model v2 option alone against the baseline, then all together, on
-the project's shards (the held-out plays), at a fixed number of steps; prints val bits per byte,
-step time and the time each would get within the same wall-clock budget.
+the project's shards (the held-out plays), at the same wall-clock budget: each variant's step
+time is measured first (benchmarks/train.py's measure, the machine quiet), and a variant whose
+step is slower gets proportionally fewer steps than the baseline's --steps. The training runs
+themselves then depend on steps only, not on the machine's load.
 
     python benchmarks/ablation.py --steps 600                  # every variant, seed 1337
     python benchmarks/ablation.py --steps 1500 --variants baseline,all --seeds 1337,7
@@ -44,6 +46,26 @@ VARIANTS: dict[str, dict] = {
 }
 
 
+def step_speeds(base: dict, names: list[str]) -> dict[str, float]:
+    """Training tokens/s of each variant's model and optimizer on random tokens, in one process."""
+    from benchmarks.train import measure
+    from llm.device import measure_matmul_peak, pick_device, set_threads
+
+    device = pick_device("cpu")
+    set_threads(0)
+    peak = measure_matmul_peak(device, seconds=1.0)
+    m, t = base["model"], base["train"]
+    shape = (m["n_layer"], m["n_embd"], m["n_head"], m["block_size"], t["batch_size"])
+    speeds = {}
+    for name in names:
+        variant = VARIANTS[name]
+        options = {k: v for k, v in {**m, **variant.get("model", {})}.items()
+                   if k in ("position", "norm", "qk_norm", "mlp", "zero_init", "bias", "rope_theta")}
+        optimizer = variant.get("train", {}).get("optimizer", t["optimizer"])
+        speeds[name] = measure(shape, base["tokenizer"]["vocab_size"], 12, 3, device, peak, (options, optimizer))["tokens_per_s"]
+    return speeds
+
+
 def variant_params(base: dict, name: str, steps: int, seed: int, extra: dict) -> object:
     data = json.loads(json.dumps(base))
     data["seed"] = seed
@@ -67,26 +89,26 @@ def main() -> int:
     args = ap.parse_args()
     setup_logging("WARNING")
     base = load_params(REPO / "params.yaml").model_dump(mode="json")
+    names = args.variants.split(",")
+    speeds = step_speeds(base, sorted(set(names) | {"baseline"}))
+    print("tokens/s: " + ", ".join(f"{n} {v:,}" for n, v in speeds.items()), flush=True)
     rows = []
-    for name in args.variants.split(","):
+    for name in names:
+        steps = round(args.steps * speeds[name] / speeds["baseline"])  # the same wall clock as the baseline's
         for seed in (int(s) for s in args.seeds.split(",")):
-            params = variant_params(base, name, args.steps, seed, json.loads(args.set))
+            params = variant_params(base, name, steps, seed, json.loads(args.set))
             layout = Layout.of(REPO, REPO / "benchmarks" / "out" / "ablation" / f"{name}-{seed}")
             t0 = time.perf_counter()
             summary = train(params, layout, resume="never", tags={"ablation": name})
             seconds = time.perf_counter() - t0
             result = evaluate(params, layout, register=False)
-            rows.append({"variant": name, "seed": seed, "steps": args.steps, "val_bpb": result["val_bpb"],
-                         "val_loss": result["val_loss"], "train_seconds": summary["train_seconds"],
-                         "step_ms": round(1000 * summary["train_seconds"] / args.steps, 1), "wall_seconds": round(seconds, 1),
+            rows.append({"variant": name, "seed": seed, "steps": steps, "val_bpb": result["val_bpb"],
+                         "val_loss": result["val_loss"], "tokens_per_s": speeds[name], "wall_seconds": round(seconds, 1),
                          "params": summary["params"]})
-            print(f"{name:>10} seed {seed}: val_bpb {result['val_bpb']:.4f}  {rows[-1]['step_ms']} ms/step  "
-                  f"{summary['params'] / 1e6:.2f} M params", flush=True)
-    base_ms = next((r["step_ms"] for r in rows if r["variant"] == "baseline"), None)
-    print("\n| variant | seed | val bpb | ms/step | step time vs baseline |\n| --- | --- | ---: | ---: | ---: |")
+            print(f"{name:>10} seed {seed}: {steps} steps, val_bpb {result['val_bpb']:.4f} ({seconds:.0f} s here)", flush=True)
+    print("\n| variant | seed | steps (same wall clock) | tokens/s | val bpb |\n| --- | --- | ---: | ---: | ---: |")
     for r in rows:
-        ratio = f"{r['step_ms'] / base_ms:.2f}x" if base_ms else "-"
-        print(f"| {r['variant']} | {r['seed']} | {r['val_bpb']:.4f} | {r['step_ms']} | {ratio} |")
+        print(f"| {r['variant']} | {r['seed']} | {r['steps']} | {r['tokens_per_s']:,} | {r['val_bpb']:.4f} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
     return 0

@@ -222,15 +222,15 @@ class ModelParams(_Shape):
     n_embd: int = Field(128, ge=8)
     block_size: int = Field(128, ge=8)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    bias: bool = True
-    position: Literal["learned", "rope"] = "learned"
+    bias: bool = False
+    position: Literal["learned", "rope"] = "rope"
     """learned: a table of positions (GPT-2); rope: rotary embeddings (Llama)."""
-    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
-    qk_norm: bool = False
+    norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"
+    qk_norm: bool = True
     """RMSNorm of each head's queries and keys (Qwen3): steadier attention logits."""
-    mlp: Literal["gelu", "relu2", "swiglu"] = "gelu"
+    mlp: Literal["gelu", "relu2", "swiglu"] = "swiglu"
     """gelu (GPT-2), relu2 (ReLU squared), swiglu (gated SiLU, Llama; same parameter count)."""
-    zero_init: bool = False
+    zero_init: bool = True
     """Projections into the residual stream start at zero (every block starts as the identity)."""
     rope_theta: float = Field(10000.0, gt=0.0)
 
@@ -256,13 +256,13 @@ class TrainParams(_Group):
     beta2: float = Field(0.95, ge=0.0, lt=1.0)
     grad_clip: float = Field(1.0, ge=0.0)
     """Clip the gradient's global norm to this (0 = no clipping)."""
-    optimizer: Literal["adamw", "muon"] = "adamw"
+    optimizer: Literal["adamw", "muon"] = "muon"
     """adamw: AdamW for every parameter. muon: torch.optim.Muon for the 2-D matrices inside the
     blocks, AdamW for embeddings, head, biases and gains."""
     muon_learning_rate: float = Field(0.006, gt=0.0)
     """Muon's peak learning rate (its updates are scaled to AdamW's RMS, so it is comparable)."""
     muon_momentum: float = Field(0.95, ge=0.0, lt=1.0)
-    schedule: Literal["cosine", "wsd"] = "cosine"
+    schedule: Literal["cosine", "wsd"] = "wsd"
     """cosine: warmup, then cosine decay to learning_rate * min_lr_ratio. wsd: warmup, stable
     at the peak, then linear decay over the last decay_fraction of the steps."""
     decay_fraction: float = Field(0.3, gt=0.0, le=1.0)
@@ -271,8 +271,8 @@ class TrainParams(_Group):
     """Val tokens (a fixed prefix of the val stream) for the periodic val loss."""
     checkpoint_interval: int = Field(250, ge=1)
     log_interval: int = Field(10, ge=1)
-    compile: bool = False
-    """torch.compile the model (CUDA: faster steps after a minute of compiling)."""
+    compile: bool = True
+    """torch.compile the model: faster steps after seconds (CPU) to a minute (CUDA) of compiling."""
     threads: int = Field(0, ge=0)
     """CPU threads per process (0 = the node's cores shared among its processes)."""
     nproc_per_node: int = Field(1, ge=1)

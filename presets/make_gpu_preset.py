@@ -17,7 +17,7 @@ GPU = {
     "train": {
         "batch_size": "32", "tokens_per_step": "524288", "max_steps": "5000", "time_budget_minutes": "0",
         "learning_rate": "0.0006", "warmup_steps": "200", "eval_interval": "250", "eval_tokens": "1048576",
-        "checkpoint_interval": "500", "compile": "true",
+        "checkpoint_interval": "500", "compile": "true", "muon_learning_rate": "0.0018",
     },
     "evaluate": {"batch_size": "32"},
     "ladder": {"max_steps": "2000", "warmup_steps": "100"},
@@ -32,7 +32,7 @@ GPU_RUNGS = {
 
 HEADER = """\
 # GPU preset: GPT-2 small (12 layers, 12 heads, width 768, context 1024, vocab 50304:
-# 124 M parameters), bf16 autocast, fused AdamW, flash attention, torch.compile.
+# 124 M parameters), bf16 autocast, Muon + fused AdamW, flash attention, torch.compile.
 # Use it with a corpus of a few hundred MB or more (a 50 k vocabulary needs the text):
 #   cp presets/gpu.yaml params.yaml && dvc repro
 # Several GPUs: torchrun --standalone --nproc_per_node 8 -m llm.cli train

@@ -19,13 +19,13 @@ from llm.model import GPTConfig
 from llm.sample import SamplingParams, generate
 from llm.split import split_of
 from llm.train import train
-from tests.conftest import load
-from tests.test_train import MODERN, project_from
+from tests.conftest import deep_update, load
+from tests.test_train import CLASSIC, MODERN, project_from
 
 RECIPES = {
-    "gpt2": {},
-    "gpt2-relu2": {"model": {"mlp": "relu2", "bias": False}},
-    "llama": {"model": {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": True}},
+    "gpt2": CLASSIC,
+    "gpt2-relu2": deep_update(CLASSIC, {"model": {"mlp": "relu2", "bias": False}}),
+    "llama": deep_update(MODERN, {"model": {"qk_norm": False, "bias": True}}),
     "qwen3": MODERN,
 }
 

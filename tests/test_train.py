@@ -46,13 +46,15 @@ def test_two_seeded_runs_give_identical_weights(built, tmp_path: Path):
     assert read_json(Layout(a).metrics("train"))["final_val_loss"] == read_json(Layout(b).metrics("train"))["final_val_loss"]
 
 
+CLASSIC = {"model": {"position": "learned", "norm": "layernorm", "qk_norm": False, "mlp": "gelu", "zero_init": False, "bias": True},
+           "train": {"optimizer": "adamw", "schedule": "cosine"}}
 MODERN = {"model": {"position": "rope", "norm": "rmsnorm", "qk_norm": True, "mlp": "swiglu", "zero_init": True, "bias": False},
           "train": {"optimizer": "muon", "schedule": "wsd"}}
 
 
 @pytest.mark.parametrize("recipe", ["classic", "modern"])
 def test_resume_is_bit_identical_to_an_uninterrupted_run(built, tmp_path: Path, recipe: str):
-    override = deep_update({"model": {"dropout": 0.1}}, MODERN if recipe == "modern" else {})
+    override = deep_update({"model": {"dropout": 0.1}}, MODERN if recipe == "modern" else CLASSIC)
     cut, pc = project_from(built, tmp_path / "cut", **override)
     full_drop, pfd = project_from(built, tmp_path / "full_drop", **override)
     train(pfd, Layout(full_drop))
