@@ -33,14 +33,19 @@ def _sibling(path: Path, tag: str) -> Path:
     return path.with_name(f".{path.name}.{tag}-{os.getpid()}")
 
 
-def _pid_alive(pid: int) -> bool:
+def _pid_alive(pid: int, since: float) -> bool:
+    """Whether the process that made a sibling at time `since` still runs: not if it is gone,
+    a zombie nobody reaped (a killed stage's parent died too), or a later process that got
+    the same pid."""
+    import psutil
+
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        proc = psutil.Process(pid)
+        return proc.status() != psutil.STATUS_ZOMBIE and proc.create_time() <= since + 1.0
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.AccessDenied:
         return True
-    return True
 
 
 def remove_stale_siblings(directory: Path) -> None:
@@ -52,7 +57,7 @@ def remove_stale_siblings(directory: Path) -> None:
         return
     for p in sorted(directory.iterdir()):
         m = _STALE.match(p.name)
-        if m is None or _pid_alive(int(m["pid"])):
+        if m is None or _pid_alive(int(m["pid"]), p.lstat().st_mtime):
             continue
         target = directory / m["name"]
         if m["tag"] == "old" and not target.exists():

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import pickle
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -350,7 +351,7 @@ def _train(params: Params, layout: Layout, resume: str, tags: dict[str, str], de
         log.info("train: resuming %s at step %d", ckpt_path, state.step)
     start_step = state.step
 
-    runner = torch.compile(model) if tp.compile else model
+    runner = torch.compile(model) if tp.compile and can_compile(device) else model
     if dist.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -424,6 +425,14 @@ def _train(params: Params, layout: Layout, resume: str, tags: dict[str, str], de
         if dist.main:
             _write_outputs(layout, state, summary, params, manifest, tracker)
     return summary
+
+
+def can_compile(device: Device) -> bool:
+    """torch.compile on CPU builds C++ kernels: without a compiler, train eagerly and say so."""
+    if device.type != "cpu" or any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+        return True
+    log.warning("train: train.compile is on but no C++ compiler is installed (apt-get install g++); training uncompiled")
+    return False
 
 
 def _summary(state: TrainState, tp: TrainParams, stopped_by: str, flops_per_token: float,

@@ -56,13 +56,13 @@ def test_every_dvc_stage_is_an_asset_with_dvc_dependencies():
 
 def test_a_stage_added_to_dvc_yaml_becomes_an_asset(tmp_path: Path):
     data = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    data["stages"]["export"] = {"cmd": "python export.py", "deps": ["models/final"], "outs": ["exports/model.onnx"], "desc": "Export the model"}
+    data["stages"]["onnx"] = {"cmd": "python onnx.py", "deps": ["models/final"], "outs": ["exports/model.onnx"], "desc": "Export the model"}
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     assets = {a.key.to_user_string(): a for a in build_assets(tmp_path)}
-    assert "export" in assets
-    assert [k.to_user_string() for k in assets["export"].asset_deps[assets["export"].key]] == ["train"]
-    assert assets["export"].descriptions_by_key[assets["export"].key] == "Export the model"
-    assert assets["export"].group_names_by_key[assets["export"].key] == "pipeline"  # no per-stage module: default group
+    assert "onnx" in assets
+    assert [k.to_user_string() for k in assets["onnx"].asset_deps[assets["onnx"].key]] == ["train"]
+    assert assets["onnx"].descriptions_by_key[assets["onnx"].key] == "Export the model"
+    assert assets["onnx"].group_names_by_key[assets["onnx"].key] == "pipeline"  # no per-stage module: default group
 
 
 def test_a_users_own_stage_materializes_and_a_broken_page_does_not_fail_it(tmp_path: Path):

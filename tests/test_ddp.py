@@ -49,7 +49,7 @@ def test_dvc_repro_with_two_processes_matches_one_process_with_the_same_global_b
     assert two["steps"] == one["steps"] == 6 and two["tokens_seen"] == one["tokens_seen"]
     # A gradient summed instead of averaged doubles the norm (Adam would hide it in the weights).
     norms2 = grad_norms(root)
-    assert norms2 == pytest.approx(norms1, rel=1e-4)
+    assert norms2 == pytest.approx(norms1, rel=2e-3)  # float sums in another order; a sum bug is 2x
     assert two["final_val_loss"] == pytest.approx(one["final_val_loss"], abs=1e-4)
     assert all((w1[k] - w2[k]).abs().max() < 1e-4 for k in w1)
 

@@ -81,7 +81,7 @@ def test_changing_a_shards_param_reruns_shards_and_what_follows_only(repo: Path)
     params["shards"]["shard_tokens"] = 5_000
     write_params(repo, params)
     out = run([dvc_bin(), "repro"], repo)
-    assert ran_stages(out) == ["shards", "train", "evaluate", "report"]
+    assert ran_stages(out) == ["shards", "train", "evaluate", "report", "export"]
     after = read_json(repo / "data/shards/manifest.json")
     assert len(after["splits"]["train"]["shards"]) > len(before["splits"]["train"]["shards"])
     assert after["splits"]["train"]["tokens"] == before["splits"]["train"]["tokens"]
@@ -98,7 +98,7 @@ def stale_stages(repo: Path) -> set[str]:
     return set(json.loads(run([dvc_bin(), "status", "--json"], repo)))
 
 
-@pytest.mark.parametrize("module", ["llm/parallel.py", "llm/device.py"])
+@pytest.mark.parametrize("module", ["llm/corpus/clean.py", "llm/device.py"])
 def test_editing_a_module_makes_the_stages_that_import_it_stale(repo: Path, module: str):
     """An edit to a library module is a changed dep of exactly the stages that import it."""
     assert stale_stages(repo) == set()
@@ -106,8 +106,8 @@ def test_editing_a_module_makes_the_stages_that_import_it_stale(repo: Path, modu
         f.write("# an edit\n")
     users = {name for name in ALL_STAGES if module in stage_closure(name)}
     assert stale_stages(repo) == users
-    if module == "llm/parallel.py":  # the data stages' process pool
-        assert {"clean", "shards"} <= users and "ingest" not in users
+    if module == "llm/corpus/clean.py":  # the cleaning filters: clean alone (its output then reruns the rest)
+        assert users == {"clean"}
     else:  # the model's device: model stages only
         assert "train" in users and not users & {"ingest", "clean", "tokenizer", "shards"}
 

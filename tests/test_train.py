@@ -136,7 +136,7 @@ def test_tokens_per_step_must_divide(built, tmp_path: Path):
 
 
 def test_learning_rate_schedule():
-    tp = TrainParams(learning_rate=1.0, min_lr_ratio=0.1, warmup_steps=10, max_steps=110)
+    tp = TrainParams(learning_rate=1.0, min_lr_ratio=0.1, warmup_steps=10, max_steps=110, schedule="cosine")
     assert lr_at(0, tp) == pytest.approx(0.1)
     assert lr_at(9, tp) == pytest.approx(1.0)
     assert lr_at(60, tp) == pytest.approx(0.55)

