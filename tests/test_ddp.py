@@ -50,8 +50,8 @@ def test_dvc_repro_with_two_processes_matches_one_process_with_the_same_global_b
     # A gradient summed instead of averaged doubles the norm (Adam would hide it in the weights).
     norms2 = grad_norms(root)
     assert norms2 == pytest.approx(norms1, rel=2e-3)  # float sums in another order; a sum bug is 2x
-    assert two["final_val_loss"] == pytest.approx(one["final_val_loss"], abs=1e-4)
-    assert all((w1[k] - w2[k]).abs().max() < 1e-4 for k in w1)
+    assert two["final_val_loss"] == pytest.approx(one["final_val_loss"], abs=1e-3)
+    assert all((w1[k] - w2[k]).abs().max() < 2e-3 for k in w1)  # Muon's iterations amplify float-order noise
 
 
 def launch(root: Path, fault: dict[str, str], timeout: float = 240) -> tuple[subprocess.CompletedProcess, float]:

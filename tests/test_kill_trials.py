@@ -108,35 +108,32 @@ def kill_during(cmd: list[str], cwd: Path, stage: str, delay: float, extra_env: 
         if started is not None and time.monotonic() - started >= delay:
             break
         time.sleep(0.05)
-    # The whole tree, as a power cut would: Dagster's step processes run in sessions of their own.
-    tree = psutil.Process(proc.pid).children(recursive=True)
+    # Everything running in the project, as a power cut would: Dagster's step processes and their
+    # `dvc repro` are not all in this process group.
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    for child in tree:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.kill()
-    deadline = time.monotonic() + 30  # gone, or a zombie: a power cut leaves nothing running either
-    while time.monotonic() < deadline and (any(_running(p) for p in tree) or _group_running(proc.pid)):
-        time.sleep(0.1)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        alive = _in_project(cwd)
+        if not alive:
+            break
+        for p in alive:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        time.sleep(0.2)
     proc.wait(timeout=30)
     reader.join(timeout=10)
     return "".join(lines)
 
 
-def _running(proc: psutil.Process) -> bool:
-    try:
-        return proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _group_running(pgid: int) -> bool:
-    """A process of the killed group still alive (one spawned after the tree was listed)."""
+def _in_project(root: Path) -> list[psutil.Process]:
+    """Processes (not zombies) whose working directory is the project: its stages and tools."""
+    out = []
     for p in psutil.process_iter(["status"]):
         with contextlib.suppress(psutil.Error):
-            if os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
-                return True
-    return False
+            if p.pid != os.getpid() and p.info["status"] != psutil.STATUS_ZOMBIE and Path(p.cwd()).is_relative_to(root):
+                out.append(p)
+    return out
 
 
 def trial_plan(n: int, seed: int = 20261122) -> list[dict]:
