@@ -7,6 +7,8 @@ import os
 
 import dagster as dg
 
+from llm.tracking import ui_url
+
 # Where `make ui` serves MLflow; set MLFLOW_UI_URL when it runs elsewhere.
 MLFLOW_UI_DEFAULT = "http://127.0.0.1:5000"
 
@@ -37,5 +39,4 @@ def image(png: bytes, alt: str) -> dg.MetadataValue:
 
 
 def mlflow_run_url(experiment_id: str, run_id: str) -> dg.MetadataValue:
-    base = os.environ.get("MLFLOW_UI_URL", MLFLOW_UI_DEFAULT).rstrip("/")
-    return dg.MetadataValue.url(f"{base}/#/experiments/{experiment_id}/runs/{run_id}")
+    return dg.MetadataValue.url(ui_url(os.environ.get("MLFLOW_UI_URL", MLFLOW_UI_DEFAULT), experiment_id, run_id))

@@ -21,6 +21,10 @@ import sys
 import time
 from pathlib import Path
 
+from llm.config import load_params
+from llm.errors import UserError
+from llm.tracking import ui_url
+
 GRACE_SECONDS = 10.0
 
 
@@ -52,21 +56,39 @@ def stop(servers: dict[str, tuple[subprocess.Popen, int]], grace: float = GRACE_
         proc.wait()
 
 
+def experiment_of(store: str, name: str) -> str | None:
+    """The id of the project's MLflow experiment in `store`, None before the first run."""
+    import mlflow
+
+    if not name:
+        with contextlib.suppress(UserError):
+            name = load_params(Path("params.yaml")).tracking.experiment
+    if store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///")).exists():
+        return None  # no run yet (and MLflow would create the database)
+    try:
+        experiment = mlflow.MlflowClient(tracking_uri=store).get_experiment_by_name(name or "llm")
+    except mlflow.exceptions.MlflowException:  # a store MLflow cannot open: the UI says why
+        return None
+    return experiment.experiment_id if experiment else None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipelines.ui", description=__doc__.splitlines()[0])
     ap.add_argument("--dagster-port", type=int, default=3000)
     ap.add_argument("--mlflow-port", type=int, default=5000)
     ap.add_argument("--mlflow-store", required=True, help="MLflow backend store URI")
     ap.add_argument("--workspace", default="workspace.yaml")
+    ap.add_argument("--experiment", default="", help="MLflow experiment to link to (default: tracking.experiment of params.yaml)")
     args = ap.parse_args(argv)
     bin_dir = Path(sys.executable).parent
+    mlflow_url = ui_url(f"http://127.0.0.1:{args.mlflow_port}", experiment_of(args.mlflow_store, args.experiment))
     servers = {
         "mlflow": (_start([str(bin_dir / "mlflow"), "ui", "--backend-store-uri", args.mlflow_store, "--host", "127.0.0.1",
                            "--port", str(args.mlflow_port)]), signal.SIGTERM),
         "dagster": (_start([str(bin_dir / "dagster"), "dev", "-w", args.workspace, "-h", "127.0.0.1",
                             "-p", str(args.dagster_port)]), signal.SIGINT),
     }
-    print(f"Dagster UI: http://127.0.0.1:{args.dagster_port}\nMLflow UI:  http://127.0.0.1:{args.mlflow_port}\n"
+    print(f"Dagster UI: http://127.0.0.1:{args.dagster_port}\nMLflow UI:  {mlflow_url}\n"
           "Ctrl-C stops both.", flush=True)
     stopping = {"why": ""}
 

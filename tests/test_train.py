@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -122,7 +123,12 @@ def test_mlflow_run_has_params_tags_per_step_metrics_and_the_model(built, tmp_pa
     assert "git.commit" in run.data.tags and run.data.tags["device"].startswith("CPU")
     # A readable name (shape and commit; no git here) in an experiment MLflow opens as model training.
     assert run.info.run_name == "gpt-2x32-nogit"
-    assert mlflow.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    tags = mlflow.get_experiment(run.info.experiment_id).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(tags["mlflow.sharedViewState.llm-training-runs"])  # the saved "Training runs" view
+    state = json.loads(view["state"])
+    assert view["name"] == "Training runs" and state["orderByKey"] == "metrics.`val_bpb`" and state["orderByAsc"]
+    assert {"metrics.`val_bpb`", "metrics.`tokens_per_sec`"} <= set(state["selectedColumns"])
     history = mlflow.MlflowClient().get_metric_history(run_id, "train_loss")
     assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "model")}

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from llm.tracking import ui_url
 from tests.conftest import REPO, dvc_bin, make_dvc_project, run
 
 pytestmark = pytest.mark.slow
@@ -181,11 +182,16 @@ def test_mlflow_lists_the_training_run_by_name_with_val_bpb(served, artifacts: P
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     run_obj = client.search_runs([experiment.experiment_id])[0]
     assert run_obj.info.run_name == "gpt-2x32-nogit"  # shape and commit (this project has no commit)
-    page.goto(f"{served['mlflow']}/#/experiments/{experiment.experiment_id}/runs")
+    page.set_viewport_size({"width": 2200, "height": 1000})  # the grid renders only the columns in view
+    page.goto(ui_url(served["mlflow"], experiment.experiment_id))  # the experiment's link, as `make ui` prints it
     page.get_by_text(run_obj.info.run_name).first.wait_for(timeout=60_000)
-    page.get_by_text("Training runs").first.wait_for(timeout=30_000)  # the model-training view of the runs
+    page.get_by_text("Training runs").first.wait_for(timeout=30_000)  # the project's saved view of the runs table
+    assert f"/experiments/{experiment.experiment_id}/runs" in page.url  # landed on the runs table, not GenAI's overview
+    page.get_by_text("val_bpb").first.wait_for(timeout=30_000)  # a column of the view, with the run's value
+    body = page.inner_text("body")
+    assert "Model training" in body and str(run_obj.data.metrics["val_bpb"])[:5] in body, body[:2000]
     page.screenshot(path=str(artifacts / "mlflow_training_runs.png"), full_page=True)
-    page.goto(f"{served['mlflow']}/#/experiments/{experiment.experiment_id}/runs/{run_obj.info.run_id}")
+    page.goto(ui_url(served["mlflow"], experiment.experiment_id, run_obj.info.run_id))
     page.get_by_text("val_bpb").first.wait_for(timeout=60_000)
     page.screenshot(path=str(artifacts / "mlflow_run.png"), full_page=True)
 
@@ -230,6 +236,7 @@ def test_make_ui_started_from_a_script_stops_every_process_on_a_signal_to_make(t
         gone, alive = psutil.wait_procs(tree, timeout=15)
         assert not alive, f"still running 15 s after {sig.name} to make: {[' '.join(p.cmdline())[:120] for p in alive]}"
         assert "stopping the UIs" in log.read_text()
+        assert f"MLflow UI:  http://127.0.0.1:{mlflow_port}/#/experiments?workflowType=machine_learning" in log.read_text()
     finally:  # a failed test leaves nothing running either
         for p in tree:
             with contextlib.suppress(psutil.NoSuchProcess):
