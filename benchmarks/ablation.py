@@ -6,6 +6,9 @@ themselves then depend on steps only, not on the machine's load.
 
     python benchmarks/ablation.py --steps 600                  # every variant, seed 1337
     python benchmarks/ablation.py --steps 1500 --variants baseline,all --seeds 1337,7
+    python benchmarks/ablation.py --steps 1500 --variants defaults --same-steps --set '{"train": {"decay_fraction": 0.5}}'
+
+Every variant but `defaults` starts from the classic (2022) recipe, whatever params.yaml says.
 
 Needs `dvc repro shards` first. Runs go to benchmarks/out/ablation/NAME-SEED/ (MLflow
 experiment llm-ablation, not registered); the table also goes to benchmarks/out/ablation.json.
@@ -28,8 +31,13 @@ from llm.layout import Layout  # noqa: E402
 from llm.progress import setup_logging  # noqa: E402
 from llm.train import train  # noqa: E402
 
+# The 2022 recipe (nanoGPT's) that every single-option variant changes one thing of.
+CLASSIC = {"model": {"position": "learned", "norm": "layernorm", "qk_norm": False, "mlp": "gelu", "zero_init": False,
+                     "bias": True},
+           "train": {"optimizer": "adamw", "schedule": "cosine"}}
 MODERN_BLOCK = {"position": "rope", "norm": "rmsnorm"}
 VARIANTS: dict[str, dict] = {
+    "defaults": None,  # params.yaml as it is (today's recipe), for sweeps with --set
     "baseline": {},
     "muon": {"train": {"optimizer": "muon"}},
     "wsd": {"train": {"schedule": "wsd"}},
@@ -55,13 +63,15 @@ def step_speeds(base: dict, names: list[str]) -> dict[str, float]:
     set_threads(0)
     peak = measure_matmul_peak(device, seconds=1.0)
     m, t = base["model"], base["train"]
-    shape = (m["n_layer"], m["n_embd"], m["n_head"], m["block_size"], t["batch_size"])
+    accum = max(1, t["tokens_per_step"] // (t["batch_size"] * m["block_size"]))
+    shape = (m["n_layer"], m["n_embd"], m["n_head"], m["block_size"], t["batch_size"], accum)
     speeds = {}
     for name in names:
         variant = VARIANTS[name]
-        options = {k: v for k, v in {**m, **variant.get("model", {})}.items()
+        model = m if variant is None else {**m, **CLASSIC["model"], **variant.get("model", {})}
+        options = {k: v for k, v in model.items()
                    if k in ("position", "norm", "qk_norm", "mlp", "zero_init", "bias", "rope_theta")}
-        optimizer = variant.get("train", {}).get("optimizer", t["optimizer"])
+        optimizer = t["optimizer"] if variant is None else {**CLASSIC["train"], **variant.get("train", {})}["optimizer"]
         speeds[name] = measure(shape, base["tokenizer"]["vocab_size"], 12, 3, device, peak, (options, optimizer))["tokens_per_s"]
     return speeds
 
@@ -69,8 +79,10 @@ def step_speeds(base: dict, names: list[str]) -> dict[str, float]:
 def variant_params(base: dict, name: str, steps: int, seed: int, extra: dict) -> object:
     data = json.loads(json.dumps(base))
     data["seed"] = seed
-    for group, values in {**VARIANTS[name]}.items():
-        data[group].update(values)
+    if VARIANTS[name] is not None:
+        for changes in (CLASSIC, VARIANTS[name]):
+            for group, values in changes.items():
+                data[group].update(values)
     for group, values in extra.items():
         data[group].update(values)
     warmup = max(1, round(steps * 0.05))
@@ -84,20 +96,25 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--seeds", default="1337")
+    ap.add_argument("--label", default="", help="suffix of the run directories, so that sweeps do not overwrite each other")
+    ap.add_argument("--same-steps", action="store_true", help="no speed calibration: every variant trains --steps")
     ap.add_argument("--set", default="{}", help='JSON overrides for every variant, e.g. {"train": {"muon_learning_rate": 0.01}}')
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "ablation.json"))
     args = ap.parse_args()
     setup_logging("WARNING")
     base = load_params(REPO / "params.yaml").model_dump(mode="json")
     names = args.variants.split(",")
-    speeds = step_speeds(base, sorted(set(names) | {"baseline"}))
-    print("tokens/s: " + ", ".join(f"{n} {v:,}" for n, v in speeds.items()), flush=True)
+    if args.same_steps:
+        speeds = {name: 0 for name in names} | {"baseline": 0}
+    else:
+        speeds = step_speeds(base, sorted(set(names) | {"baseline"}))
+        print("tokens/s: " + ", ".join(f"{n} {v:,}" for n, v in speeds.items()), flush=True)
     rows = []
     for name in names:
-        steps = round(args.steps * speeds[name] / speeds["baseline"])  # the same wall clock as the baseline's
+        steps = args.steps if args.same_steps else round(args.steps * speeds[name] / speeds["baseline"])  # same wall clock
         for seed in (int(s) for s in args.seeds.split(",")):
             params = variant_params(base, name, steps, seed, json.loads(args.set))
-            layout = Layout.of(REPO, REPO / "benchmarks" / "out" / "ablation" / f"{name}-{seed}")
+            layout = Layout.of(REPO, REPO / "benchmarks" / "out" / "ablation" / f"{name}-{seed}{args.label and '-' + args.label}")
             t0 = time.perf_counter()
             summary = train(params, layout, resume="never", tags={"ablation": name})
             seconds = time.perf_counter() - t0
@@ -105,7 +122,7 @@ def main() -> int:
             rows.append({"variant": name, "seed": seed, "steps": steps, "val_bpb": result["val_bpb"],
                          "val_loss": result["val_loss"], "tokens_per_s": speeds[name], "wall_seconds": round(seconds, 1),
                          "params": summary["params"]})
-            print(f"{name:>10} seed {seed}: {steps} steps, val_bpb {result['val_bpb']:.4f} ({seconds:.0f} s here)", flush=True)
+            print(f"{name:>10}{args.label and ' ' + args.label} seed {seed}: {steps} steps, val_bpb {result['val_bpb']:.4f} ({seconds:.0f} s here)", flush=True)
     print("\n| variant | seed | steps (same wall clock) | tokens/s | val bpb |\n| --- | --- | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['variant']} | {r['seed']} | {r['steps']} | {r['tokens_per_s']:,} | {r['val_bpb']:.4f} |")
