@@ -5,16 +5,18 @@ against the measured matmul peak.
     python benchmarks/train.py --shapes 4x256x4:256:16,6x384x6:256:8 --steps 12
     python benchmarks/train.py --recipes preset,classic,modern --compile both
 
-A shape is LAYERSxWIDTHxHEADS:BLOCK:BATCH. Each runs forward, backward and an AdamW step on
-random tokens, exactly as `llm train` does (same model, optimizer, autocast), after warm-up
-steps. MFU = tokens/s * FLOPs per token (6N + 12 * layers * width * block) / peak, where the
-peak is a plain matmul in the training dtype measured here in the same process. Prints a table
-and writes benchmarks/out/train.json.
+A shape is LAYERSxWIDTHxHEADS:BLOCK:BATCH[:ACCUM]. Each runs optimizer steps on random tokens
+through `llm train`'s own train_step (ACCUM micro-batches of BATCH sequences, gradient
+clipping, the optimizer; the same model and autocast), after warm-up steps. The preset's ACCUM
+is params.yaml's tokens_per_step / (batch_size * block_size), as in `llm train`.
+MFU = tokens/s * FLOPs per token (6N + 12 * layers * width * block) / peak, where the peak is
+a plain matmul in the training dtype measured here in the same process. Prints a table and writes benchmarks/out/train.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -27,8 +29,9 @@ sys.path.insert(0, str(REPO))
 
 from llm.config import TrainParams, load_params  # noqa: E402
 from llm.device import measure_matmul_peak, pick_device, set_threads  # noqa: E402
+from llm.distributed import Dist  # noqa: E402
 from llm.model import GPT, GPTConfig  # noqa: E402
-from llm.train import build_optimizer  # noqa: E402
+from llm.train import TrainState, build_optimizer, train_step  # noqa: E402
 
 # A recipe: model options and the optimizer ("preset" is whatever params.yaml says).
 RECIPES = {
@@ -37,30 +40,28 @@ RECIPES = {
 }
 
 
-def parse_shape(text: str) -> tuple[int, int, int, int, int]:
-    dims, block, batch = text.split(":")
+def parse_shape(text: str) -> tuple[int, int, int, int, int, int]:
+    dims, block, batch, *accum = text.split(":")
     layers, width, heads = (int(v) for v in dims.split("x"))
-    return layers, width, heads, int(block), int(batch)
+    return layers, width, heads, int(block), int(batch), int(accum[0]) if accum else 1
 
 
-def measure(shape: tuple[int, int, int, int, int], vocab: int, steps: int, warmup: int, device, peak: float,
+def measure(shape: tuple[int, int, int, int, int, int], vocab: int, steps: int, warmup: int, device, peak: float,
             recipe: tuple[dict, str] = ({}, "adamw"), compile_model: bool = False) -> dict:
-    layers, width, heads, block, batch = shape
+    layers, width, heads, block, batch, accum = shape
     options, optimizer = recipe
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=vocab, block_size=block, n_layer=layers, n_head=heads, n_embd=width, **options))
     model = model.to(device.torch_device)
-    opt = build_optimizer(model, TrainParams(optimizer=optimizer), device)
+    tp = TrainParams(optimizer=optimizer)
+    state = TrainState(model, build_optimizer(model, tp, device), data=None, fingerprint="benchmark")
     runner = torch.compile(model) if compile_model else model
     x = torch.randint(0, vocab, (batch, block), device=device.torch_device)
     y = torch.randint(0, vocab, (batch, block), device=device.torch_device)
+    batches = itertools.repeat((x, y))
 
     def step() -> None:
-        with device.autocast():
-            _, loss = runner(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(runner, state, batches, accum, 1.0, tp.grad_clip, device, Dist())
 
     t_compile = time.perf_counter()
     for _ in range(warmup):  # the first step compiles, when compiling
@@ -72,10 +73,10 @@ def measure(shape: tuple[int, int, int, int, int], vocab: int, steps: int, warmu
         step()
     device.synchronize()
     seconds = time.perf_counter() - t0
-    tok_s = steps * batch * block / seconds
+    tok_s = steps * accum * batch * block / seconds
     flops = model.flops_per_token()
     return {
-        "shape": f"{layers}x{width}x{heads}:{block}:{batch}",
+        "shape": f"{layers}x{width}x{heads}:{block}:{batch}:{accum}",
         "recipe": "+".join(f"{k}={v}" for k, v in options.items()) or "classic", "optimizer": optimizer,
         "compile": compile_model, "warmup_seconds": round(warmup_seconds, 1),
         "params_m": round(model.num_params() / 1e6, 2),
@@ -89,10 +90,10 @@ def measure(shape: tuple[int, int, int, int, int], vocab: int, steps: int, warmu
 def main() -> None:
     params = load_params(REPO / "params.yaml")
     m, t = params.model, params.train
-    default = f"{m.n_layer}x{m.n_embd}x{m.n_head}:{m.block_size}:{t.batch_size}"
+    default = f"{m.n_layer}x{m.n_embd}x{m.n_head}:{m.block_size}:{t.batch_size}:{max(1, t.tokens_per_step // (t.batch_size * m.block_size))}"
     preset = ({k: getattr(m, k) for k in ("position", "norm", "qk_norm", "mlp", "zero_init", "bias")}, t.optimizer)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", default=f"{default},4x128x4:64:12", help=f"comma-separated shapes (default: preset {default} and nanoGPT's CPU example)")
+    ap.add_argument("--shapes", default=f"{default},4x128x4:64:12:1", help=f"comma-separated shapes (default: preset {default} and nanoGPT's CPU example)")
     ap.add_argument("--recipes", default="preset", help=f"comma-separated: preset (params.yaml), {', '.join(RECIPES)}")
     ap.add_argument("--compile", choices=["no", "yes", "both"], default="both", help="torch.compile the model (default: both ways)")
     ap.add_argument("--vocab", type=int, default=params.tokenizer.vocab_size)
@@ -107,13 +108,13 @@ def main() -> None:
     compiles = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
     rows = [measure(parse_shape(s), args.vocab, args.steps, args.warmup, device, peak, preset if r == "preset" else RECIPES[r], c)
             for s in args.shapes.split(",") for r in args.recipes.split(",") for c in compiles]
-    head = (f"{'shape L x W x H : block : batch':<32} {'recipe':<8} {'compile':>7} {'params M':>9} {'tokens/s':>9} {'GFLOP/s':>8} "
+    head = (f"{'shape L x W x H : block : batch : accum':<40} {'recipe':<8} {'compile':>7} {'params M':>9} {'tokens/s':>9} {'GFLOP/s':>8} "
             f"{'MFU':>6} {'warmup s':>8}")
     print(head)
     print("-" * len(head))
     for r in rows:
         name = "classic" if r["recipe"] == "classic" and r["optimizer"] == "adamw" else ("modern" if r["optimizer"] == "muon" else "custom")
-        print(f"{r['shape']:<32} {name:<8} {'yes' if r['compile'] else 'no':>7} {r['params_m']:>9} {r['tokens_per_s']:>9} "
+        print(f"{r['shape']:<40} {name:<8} {'yes' if r['compile'] else 'no':>7} {r['params_m']:>9} {r['tokens_per_s']:>9} "
               f"{r['gflops_per_s']:>8} {r['mfu']:>6.1%} {r['warmup_seconds']:>8}")
     out = REPO / "benchmarks" / "out" / "train.json"
     out.parent.mkdir(parents=True, exist_ok=True)
