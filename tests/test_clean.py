@@ -140,6 +140,58 @@ def test_alpha_word_count_matches_the_plain_definition(text):
     assert len(_WORD_WITHOUT_LETTER.findall(text)) == plain
 
 
+# ASCII letters, digits and punctuation, ASCII and Unicode whitespace, non-ASCII punctuation
+# (the ASCII view's fast path) and non-ASCII letters and digits (the Unicode path).
+_MIXED = st.sampled_from(list("aZ09_#.&- \n\t\r\x0b\x1c\x1f\x85\u00a0\u3000\u2014\u2019\u2026\u00e9\u00bd\u0663\u0130\u4e00\u0301"))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet=_MIXED, max_size=80), st.integers(1, 6))
+def test_fast_word_heuristics_equal_the_regex_definitions(text, n):
+    """The ASCII view (bytes.translate/count/split) gives the numbers and words the Unicode
+    regexes give, and the same MinHash as str shingles."""
+    import hashlib
+    import re
+
+    import rensa
+
+    from llm.corpus.clean import _ascii_view, _shingles, _signature_words, _word_counts
+
+    words = normal_words(text)
+    n_words = len(text.split())
+    letterless = len(re.findall(r"(?<!\S)(?:(?![^\W\d_])\S)+(?!\S)", text))
+    for view in (_ascii_view(text), None):
+        assert _word_counts(text, view) == (n_words, letterless if n_words else 0)
+        byte_words, joined = _signature_words(text, view)
+        assert [w.decode() for w in byte_words] == words
+        assert hashlib.sha256(joined).hexdigest() == dedup_key(words)
+        assert _shingles(byte_words, joined, n) == [s.encode() for s in shingles(words, n)]
+    a, b = rensa.RMinHash(num_perm=16, seed=1), rensa.RMinHash(num_perm=16, seed=1)
+    a.update(shingles(words, n))
+    b.update(_shingles(*_signature_words(text, _ascii_view(text)), n))
+    assert a.digest() == b.digest()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["", "  ", "short", "a line long enough to be a duplicate", " a line long enough to be a duplicate\t", "12 34"]), max_size=40))
+def test_quality_failure_counts_duplicate_lines_like_a_plain_loop(lines):
+    text = "\n".join(lines)
+    q = CleanParams().quality.model_copy(update={"min_chars": 0, "min_words": 0, "min_alpha_word_fraction": 0.0, "max_symbol_word_ratio": 1e9})
+    stripped = [line.strip() for line in text.split("\n") if line.strip()]
+    seen: set[str] = set()
+    dup_lines = dup_chars = 0
+    for line in stripped:
+        if line in seen and len(line) >= q.duplicate_line_min_chars:
+            dup_lines, dup_chars = dup_lines + 1, dup_chars + len(line)
+        seen.add(line)
+    expected = None
+    if stripped and dup_lines / len(stripped) > q.max_duplicate_line_fraction:
+        expected = "duplicate_lines"
+    elif stripped and dup_chars / max(1, sum(map(len, stripped))) > q.max_duplicate_line_char_fraction:
+        expected = "duplicate_line_chars"
+    assert quality_failure(text, q) == expected
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.text(alphabet=st.sampled_from(list("ab &<\n\u00c3\u00a9\u2019\x1b\r")), max_size=60))
 def test_line_wise_ftfy_equals_ftfy_on_the_whole_text(text):

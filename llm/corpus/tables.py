@@ -10,13 +10,16 @@ import contextlib
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from llm.errors import DataValidationError, UserError
+
+if TYPE_CHECKING:  # pandas is imported where a frame is validated: the stages' workers only read and write Arrow
+    import pandas as pd
 
 RAW_ARROW_SCHEMA = pa.schema(
     [
@@ -49,6 +52,7 @@ def content_id(text: str) -> str:
 # ----------------------------------------------------------------------------- schemas
 def _schemas():
     # Imported lazily: pandera takes a second to import and only the writers need it.
+    import pandas as pd
     import pandera.pandas as pdx
 
     def common() -> dict:
@@ -105,6 +109,8 @@ def validate_frame(df: pd.DataFrame, name: str) -> None:
 
 def describe_failures(cases: pd.DataFrame, df: pd.DataFrame, name: str) -> str:
     """One line per failing (check, row): a table-wide check is listed once, not per column."""
+    import pandas as pd
+
     seen: set[tuple] = set()
     lines: list[str] = []
     for _, case in cases.iterrows():
@@ -156,7 +162,12 @@ class TableWriter:
         self.rows = 0
 
     def write(self, rows: dict[str, list]) -> None:
-        table = pa.Table.from_pydict(rows, schema=self.arrow_schema)
+        self.write_table(pa.Table.from_pydict(rows, schema=self.arrow_schema))
+
+    def write_table(self, table: pa.Table) -> None:
+        """One batch as an Arrow table of the writer's schema."""
+        if not table.schema.equals(self.arrow_schema):
+            table = table.select(self.arrow_schema.names).cast(self.arrow_schema)
         if table.num_rows == 0:
             return
         self._pending.append(table)
