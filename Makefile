@@ -68,7 +68,7 @@ endif
 # The browser tests' screenshots go to test-artifacts/ (gitignored); pytest alone puts them in a
 # temporary directory unless TEST_ARTIFACTS is set.
 test: setup lint
-	PATH=$(CURDIR)/$(BIN):$$PATH TEST_ARTIFACTS=$${TEST_ARTIFACTS:-$(CURDIR)/test-artifacts} $(BIN)/python -m pytest -q
+	PATH=$(CURDIR)/$(BIN):$$PATH TEST_ARTIFACTS=$${TEST_ARTIFACTS:-$(CURDIR)/test-artifacts} $(BIN)/python -m pytest -q --durations=20
 
 lint: setup
 	$(BIN)/ruff check .
