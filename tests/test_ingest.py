@@ -231,6 +231,24 @@ def test_raw_schema_rejects_bad_rows_with_a_readable_list():
     assert "column 'text': check 'text is not blank' failed at row 1" in msg
 
 
+def test_blank_means_what_str_strip_strips():
+    """The blank-text check runs in Arrow; it must call blank exactly what Python strips."""
+    import pandas as pd
+
+    from llm.corpus.tables import DataValidationError, validate_frame
+
+    def frame(texts: list[str]) -> pd.DataFrame:
+        return pd.DataFrame({"doc_id": ["0" * 32] * len(texts), "source": "s", "uri": "u", "text": texts,
+                             "n_bytes": [len(t.encode()) for t in texts], "n_decode_errors": 0})
+
+    spaces = [chr(i) for i in range(0x110000) if chr(i).isspace()]
+    with pytest.raises(DataValidationError) as err:
+        validate_frame(frame([c * 2 for c in spaces]), "raw")
+    assert str(err.value).splitlines()[0] == f"raw table failed validation: {len(spaces)} failure(s)"
+    assert all("check 'text is not blank'" in line for line in str(err.value).splitlines()[1:-1])
+    validate_frame(frame(["\u00a0x\u3000", "\x1c\u200b"]), "raw")  # a zero-width space is not whitespace
+
+
 def test_fsspec_url_source():
     """Any fsspec URL works as a source; memory:// stands in for s3:// or https:// here."""
     import fsspec

@@ -382,8 +382,16 @@ _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 def _without_lone_surrogates(text: str) -> tuple[str, int]:
     """JSON may escape half a surrogate pair ("\\ud800"), which has no UTF-8: it becomes U+FFFD
-    and counts as an invalid sequence, like an undecodable byte."""
-    return _LONE_SURROGATE.subn("\ufffd", text)
+    and counts as an invalid sequence, like an undecodable byte. The regex runs only on text that
+    has one: str.isascii and the UTF-8 encoder find out at C speed (the regex was an eighth of
+    ingest)."""
+    if text.isascii():
+        return text, 0
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _LONE_SURROGATE.subn("\ufffd", text)
+    return text, 0
 
 
 # ----------------------------------------------------------------------------- readers
