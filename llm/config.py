@@ -238,7 +238,7 @@ class ModelParams(_Shape):
 # ----------------------------------------------------------------------------- train
 class TrainParams(_Group):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(8, ge=1)
     """Sequences per micro-batch, per process."""
     tokens_per_step: int = Field(4096, ge=1)
     """Tokens per optimizer step; gradient accumulation makes up the difference from
@@ -248,7 +248,7 @@ class TrainParams(_Group):
     """Stop early at this wall-clock budget (0 = none). Runs stopped by it are not reproducible
     step for step: size max_steps to fit and keep the budget as a guard."""
     learning_rate: float = Field(2e-3, gt=0.0)
-    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
     """The cosine decay ends at learning_rate * min_lr_ratio at max_steps."""
     warmup_steps: int = Field(75, ge=0)
     weight_decay: float = Field(0.1, ge=0.0)
