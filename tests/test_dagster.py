@@ -217,7 +217,7 @@ def test_each_asset_page_shows_what_its_stage_produced(materialized):
     summary = read_json(root / "metrics" / "train.json")
     assert train["steps"] == 6 and train["tokens seen"] == 6 * 256 and train["final val loss"] == summary["final_val_loss"]
     assert train["loss curve"].startswith("![train and val loss per step](data:image/png;base64,")
-    assert train["MLflow run"].endswith(f"/runs/{summary['mlflow_run_id']}")
+    assert train["MLflow run"].endswith(f"/runs/{summary['mlflow_run_id']}?workflowType=machine_learning")
     evaluation = meta["evaluate"]
     assert evaluation["val_bpb"] == read_json(root / "metrics" / "eval.json")["val_bpb"]
     assert {"bz2 bpb", "gzip bpb", "xz bpb", "unigram bpb"} <= set(evaluation)

@@ -69,15 +69,21 @@ def wait_for(url: str, proc: subprocess.Popen, log: Path, seconds: float = 180) 
     pytest.fail(f"dagster dev did not answer {url} in {seconds} s:\n{log.read_text()[-3000:]}")
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """dagster dev and its daemon, webserver and code servers: Ctrl-C to the group, then kill."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
+def stop(*procs: subprocess.Popen, grace: float = 10.0) -> None:
+    """Test servers (dagster dev with its daemon, webserver and code servers; mlflow ui): Ctrl-C
+    to every group at once, then kill what is left after `grace` seconds. How `make ui` stops is
+    its own test; here only the time counts."""
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+    deadline = time.monotonic() + grace
+    for proc in procs:
         with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=30)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=10)
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
 
 
 def node_status(page, name: str, seconds: float = 60) -> str:
@@ -130,8 +136,7 @@ def served(tmp_path_factory):
             finally:
                 browser.close()
     finally:
-        stop(dagster)
-        stop(mlflow)
+        stop(dagster, mlflow)
 
 
 def test_dagster_shows_every_stage_that_dvc_built_as_materialized(served, artifacts: Path):
