@@ -180,3 +180,24 @@ def ray_cluster():
     ray.init(num_cpus=2, include_dashboard=False)
     yield ray
     ray.shutdown()
+
+
+# The kill trials' counts (tests/test_kill_trials.py), gathered from the reports of every
+# pytest-xdist worker by the process that prints the session's summary.
+KILL_TRIALS = {"trials": 0, "inside": 0, "partial": 0, "rerun_failed": 0}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    for name, value in report.user_properties:
+        if name == "kill_trial" and report.when == "call":
+            KILL_TRIALS["trials"] += 1
+            KILL_TRIALS["inside"] += bool(value["inside"])
+            KILL_TRIALS["partial"] += value["partial"]
+            KILL_TRIALS["rerun_failed"] += bool(value["rerun_failed"])
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    if KILL_TRIALS["trials"]:
+        k = KILL_TRIALS
+        terminalreporter.write_line(f"kill trials: {k['trials']} ({k['inside']} killed inside the stage's process), partial or "
+                                    f"corrupt artifacts found: {k['partial']}, reruns that failed: {k['rerun_failed']}")

@@ -32,6 +32,12 @@ def intact(root: Path) -> None:
     assert run([dvc_bin(), "status"], root).strip().endswith("Data and pipelines are up to date.")
 
 
+def stopped_with_one_line(out: str) -> bool:
+    """A run that lost the race for a lock: exactly one `ERROR:` line, naming the lock."""
+    errors = [line for line in out.splitlines() if line.startswith("ERROR:")]
+    return len(errors) == 1 and any(b in errors[0] for b in BLOCKED)
+
+
 def test_two_dvc_repro_at_once_one_runs_the_other_stops_with_one_line(tmp_path: Path):
     root = make_dvc_project(tmp_path, n_plays=4, max_chars=10_000)
     first = start([dvc_bin(), "repro"], root)
@@ -42,17 +48,19 @@ def test_two_dvc_repro_at_once_one_runs_the_other_stops_with_one_line(tmp_path: 
     assert 0 in codes, outputs
     for code, out in zip(codes, outputs):
         if code != 0:
-            errors = [line for line in out.splitlines() if line.startswith("ERROR:")]
-            assert len(errors) == 1 and any(b in errors[0] for b in BLOCKED), out[-2000:]
+            assert stopped_with_one_line(out), out[-2000:]
     intact(root)
 
 
 def test_a_dagster_run_beside_a_dvc_repro_waits_its_turn_or_fails_with_one_line(tmp_path: Path):
+    """Which of the two takes a stage's lock first is a race (on a loaded machine the Dagster run
+    can get in while `dvc repro` is still starting): one of them finishes, and the other either
+    waited its turn or stopped with one line naming the lock."""
     from pipelines import build_definitions
 
     root = make_dvc_project(tmp_path, n_plays=4, max_chars=10_000)
     run([dvc_bin(), "repro"], root)
-    busy = start([dvc_bin(), "repro", "--force", "train"], root)  # holds DVC's lock for a while
+    busy = start([dvc_bin(), "repro", "--force", "train"], root)  # holds DVC's locks for a while
     time.sleep(2)
     defs = build_definitions(root)
     assets = [a for a in defs.assets if a.key.to_user_string() in ("train", "evaluate", "report")]
@@ -60,10 +68,12 @@ def test_a_dagster_run_beside_a_dvc_repro_waits_its_turn_or_fails_with_one_line(
         result = dg.materialize(assets, selection=["report"], instance=instance, raise_on_error=False,
                                 run_config={"ops": {"report": {"config": {"force": True}}}})
     out = busy.communicate(timeout=600)[0]
-    assert busy.returncode == 0, out[-2000:]
+    assert busy.returncode == 0 or result.success, out[-2000:]
+    if busy.returncode != 0:
+        assert stopped_with_one_line(out), out[-2000:]
     if not result.success:
         failure = next(e for e in result.all_events if e.is_step_failure)
         message = failure.step_failure_data.error.message
         assert "dvc repro report failed" in message and any(b in message for b in BLOCKED), message
-    run([dvc_bin(), "repro"], root)  # `dvc repro train` left evaluate and report behind, as it should
+    run([dvc_bin(), "repro"], root)  # what the loser (or `dvc repro train`) left behind
     intact(root)
