@@ -155,6 +155,7 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[Any]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    kill_point("atomic_file.written")
     os.replace(tmp, path)
 
 

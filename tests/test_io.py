@@ -89,6 +89,19 @@ def test_a_kill_at_any_instant_leaves_the_old_output_or_the_new_one(tmp_path: Pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing left behind
 
 
+def test_a_file_killed_before_its_rename_keeps_the_previous_one(tmp_path: Path):
+    out = tmp_path / "m.json"
+    write_json(out, {"v": 1})
+    code = "import sys; from llm.io import write_json; write_json(sys.argv[1], {'v': 2})"
+    proc = subprocess.run([sys.executable, "-c", code, str(out)], env={**os.environ, "LLM_FAULT_POINT": "atomic_file.written"},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -9, proc.stderr
+    assert read_json(out) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".m.json.tmp-")]  # the finished new file, never renamed
+    remove_stale_siblings(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
+
+
 def test_the_next_stage_removes_what_any_killed_stage_left(tmp_path: Path):
     """A killed `clean` leaves data/.clean.tmp-PID; the next command is `llm shards`, not clean."""
     layout = Layout(tmp_path)

@@ -42,8 +42,13 @@ STAGES = ["ingest", "clean", "tokenizer", "shards", "train", "evaluate", "report
 # Outputs whose bytes must equal the uninterrupted run's (the report and train.json hold timings).
 COMPARED = {"ingest": ["data/raw"], "clean": ["data/clean"], "tokenizer": ["data/tokenizer"], "shards": ["data/shards"],
             "train": ["models/final", "metrics/loss.csv"], "evaluate": ["metrics/eval.json"]}
-# Deterministic windows a timer cannot hit, forced through the fault points of llm/faults.py.
-POINTS = ["atomic_dir.written", "atomic_dir.between_renames", "atomic_dir.exchanged", "train.checkpoint.3"]
+# Deterministic instants a timer cannot hit, forced through the fault points of llm/faults.py: an
+# output finished and about to be put in place, a checkpoint. (DVC removes a stage's outputs
+# before running it, so under DVC there is no previous output to swap with; the swap's own
+# windows, atomic_dir.exchanged and .between_renames, are killed in tests/test_io.py.)
+POINTS = {stage: ["atomic_dir.written", "atomic_file.written"] for stage in STAGES}
+POINTS["evaluate"] = ["atomic_file.written"]  # its output is one file (metrics/eval.json)
+POINTS["train"] = ["atomic_dir.written", "atomic_file.written", "train.checkpoint.3"]
 STALE = re.compile(r"^\..+\.(tmp|old)-\d+$")
 
 
@@ -183,7 +188,7 @@ def trial_plan(n: int, seed: int = 20261122) -> list[dict]:
     for t in range(n):
         stage = STAGES[t % len(STAGES)]
         kind = ["timer", "dagster", "point"][t % 3]
-        point = rng.choice(POINTS if stage == "train" else POINTS[:3])
+        point = rng.choice(POINTS[stage])
         plan.append({"trial": t, "stage": stage, "via": kind, "fraction": rng.random(),
                      "point": point if kind == "point" else None})
     return plan
@@ -212,8 +217,6 @@ def test_a_kill_inside_a_stage_loses_nothing_and_the_rerun_is_identical(referenc
     extra: dict[str, str] = {}
     if trial["point"]:
         extra["LLM_FAULT_POINT"] = trial["point"]
-        if trial["point"] == "atomic_dir.between_renames":
-            extra["LLM_NO_RENAME_EXCHANGE"] = "1"  # the two-rename swap, whose window this is
         delay = 600  # the process kills itself at the point
     if trial["via"] == "dagster":
         home = tmp_path / "dagster_home"
@@ -227,6 +230,7 @@ def test_a_kill_inside_a_stage_loses_nothing_and_the_rerun_is_identical(referenc
     out, inside = kill_during(cmd, root, stage, delay, extra)
     if trial["point"]:  # the stage's process killed itself at the point, so it never finished
         inside = f"INFO llm: {stage}: done in" not in out
+        assert inside, f"{trial['point']} never came in {stage}:\n{out[-3000:]}"
     assert started(out, stage), out[-3000:]  # a run that failed before the stage would make the trial vacuous
     found = partial_artifacts(root)
     rerun = subprocess.run([dvc_bin(), "repro", "--no-run-cache"], cwd=root, env=env(), capture_output=True, text=True, timeout=600)
