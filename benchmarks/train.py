@@ -10,7 +10,8 @@ through `llm train`'s own train_step (ACCUM micro-batches of BATCH sequences, gr
 clipping, the optimizer; the same model and autocast), after warm-up steps. The preset's ACCUM
 is params.yaml's tokens_per_step / (batch_size * block_size), as in `llm train`.
 MFU = tokens/s * FLOPs per token (6N + 12 * layers * width * block) / peak, where the peak is
-a plain matmul in the training dtype measured here in the same process. Prints a table and writes benchmarks/out/train.json.
+a plain matmul in the training dtype (fp32, or bf16 autocast: --precision) measured here in the
+same process. Prints a table and writes benchmarks/out/train.json.
 """
 
 from __future__ import annotations
@@ -100,25 +101,31 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default=t.device)
+    ap.add_argument("--precision", default=t.precision,
+                    help="comma-separated CPU training precisions: auto, fp32, bf16 (default: params.yaml's); each against its own peak")
     args = ap.parse_args()
-    device = pick_device(args.device)
-    threads = set_threads(t.threads) if device.type == "cpu" else 0
-    peak = measure_matmul_peak(device, seconds=2.0)
-    print(f"device: {device.name}, {threads} threads; measured matmul peak {peak / 1e9:.1f} GFLOP/s ({device.dtype})")
+    rows, peaks = [], {}
     compiles = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
-    rows = [measure(parse_shape(s), args.vocab, args.steps, args.warmup, device, peak, preset if r == "preset" else RECIPES[r], c)
-            for s in args.shapes.split(",") for r in args.recipes.split(",") for c in compiles]
-    head = (f"{'shape L x W x H : block : batch : accum':<40} {'recipe':<8} {'compile':>7} {'params M':>9} {'tokens/s':>9} {'GFLOP/s':>8} "
-            f"{'MFU':>6} {'warmup s':>8}")
+    for precision in args.precision.split(","):
+        device = pick_device(args.device, 0, precision)
+        threads = set_threads(t.threads) if device.type == "cpu" else 0
+        peak = measure_matmul_peak(device, seconds=2.0)
+        dtype = str(device.dtype).removeprefix("torch.")
+        peaks[dtype] = peak
+        print(f"device: {device.name}, {threads} threads; measured {dtype} matmul peak {peak / 1e9:.1f} GFLOP/s")
+        rows += [{**measure(parse_shape(s), args.vocab, args.steps, args.warmup, device, peak, preset if r == "preset" else RECIPES[r], c),
+                  "dtype": dtype} for s in args.shapes.split(",") for r in args.recipes.split(",") for c in compiles]
+    head = (f"{'shape L x W x H : block : batch : accum':<40} {'recipe':<8} {'dtype':>8} {'compile':>7} {'params M':>9} {'tokens/s':>9} "
+            f"{'GFLOP/s':>8} {'MFU':>6} {'warmup s':>8}")
     print(head)
     print("-" * len(head))
     for r in rows:
         name = "classic" if r["recipe"] == "classic" and r["optimizer"] == "adamw" else ("modern" if r["optimizer"] == "muon" else "custom")
-        print(f"{r['shape']:<40} {name:<8} {'yes' if r['compile'] else 'no':>7} {r['params_m']:>9} {r['tokens_per_s']:>9} "
+        print(f"{r['shape']:<40} {name:<8} {r['dtype']:>8} {'yes' if r['compile'] else 'no':>7} {r['params_m']:>9} {r['tokens_per_s']:>9} "
               f"{r['gflops_per_s']:>8} {r['mfu']:>6.1%} {r['warmup_seconds']:>8}")
     out = REPO / "benchmarks" / "out" / "train.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": device.name, "peak_flops": peak, "rows": rows}, indent=2))
+    out.write_text(json.dumps({"device": device.name, "peak_flops": peaks, "rows": rows}, indent=2))
     print(f"\nwrote {out.relative_to(REPO)}")
 
 

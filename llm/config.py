@@ -243,8 +243,8 @@ class TrainParams(_Group):
     tokens_per_step: int = Field(4096, ge=1)
     """Tokens per optimizer step; gradient accumulation makes up the difference from
     batch_size * block_size * processes."""
-    max_steps: int = Field(1500, ge=1)
-    time_budget_minutes: float = Field(9.0, ge=0.0)
+    max_steps: int = Field(2100, ge=1)
+    time_budget_minutes: float = Field(12.0, ge=0.0)
     """Stop early at this wall-clock budget (0 = none). Runs stopped by it are not reproducible
     step for step: size max_steps to fit and keep the budget as a guard."""
     learning_rate: float = Field(2e-3, gt=0.0)
@@ -271,6 +271,10 @@ class TrainParams(_Group):
     """Val tokens (a fixed prefix of the val stream) for the periodic val loss."""
     checkpoint_interval: int = Field(250, ge=1)
     log_interval: int = Field(10, ge=1)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Autocast dtype of training on a CPU: bf16 where the CPU has bf16 instructions (AVX512-BF16
+    or AMX), fp32 elsewhere (auto), or either. CUDA trains in bf16 (fp16 without it) regardless;
+    evaluation is always fp32 on a CPU."""
     compile: bool = True
     """torch.compile the model: faster steps after seconds (CPU) to a minute (CUDA) of compiling."""
     threads: int = Field(0, ge=0)

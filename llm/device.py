@@ -45,7 +45,13 @@ class Device:
             torch.mps.synchronize()
 
 
-def pick_device(requested: str = "auto", local_rank: int = 0) -> Device:
+def cpu_has_bf16() -> bool:
+    """Whether this CPU runs bf16 matmuls natively (oneDNN: AVX512-BF16 or AMX); without, bf16
+    is emulated and slower than fp32."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def pick_device(requested: str = "auto", local_rank: int = 0, precision: str = "fp32") -> Device:
     """auto: CUDA, then Apple MPS, then CPU. bf16 autocast on CUDA (where supported), fp32
     elsewhere: CPUs without bf16 units run bf16 matmuls hundreds of times slower."""
     if requested == "auto":
@@ -66,7 +72,10 @@ def pick_device(requested: str = "auto", local_rank: int = 0) -> Device:
             raise UserError("train.device: mps requested but not available")
         return Device("mps", torch.device("mps"), torch.float32, "Apple MPS")
     if requested == "cpu":
-        return Device("cpu", torch.device("cpu"), torch.float32, f"CPU ({torch.get_num_threads()} threads)")
+        if precision == "bf16" and not cpu_has_bf16():
+            raise UserError("train.precision: bf16 needs a CPU with bf16 instructions (AVX512-BF16 or AMX); use auto or fp32")
+        bf16 = precision == "bf16" or (precision == "auto" and cpu_has_bf16())
+        return Device("cpu", torch.device("cpu"), torch.bfloat16 if bf16 else torch.float32, f"CPU ({torch.get_num_threads()} threads)")
     raise UserError(f"train.device: unknown device {requested!r} (auto, cpu, cuda, mps)")
 
 
@@ -86,7 +95,7 @@ def set_threads(threads: int) -> int:
 
 def measure_matmul_peak(device: Device, n: int = 1024, seconds: float = 1.0) -> float:
     """FLOP/s of a plain square matmul in the training dtype, the best of repeated runs."""
-    dtype = device.dtype if device.type == "cuda" else torch.float32
+    dtype = device.dtype
     if device.type == "cuda":
         n = 8192
     # Its own generator: measuring must not move the global RNG that training (and resuming) uses.
@@ -114,4 +123,4 @@ def peak_flops(device: Device) -> tuple[float, str]:
             if key in device.name:
                 return value, f"{key} bf16 datasheet peak"
         return measure_matmul_peak(device), "measured bf16 matmul peak"
-    return measure_matmul_peak(device), "measured fp32 matmul peak"
+    return measure_matmul_peak(device), f"measured {'bf16' if device.dtype == torch.bfloat16 else 'fp32'} matmul peak"

@@ -326,7 +326,7 @@ def train(params: Params, layout: Layout, resume: str = "auto", tags: dict[str, 
     """Train into layout.final. resume: auto (continue a checkpoint of the same params and
     data), always (fail if there is none), never (start from scratch). tags: extra MLflow tags."""
     tp = params.train
-    device = pick_device(tp.device, int(os.environ.get("LOCAL_RANK", "0")))
+    device = pick_device(tp.device, int(os.environ.get("LOCAL_RANK", "0")), tp.precision)
     dist = init_distributed(device.type)
     try:
         return _train(params, layout, resume, tags or {}, device, dist)

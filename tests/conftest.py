@@ -55,7 +55,8 @@ def small_params(sources: list[str], **override: Any) -> dict:
         "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32},
         "train": {"device": "cpu", "batch_size": 4, "tokens_per_step": 256, "max_steps": 6, "warmup_steps": 2,
                   "eval_interval": 3, "eval_tokens": 512, "checkpoint_interval": 3, "log_interval": 2, "threads": 1,
-                  "compile": False},  # compiling takes longer than these runs
+                  "compile": False,  # compiling takes longer than these runs
+                  "precision": "fp32"},  # the tests compare runs to 1e-4 and tighter; bf16 has its own test
         "evaluate": {"max_tokens": 4096},
         "report": {"prompts": ["ROMEO:"], "temperatures": [0.8], "max_new_tokens": 16},
         "tracking": {"system_metrics": False},

@@ -13,7 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import llm.device as device_module
 from llm.config import TrainParams
+from llm.device import cpu_has_bf16
 from llm.errors import UserError
 from llm.io import read_json
 from llm.layout import Layout
@@ -45,6 +47,32 @@ def test_two_seeded_runs_give_identical_weights(built, tmp_path: Path):
     files = sorted(p.name for p in Layout(a).final.iterdir())
     assert all((Layout(a).final / f).read_bytes() == (Layout(b).final / f).read_bytes() for f in files)  # the whole artifact
     assert read_json(Layout(a).metrics("train"))["final_val_loss"] == read_json(Layout(b).metrics("train"))["final_val_loss"]
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason="needs a CPU with bf16 instructions")
+def test_bf16_training_on_a_cpu_learns_keeps_fp32_weights_and_is_seeded(built, tmp_path: Path):
+    runs = []
+    for name in ("a", "b"):
+        root, params = project_from(built, tmp_path / name, train={"precision": "bf16", "max_steps": 12})
+        train(params, Layout(root))
+        runs.append(root)
+    a, b = runs
+    wa, wb = weights(a), weights(b)
+    assert all(w.dtype == torch.float32 for w in wa.values())  # autocast: the weights stay fp32
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    history = read_json(Layout(a).metrics("train"))
+    assert history["final_val_loss"] < history["initial_val_loss"] - 0.1  # it learns
+    # bf16 is not fp32: the same seed in fp32 ends elsewhere (the option does something).
+    c, pc = project_from(built, tmp_path / "c", train={"precision": "fp32", "max_steps": 12})
+    train(pc, Layout(c))
+    assert not all(torch.equal(wa[k], weights(c)[k]) for k in wa)
+
+
+def test_bf16_on_a_cpu_without_it_is_a_one_line_error(monkeypatch):
+    monkeypatch.setattr(device_module, "cpu_has_bf16", lambda: False)
+    with pytest.raises(UserError, match="train.precision: bf16 needs a CPU with bf16"):
+        device_module.pick_device("cpu", 0, "bf16")
+    assert device_module.pick_device("cpu", 0, "auto").dtype == torch.float32
 
 
 CLASSIC = {"model": {"position": "learned", "norm": "layernorm", "qk_norm": False, "mlp": "gelu", "zero_init": False, "bias": True},
