@@ -327,6 +327,10 @@ def train(params: Params, layout: Layout, resume: str = "auto", tags: dict[str, 
     data), always (fail if there is none), never (start from scratch). tags: extra MLflow tags."""
     tp = params.train
     device = pick_device(tp.device, int(os.environ.get("LOCAL_RANK", "0")), tp.precision)
+    if device.type == "cpu":
+        # Compiled kernels otherwise sum some gradients (the embedding's scatter-add) in an order
+        # that depends on thread timing: two runs would part in the fourth digit within 100 steps.
+        torch.use_deterministic_algorithms(True, warn_only=True)
     dist = init_distributed(device.type)
     try:
         return _train(params, layout, resume, tags or {}, device, dist)

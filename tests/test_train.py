@@ -49,6 +49,20 @@ def test_two_seeded_runs_give_identical_weights(built, tmp_path: Path):
     assert read_json(Layout(a).metrics("train"))["final_val_loss"] == read_json(Layout(b).metrics("train"))["final_val_loss"]
 
 
+@pytest.mark.slow
+def test_compiled_training_on_two_threads_gives_the_same_weights_in_two_processes(built, tmp_path: Path):
+    """torch.compile's CPU kernels sum some gradients in thread-timing order unless training asks
+    for deterministic algorithms; then two processes train to the same bytes."""
+    hashes = []
+    for name in ("a", "b"):
+        root, _ = project_from(built, tmp_path / name, train={"compile": True, "threads": 2, "max_steps": 8})
+        proc = subprocess.run([sys.executable, "-m", "llm.cli", "train"], cwd=root, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "LLM_PROGRESS": "0"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        hashes.append((Layout(root).final / "model.safetensors").read_bytes())
+    assert hashes[0] == hashes[1]
+
+
 @pytest.mark.skipif(not cpu_has_bf16(), reason="needs a CPU with bf16 instructions")
 def test_bf16_training_on_a_cpu_learns_keeps_fp32_weights_and_is_seeded(built, tmp_path: Path):
     runs = []
