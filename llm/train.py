@@ -328,7 +328,7 @@ def train(params: Params, layout: Layout, resume: str = "auto", tags: dict[str, 
     tp = params.train
     device = pick_device(tp.device, int(os.environ.get("LOCAL_RANK", "0")), tp.precision)
     if device.type == "cpu":
-        # Compiled kernels otherwise sum some gradients (the embedding's scatter-add) in an order
+        # Compiled kernels otherwise sum some gradients (most likely the embedding's scatter-add) in an order
         # that depends on thread timing: two runs would part in the fourth digit within 100 steps.
         torch.use_deterministic_algorithms(True, warn_only=True)
     dist = init_distributed(device.type)
