@@ -52,8 +52,9 @@ def cpu_has_bf16() -> bool:
 
 
 def pick_device(requested: str = "auto", local_rank: int = 0, precision: str = "fp32") -> Device:
-    """auto: CUDA, then Apple MPS, then CPU. bf16 autocast on CUDA (where supported), fp32
-    elsewhere: CPUs without bf16 units run bf16 matmuls hundreds of times slower."""
+    """auto: CUDA, then Apple MPS, then CPU. bf16 autocast on CUDA (where supported); on a CPU
+    as `precision` says (auto: bf16 where the CPU has bf16 instructions, fp32 elsewhere: without
+    them bf16 matmuls are emulated and slower); fp32 on MPS."""
     if requested == "auto":
         if torch.cuda.is_available():
             requested = "cuda"
