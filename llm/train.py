@@ -51,6 +51,9 @@ CHECKPOINT = "last.pt"
 _NOT_IN_FINGERPRINT = {"time_budget_minutes", "checkpoint_interval", "log_interval", "eval_interval", "eval_tokens", "threads",
                        "compile", "device", "rdzv_endpoint"}
 HISTORY_FIELDS = ["step", "tokens", "train_loss", "val_loss", "lr"]
+# The modules whose code decides the numbers a run computes: a checkpoint written by other code
+# is not resumed (DVC reruns train when they change; resuming would hand back the old model).
+MATH_MODULES = ("model.py", "train.py", "dataset.py", "device.py", "distributed.py")
 
 
 class TrainingDiverged(UserError):
@@ -132,12 +135,21 @@ def build_optimizer(model: GPT, tp: TrainParams, device: Device) -> Optimizers:
     return Optimizers(adamw=torch.optim.AdamW(groups, lr=tp.learning_rate, **adamw), muon=muon)
 
 
+def code_version(package: Path = Path(__file__).parent) -> str:
+    """sha256 of MATH_MODULES' bytes, in that order."""
+    digest = hashlib.sha256()
+    for name in MATH_MODULES:
+        digest.update(name.encode() + b"\0" + (package / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def fingerprint(params: Params, manifest: dict) -> str:
-    """What a checkpoint must match to be resumed: the model, the math of training, the data."""
+    """What a checkpoint must match to be resumed: the model, the math of training, the data and
+    the code that computes it."""
     train = {k: v for k, v in params.train.model_dump(mode="json").items() if k not in _NOT_IN_FINGERPRINT}
     data = [s["sha256"] for s in manifest["splits"]["train"]["shards"]]
     blob = json.dumps({"seed": params.seed, "model": params.model.model_dump(mode="json"), "train": train, "data": data,
-                       "tokenizer": manifest["tokenizer"]["sha256"]}, sort_keys=True)
+                       "tokenizer": manifest["tokenizer"]["sha256"], "code": code_version()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -193,7 +205,7 @@ def load_checkpoint(path: Path, fp: str) -> dict | None:
         raise UserError(f"{path}: unreadable checkpoint ({str(e).splitlines()[0][:160]}); "
                         "`llm train --restart` starts over (or delete the file)") from None
     if ckpt.get("fingerprint") != fp:
-        log.info("train: %s belongs to other params or data; starting from scratch", path)
+        log.info("train: %s belongs to other params, data or code; starting from scratch", path)
         return None
     return ckpt
 

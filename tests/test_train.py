@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import llm.device as device_module
+import llm.train as train_module
 from llm.config import TrainParams
 from llm.device import cpu_has_bf16
 from llm.errors import UserError
@@ -140,6 +141,27 @@ def test_a_checkpoint_of_other_params_is_not_resumed(built, tmp_path: Path):
     # ... while a change that does not alter the math (the log interval) keeps it:
     write_params(root, deep_update(changed, {"train": {"log_interval": 3}}))
     assert train(load(root), Layout(root), resume="always")["steps"] == 6
+
+
+def test_a_checkpoint_written_by_other_code_is_not_resumed(built, tmp_path: Path, monkeypatch):
+    root, params = project_from(built, tmp_path)
+    train(params, Layout(root))
+    assert train(params, Layout(root), resume="always")["steps"] == 6  # same code: resumed
+    # An edit to the model or the training step (DVC reruns train for it) must not hand back the
+    # model the old code trained:
+    monkeypatch.setattr(train_module, "code_version", lambda: "other-code")
+    with pytest.raises(UserError, match="no checkpoint of these params and data"):
+        train(params, Layout(root), resume="always")
+
+
+def test_code_version_follows_the_bytes_of_the_math_modules(tmp_path: Path):
+    package = Path(train_module.__file__).parent
+    for name in train_module.MATH_MODULES:
+        (tmp_path / name).write_bytes((package / name).read_bytes())
+    assert train_module.code_version(tmp_path) == train_module.code_version()
+    with (tmp_path / "model.py").open("a") as f:
+        f.write("# an edit\n")
+    assert train_module.code_version(tmp_path) != train_module.code_version()
 
 
 def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(built, tmp_path: Path, monkeypatch):
