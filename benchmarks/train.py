@@ -32,7 +32,8 @@ from llm.config import TrainParams, load_params  # noqa: E402
 from llm.device import measure_matmul_peak, pick_device, set_threads  # noqa: E402
 from llm.distributed import Dist  # noqa: E402
 from llm.model import GPT, GPTConfig  # noqa: E402
-from llm.train import TrainState, build_optimizer, train_step  # noqa: E402
+from llm.optim import build_optimizer  # noqa: E402
+from llm.train import TrainState, train_step  # noqa: E402
 
 # A recipe: model options and the optimizer ("preset" is whatever params.yaml says).
 RECIPES = {
@@ -48,7 +49,7 @@ def parse_shape(text: str) -> tuple[int, int, int, int, int, int]:
 
 
 def measure(shape: tuple[int, int, int, int, int, int], vocab: int, steps: int, warmup: int, device, peak: float,
-            recipe: tuple[dict, str] = ({}, "adamw"), compile_model: bool = False) -> dict:
+            recipe: tuple[dict, str] = ({}, "adamw"), compile_model: bool = False, muon: str = "grouped") -> dict:
     layers, width, heads, block, batch, accum = shape
     options, optimizer = recipe
     torch.manual_seed(0)
@@ -56,6 +57,8 @@ def measure(shape: tuple[int, int, int, int, int, int], vocab: int, steps: int, 
     model = model.to(device.torch_device)
     tp = TrainParams(optimizer=optimizer)
     state = TrainState(model, build_optimizer(model, tp, device), data=None, fingerprint="benchmark")
+    if optimizer == "muon" and muon == "torch":  # the same groups, stepped by torch.optim.Muon itself
+        state.optimizer.optimizers["muon"] = torch.optim.Muon(state.optimizer.optimizers["muon"].param_groups)
     runner = torch.compile(model) if compile_model else model
     x = torch.randint(0, vocab, (batch, block), device=device.torch_device)
     y = torch.randint(0, vocab, (batch, block), device=device.torch_device)
@@ -78,7 +81,8 @@ def measure(shape: tuple[int, int, int, int, int, int], vocab: int, steps: int, 
     flops = model.flops_per_token()
     return {
         "shape": f"{layers}x{width}x{heads}:{block}:{batch}:{accum}",
-        "recipe": "+".join(f"{k}={v}" for k, v in options.items()) or "classic", "optimizer": optimizer,
+        "recipe": "+".join(f"{k}={v}" for k, v in options.items()) or "classic",
+        "optimizer": f"{optimizer} ({muon})" if optimizer == "muon" else optimizer,
         "compile": compile_model, "warmup_seconds": round(warmup_seconds, 1),
         "params_m": round(model.num_params() / 1e6, 2),
         "vocab": vocab,
@@ -97,6 +101,8 @@ def main() -> None:
     ap.add_argument("--shapes", default=f"{default},4x128x4:64:12:1", help=f"comma-separated shapes (default: preset {default} and nanoGPT's CPU example)")
     ap.add_argument("--recipes", default="preset", help=f"comma-separated: preset (params.yaml), {', '.join(RECIPES)}")
     ap.add_argument("--compile", choices=["no", "yes", "both"], default="both", help="torch.compile the model (default: both ways)")
+    ap.add_argument("--muon", default="grouped",
+                    help="comma-separated: grouped (llm/optim.py's GroupedMuon, what llm train uses), torch (torch.optim.Muon)")
     ap.add_argument("--vocab", type=int, default=params.tokenizer.vocab_size)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
@@ -113,15 +119,16 @@ def main() -> None:
         dtype = str(device.dtype).removeprefix("torch.")
         peaks[dtype] = peak
         print(f"device: {device.name}, {threads} threads; measured {dtype} matmul peak {peak / 1e9:.1f} GFLOP/s")
-        rows += [{**measure(parse_shape(s), args.vocab, args.steps, args.warmup, device, peak, preset if r == "preset" else RECIPES[r], c),
-                  "dtype": dtype} for s in args.shapes.split(",") for r in args.recipes.split(",") for c in compiles]
-    head = (f"{'shape L x W x H : block : batch : accum':<40} {'recipe':<8} {'dtype':>8} {'compile':>7} {'params M':>9} {'tokens/s':>9} "
+        rows += [{**measure(parse_shape(s), args.vocab, args.steps, args.warmup, device, peak, preset if r == "preset" else RECIPES[r], c, mu),
+                  "dtype": dtype} for s in args.shapes.split(",") for r in args.recipes.split(",") for c in compiles
+                 for mu in args.muon.split(",")]
+    head = (f"{'shape L x W x H : block : batch : accum':<40} {'recipe':<8} {'optimizer':<15} {'dtype':>8} {'compile':>7} {'params M':>9} {'tokens/s':>9} "
             f"{'GFLOP/s':>8} {'MFU':>6} {'warmup s':>8}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        name = "classic" if r["recipe"] == "classic" and r["optimizer"] == "adamw" else ("modern" if r["optimizer"] == "muon" else "custom")
-        print(f"{r['shape']:<40} {name:<8} {r['dtype']:>8} {'yes' if r['compile'] else 'no':>7} {r['params_m']:>9} {r['tokens_per_s']:>9} "
+        name = "classic" if r["recipe"] == "classic" and r["optimizer"] == "adamw" else ("modern" if r["optimizer"] != "adamw" else "custom")
+        print(f"{r['shape']:<40} {name:<8} {r['optimizer']:<15} {r['dtype']:>8} {'yes' if r['compile'] else 'no':>7} {r['params_m']:>9} {r['tokens_per_s']:>9} "
               f"{r['gflops_per_s']:>8} {r['mfu']:>6.1%} {r['warmup_seconds']:>8}")
     out = REPO / "benchmarks" / "out" / "train.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ The shape is torchtitan's: a `TrainState` that is exactly what a checkpoint hold
 `train_step()` that returns the loss and the gradient norm, one function that records an
 evaluation, and a tracker (MLflow, or nothing on ranks other than 0). The same loop runs on one
 CPU, one GPU, or N processes (DDP; gloo on CPU, NCCL on GPU) started by torch's elastic launcher
-(llm/distributed.py). AdamW (or Muon for the blocks' matrices and AdamW for the rest), warmup
+(llm/distributed.py). AdamW (or Muon for the blocks' matrices and AdamW for the rest: llm/optim.py), warmup
 then cosine or warmup-stable-decay, gradient accumulation to `train.tokens_per_step`, global-norm
 clipping. A checkpoint continues bit-identically on CPU: weights, optimizer, step, RNG state and
 the data loader's position.
@@ -40,6 +40,7 @@ from llm.faults import kill_point, poisoned
 from llm.io import atomic_dir, atomic_file, write_json
 from llm.layout import Layout
 from llm.model import GPT, GPTConfig
+from llm.optim import Optimizers, build_optimizer
 from llm.progress import progress_enabled
 from llm.shards import read_manifest, verify_shards
 from llm.tokenizer import MODEL_FILE
@@ -53,7 +54,7 @@ _NOT_IN_FINGERPRINT = {"time_budget_minutes", "checkpoint_interval", "log_interv
 HISTORY_FIELDS = ["step", "tokens", "train_loss", "val_loss", "lr"]
 # The modules whose code decides the numbers a run computes: a checkpoint written by other code
 # is not resumed (DVC reruns train when they change; resuming would hand back the old model).
-MATH_MODULES = ("model.py", "train.py", "dataset.py", "device.py", "distributed.py")
+MATH_MODULES = ("model.py", "optim.py", "train.py", "dataset.py", "device.py", "distributed.py")
 
 
 class TrainingDiverged(UserError):
@@ -82,57 +83,6 @@ def lr_at(step: int, tp: TrainParams) -> float:
     span = max(1, tp.max_steps - tp.warmup_steps)
     progress = min(1.0, (step - tp.warmup_steps) / span)
     return low + 0.5 * (tp.learning_rate - low) * (1 + math.cos(math.pi * progress))
-
-
-class Optimizers:
-    """One optimizer or several (Muon for the blocks' matrices, AdamW for the rest) behind one
-    interface: step, zero_grad, param_groups (each with its peak `base_lr`) and a state dict."""
-
-    def __init__(self, **optimizers: torch.optim.Optimizer):
-        self.optimizers = optimizers
-
-    @property
-    def param_groups(self) -> list[dict]:
-        return [g for opt in self.optimizers.values() for g in opt.param_groups]
-
-    def set_lr(self, factor: float) -> None:
-        """Every group at `factor` times its peak (the schedule's shape, shared)."""
-        for g in self.param_groups:
-            g["lr"] = g["base_lr"] * factor
-
-    def step(self) -> None:
-        for opt in self.optimizers.values():
-            opt.step()
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for opt in self.optimizers.values():
-            opt.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for name, opt in self.optimizers.items():
-            opt.load_state_dict(state[name])
-
-
-def build_optimizer(model: GPT, tp: TrainParams, device: Device) -> Optimizers:
-    """AdamW with decay for matrices and embeddings, none for biases and gains; with
-    optimizer: muon, torch.optim.Muon takes the blocks' 2-D matrices (its updates scaled to
-    AdamW's RMS, so learning rates compare)."""
-    adamw = dict(betas=(tp.beta1, tp.beta2), fused=device.type == "cuda")
-    if tp.optimizer == "adamw":
-        groups = [{**g, "base_lr": tp.learning_rate} for g in model.optimizer_groups(tp.weight_decay)]
-        return Optimizers(adamw=torch.optim.AdamW(groups, lr=tp.learning_rate, **adamw))
-    hidden = model.hidden_matrices()
-    ids = {id(p) for p in hidden}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
-    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": tp.weight_decay, "base_lr": tp.learning_rate},
-              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "base_lr": tp.learning_rate}]
-    muon = torch.optim.Muon([{"params": hidden, "base_lr": tp.muon_learning_rate}], lr=tp.muon_learning_rate,
-                            weight_decay=tp.weight_decay, momentum=tp.muon_momentum, nesterov=True,
-                            adjust_lr_fn="match_rms_adamw")
-    return Optimizers(adamw=torch.optim.AdamW(groups, lr=tp.learning_rate, **adamw), muon=muon)
 
 
 def code_version(package: Path = Path(__file__).parent) -> str:

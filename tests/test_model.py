@@ -4,8 +4,9 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from llm.model import GPT, GPTConfig
+from llm.model import GPT, GPTConfig, attend
 
 
 def tiny(**kw) -> GPT:
@@ -55,6 +56,17 @@ def test_sdpa_equals_explicit_with_a_kv_cache_and_several_new_tokens(recipe):
     full, _ = model(x)
     assert torch.allclose(fast, slow, atol=1e-5)
     assert torch.allclose(fast, full[:, 16:], atol=1e-5)
+
+
+def test_attention_under_cpu_bf16_autocast_runs_in_fp32():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 16, 8).bfloat16() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = attend(q, k, v, True, None, 0.0)
+    assert y.dtype == torch.float32  # torch's bf16 flash backward on a CPU is the slow one
+    torch.testing.assert_close(y, F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True))
+    # Outside autocast, the inputs' dtype is kept.
+    assert attend(q, k, v, True, None, 0.0).dtype == torch.bfloat16
 
 
 def test_attention_weights_are_causal_distributions():
@@ -153,7 +165,7 @@ def test_zero_init_makes_every_block_start_as_the_identity():
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     from llm.config import TrainParams
     from llm.device import pick_device
-    from llm.train import build_optimizer
+    from llm.optim import build_optimizer
 
     model = tiny(**RECIPES["modern"])
     opt = build_optimizer(model, TrainParams(optimizer="muon"), pick_device("cpu"))
