@@ -114,6 +114,8 @@ def main() -> None:
     compiles = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
     for precision in args.precision.split(","):
         device = pick_device(args.device, 0, precision)
+        if device.type == "cpu":  # as llm train does there (see llm/train.py)
+            torch.use_deterministic_algorithms(True, warn_only=True)
         threads = set_threads(t.threads) if device.type == "cpu" else 0
         peak = measure_matmul_peak(device, seconds=2.0)
         dtype = str(device.dtype).removeprefix("torch.")

@@ -243,8 +243,8 @@ class TrainParams(_Group):
     tokens_per_step: int = Field(4096, ge=1)
     """Tokens per optimizer step; gradient accumulation makes up the difference from
     batch_size * block_size * processes."""
-    max_steps: int = Field(2100, ge=1)
-    time_budget_minutes: float = Field(12.0, ge=0.0)
+    max_steps: int = Field(2800, ge=1)
+    time_budget_minutes: float = Field(20.0, ge=0.0)
     """Stop early at this wall-clock budget (0 = none). Runs stopped by it are not reproducible
     step for step: size max_steps to fit and keep the budget as a guard."""
     learning_rate: float = Field(2e-3, gt=0.0)
