@@ -41,7 +41,9 @@ def weights(root: Path) -> dict[str, torch.Tensor]:
 def test_two_seeded_runs_give_identical_weights(built, tmp_path: Path):
     a, pa = project_from(built, tmp_path / "a")
     b, pb = project_from(built, tmp_path / "b")
+    assert not torch.are_deterministic_algorithms_enabled()
     train(pa, Layout(a))
+    assert not torch.are_deterministic_algorithms_enabled()  # train's switch does not outlive it
     train(pb, Layout(b))
     wa, wb = weights(a), weights(b)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
