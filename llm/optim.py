@@ -29,7 +29,7 @@ def orthogonalize(updates: list[Tensor], coefficients: tuple[float, float, float
     list of matrices: the ones of the same shape (tall ones transposed to wide first, as torch
     does) go through it together, stacked."""
     a, b, c = coefficients
-    out: list[Tensor] = [updates[0]] * len(updates)
+    out: dict[int, Tensor] = {}
     groups: dict[tuple[int, int], list[int]] = {}
     for i, u in enumerate(updates):
         rows, cols = u.shape
@@ -43,7 +43,7 @@ def orthogonalize(updates: list[Tensor], coefficients: tuple[float, float, float
             x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
         for j, i in enumerate(members):
             out[i] = x[j].mT if updates[i].size(0) > updates[i].size(1) else x[j]
-    return out
+    return [out[i] for i in range(len(updates))]
 
 
 class GroupedMuon(torch.optim.Muon):
