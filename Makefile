@@ -83,6 +83,7 @@ lint: setup
 bench: setup
 	$(BIN)/python benchmarks/data.py
 	$(BIN)/python benchmarks/train.py
+	$(BIN)/python benchmarks/attention.py
 
 MLFLOW_PORT ?= 5000
 DAGSTER_PORT ?= 3000
