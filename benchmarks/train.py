@@ -59,6 +59,8 @@ def measure(shape: tuple[int, int, int, int, int, int], vocab: int, steps: int, 
     state = TrainState(model, build_optimizer(model, tp, device), data=None, fingerprint="benchmark")
     if optimizer == "muon" and muon == "torch":  # the same groups, stepped by torch.optim.Muon itself
         state.optimizer.optimizers["muon"] = torch.optim.Muon(state.optimizer.optimizers["muon"].param_groups)
+    if compile_model:  # a fresh compile per row, as each `llm train` process does: without this, the second
+        torch._dynamo.reset()  # shape would recompile GPT.forward with dynamic shapes, which is slower
     runner = torch.compile(model) if compile_model else model
     x = torch.randint(0, vocab, (batch, block), device=device.torch_device)
     y = torch.randint(0, vocab, (batch, block), device=device.torch_device)
