@@ -11,7 +11,9 @@ clipping, the optimizer; the same model and autocast), after warm-up steps. The 
 is params.yaml's tokens_per_step / (batch_size * block_size), as in `llm train`.
 MFU = tokens/s * FLOPs per token (6N + 12 * layers * width * block) / peak, where the peak is
 a plain matmul in the training dtype (fp32, or bf16 autocast: --precision) measured here in the
-same process. Prints a table and writes benchmarks/out/train.json.
+same process, the best of repeated runs. Tokens/s likewise: the best of --rounds timed windows
+(the median window's MFU is printed beside it). Prints a table and writes
+benchmarks/out/train.json.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -49,7 +52,9 @@ def parse_shape(text: str) -> tuple[int, int, int, int, int, int]:
 
 
 def measure(shape: tuple[int, int, int, int, int, int], vocab: int, steps: int, warmup: int, device, peak: float,
-            recipe: tuple[dict, str] = ({}, "adamw"), compile_model: bool = False, muon: str = "grouped") -> dict:
+            recipe: tuple[dict, str] = ({}, "adamw"), compile_model: bool = False, muon: str = "grouped", rounds: int = 3) -> dict:
+    """Tokens/s of the best of `rounds` windows of `steps` steps (the peak is a best-of too: on a
+    shared host, noise only ever slows a window down), and of the median window."""
     layers, width, heads, block, batch, accum = shape
     options, optimizer = recipe
     torch.manual_seed(0)
@@ -74,12 +79,14 @@ def measure(shape: tuple[int, int, int, int, int, int], vocab: int, steps: int, 
         step()
     device.synchronize()
     warmup_seconds = time.perf_counter() - t_compile
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    device.synchronize()
-    seconds = time.perf_counter() - t0
-    tok_s = steps * accum * batch * block / seconds
+    windows = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        device.synchronize()
+        windows.append(steps * accum * batch * block / (time.perf_counter() - t0))
+    tok_s, median = max(windows), statistics.median(windows)
     flops = model.flops_per_token()
     return {
         "shape": f"{layers}x{width}x{heads}:{block}:{batch}:{accum}",
@@ -89,8 +96,10 @@ def measure(shape: tuple[int, int, int, int, int, int], vocab: int, steps: int, 
         "params_m": round(model.num_params() / 1e6, 2),
         "vocab": vocab,
         "tokens_per_s": round(tok_s),
+        "tokens_per_s_windows": [round(w) for w in windows],
         "gflops_per_s": round(tok_s * flops / 1e9, 1),
         "mfu": round(tok_s * flops / peak, 3),
+        "mfu_median": round(median * flops / peak, 3),
     }
 
 
@@ -108,6 +117,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=params.tokenizer.vocab_size)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3, help="timed windows of --steps steps; the best one is reported, and the median")
     ap.add_argument("--device", default=t.device)
     ap.add_argument("--precision", default=t.precision,
                     help="comma-separated CPU training precisions: auto, fp32, bf16 (default: params.yaml's); each against its own peak")
@@ -123,17 +133,18 @@ def main() -> None:
         dtype = str(device.dtype).removeprefix("torch.")
         peaks[dtype] = peak
         print(f"device: {device.name}, {threads} threads; measured {dtype} matmul peak {peak / 1e9:.1f} GFLOP/s")
-        rows += [{**measure(parse_shape(s), args.vocab, args.steps, args.warmup, device, peak, preset if r == "preset" else RECIPES[r], c, mu),
+        rows += [{**measure(parse_shape(s), args.vocab, args.steps, args.warmup, device, peak, preset if r == "preset" else RECIPES[r], c, mu,
+                                 args.rounds),
                   "dtype": dtype} for s in args.shapes.split(",") for r in args.recipes.split(",") for c in compiles
                  for mu in args.muon.split(",")]
     head = (f"{'shape L x W x H : block : batch : accum':<40} {'recipe':<8} {'optimizer':<15} {'dtype':>8} {'compile':>7} {'params M':>9} {'tokens/s':>9} "
-            f"{'GFLOP/s':>8} {'MFU':>6} {'warmup s':>8}")
+            f"{'GFLOP/s':>8} {'MFU':>6} {'median MFU':>10} {'warmup s':>8}")
     print(head)
     print("-" * len(head))
     for r in rows:
         name = "classic" if r["recipe"] == "classic" and r["optimizer"] == "adamw" else ("modern" if r["optimizer"] != "adamw" else "custom")
         print(f"{r['shape']:<40} {name:<8} {r['optimizer']:<15} {r['dtype']:>8} {'yes' if r['compile'] else 'no':>7} {r['params_m']:>9} {r['tokens_per_s']:>9} "
-              f"{r['gflops_per_s']:>8} {r['mfu']:>6.1%} {r['warmup_seconds']:>8}")
+              f"{r['gflops_per_s']:>8} {r['mfu']:>6.1%} {r['mfu_median']:>10.1%} {r['warmup_seconds']:>8}")
     out = REPO / "benchmarks" / "out" / "train.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": device.name, "peak_flops": peaks, "rows": rows}, indent=2))
