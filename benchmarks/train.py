@@ -36,7 +36,7 @@ from llm.device import measure_matmul_peak, pick_device, set_threads  # noqa: E4
 from llm.distributed import Dist  # noqa: E402
 from llm.model import GPT, GPTConfig  # noqa: E402
 from llm.optim import build_optimizer  # noqa: E402
-from llm.train import TrainState, train_step  # noqa: E402
+from llm.train import TrainState, deterministic_on_cpu, train_step  # noqa: E402
 
 # A recipe: model options and the optimizer ("preset" is whatever params.yaml says).
 RECIPES = {
@@ -126,17 +126,16 @@ def main() -> None:
     compiles = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
     for precision in args.precision.split(","):
         device = pick_device(args.device, 0, precision)
-        if device.type == "cpu":  # as llm train does there (see llm/train.py)
-            torch.use_deterministic_algorithms(True, warn_only=True)
         threads = set_threads(t.threads) if device.type == "cpu" else 0
         peak = measure_matmul_peak(device, seconds=2.0)
         dtype = str(device.dtype).removeprefix("torch.")
         peaks[dtype] = peak
         print(f"device: {device.name}, {threads} threads; measured {dtype} matmul peak {peak / 1e9:.1f} GFLOP/s")
-        rows += [{**measure(parse_shape(s), args.vocab, args.steps, args.warmup, device, peak, preset if r == "preset" else RECIPES[r], c, mu,
-                                 args.rounds),
-                  "dtype": dtype} for s in args.shapes.split(",") for r in args.recipes.split(",") for c in compiles
-                 for mu in args.muon.split(",")]
+        with deterministic_on_cpu(device):  # as llm train runs
+            rows += [{**measure(parse_shape(s), args.vocab, args.steps, args.warmup, device, peak, preset if r == "preset" else RECIPES[r], c, mu,
+                                     args.rounds),
+                      "dtype": dtype} for s in args.shapes.split(",") for r in args.recipes.split(",") for c in compiles
+                     for mu in args.muon.split(",")]
     head = (f"{'shape L x W x H : block : batch : accum':<40} {'recipe':<8} {'optimizer':<15} {'dtype':>8} {'compile':>7} {'params M':>9} {'tokens/s':>9} "
             f"{'GFLOP/s':>8} {'MFU':>6} {'median MFU':>10} {'warmup s':>8}")
     print(head)

@@ -35,14 +35,14 @@ def orthogonalize(updates: list[Tensor], coefficients: tuple[float, float, float
         rows, cols = u.shape
         groups.setdefault((min(rows, cols), max(rows, cols)), []).append(i)
     for members in groups.values():
-        x = torch.stack([updates[i].mT if updates[i].size(0) > updates[i].size(1) else updates[i] for i in members])
-        x = x.bfloat16()
+        tall = [updates[i].size(0) > updates[i].size(1) for i in members]
+        x = torch.stack([updates[i].mT if t else updates[i] for i, t in zip(members, tall)]).bfloat16()
         x = x / x.norm(dim=(1, 2), keepdim=True).clamp(min=eps)  # spectral norm at most 1
         for _ in range(steps):
             gram = x @ x.mT
             x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-        for j, i in enumerate(members):
-            out[i] = x[j].mT if updates[i].size(0) > updates[i].size(1) else x[j]
+        for j, (i, t) in enumerate(zip(members, tall)):
+            out[i] = x[j].mT if t else x[j]
     return [out[i] for i in range(len(updates))]
 
 

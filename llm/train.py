@@ -289,17 +289,26 @@ def train(params: Params, layout: Layout, resume: str = "auto", tags: dict[str, 
     data), always (fail if there is none), never (start from scratch). tags: extra MLflow tags."""
     tp = params.train
     device = pick_device(tp.device, int(os.environ.get("LOCAL_RANK", "0")), tp.precision)
+    with deterministic_on_cpu(device):
+        dist = init_distributed(device.type)
+        try:
+            return _train(params, layout, resume, tags or {}, device, dist)
+        finally:
+            dist.close()
+
+
+@contextlib.contextmanager
+def deterministic_on_cpu(device: Device) -> Iterator[None]:
+    """On a CPU, torch's deterministic algorithms for the duration; then as the caller had them.
+    Compiled kernels otherwise sum some gradients (most likely the embedding's scatter-add) in an
+    order that depends on thread timing: two runs would part in the fourth digit within 100 steps."""
     before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     if device.type == "cpu":
-        # Compiled kernels otherwise sum some gradients (most likely the embedding's scatter-add) in an order
-        # that depends on thread timing: two runs would part in the fourth digit within 100 steps.
         torch.use_deterministic_algorithms(True, warn_only=True)
-    dist = init_distributed(device.type)
     try:
-        return _train(params, layout, resume, tags or {}, device, dist)
+        yield
     finally:
-        dist.close()
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])  # as the caller had it
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 def _train(params: Params, layout: Layout, resume: str, tags: dict[str, str], device: Device, dist: Dist) -> dict:
