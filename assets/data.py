@@ -51,9 +51,15 @@ def raw_metadata(layout: Layout) -> dict:
 
 
 def clean_metadata(layout: Layout) -> dict:
+    from llm.corpus.clean import FILTERS
+
     m = _metrics(layout, "clean")
     uri, text = _first_text(layout.clean)
-    rows = [{"filter": name, "documents removed": r["documents"], "bytes removed": r["bytes"]} for name, r in m["removed"].items()]
+    rows = []
+    for f in FILTERS:  # one row per filter, in the words of its docstring
+        r = m["removed"].get(f.name, {"documents": 0, "bytes": 0})  # absent: a filter newer than this report
+        rows.append({"filter": f.name, "documents removed": r["documents"], "bytes removed": r["bytes"],
+                     "removes": f.summary()})
     rows.sort(key=lambda r: (-r["bytes removed"], r["filter"]))
     return {
         "documents": m["documents_out"],

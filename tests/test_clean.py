@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import hashlib
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import ftfy
@@ -9,23 +11,27 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llm.config import CleanParams, IngestParams, Params
+from llm.config import CleanParams, IngestParams, Params, QualityParams, parse_params
 from llm.corpus.clean import (
+    FILTERS,
+    Doc,
+    DocumentFilter,
+    QualityFilter,
+    build_filters,
+    check_registry,
     clean,
-    dedup_key,
+    first_failure,
     fix_unicode,
     normal_words,
     normalize_whitespace,
-    quality_failure,
     redact_pii,
-    shingles,
     strip_markdown,
 )
 from llm.corpus.ingest import ingest
 from llm.errors import UserError
 from llm.io import file_sha256
 from llm.layout import Layout
-from tests.conftest import plays_dir
+from tests.conftest import REPO, plays_dir
 
 WORDS = (  # noqa: SIM905 - a word list reads better as text
     "the king queen lord lady sword crown night day love death honour blood heaven earth speak hear thee thou shall "
@@ -43,6 +49,26 @@ def prose(n_words: int, seed: int) -> str:
             lines.append(" ".join(line).capitalize() + ",")
             line = []
     return "\n".join(lines + [" ".join(line)]).strip() + "."
+
+
+def removed_by(text: str, quality: QualityParams | None = None) -> str | None:
+    """The name of the first per-document filter that removes the text, under default params."""
+    document_filters, _ = build_filters(CleanParams(quality=quality or QualityParams()), seed=1)
+    return first_failure(Doc(text), document_filters)
+
+
+# The plain definitions the byte paths in llm/corpus/clean.py must agree with.
+def dedup_key(words: list[str]) -> str:
+    """Exact-duplicate key: the hash of the normalised words, so copies that differ only in
+    case, punctuation or spacing are caught."""
+    return hashlib.sha256(" ".join(words).encode("utf-8")).hexdigest()
+
+
+def shingles(words: list[str], n: int) -> list[str]:
+    """Word n-grams (one shingle for shorter texts)."""
+    if len(words) <= n:
+        return [" ".join(words)]
+    return list(map(" ".join, zip(*(words[i:] for i in range(n)))))
 
 
 def run_clean(tmp_path: Path, docs: dict[str, str], batch_docs: int = 256, **overrides) -> tuple[dict, list[dict]]:
@@ -106,18 +132,17 @@ def test_pii_redaction_counts_emails_and_ips():
 
 
 def test_quality_filters_name_the_failing_heuristic():
-    q = CleanParams().quality
-    assert quality_failure("short text", q) == "too_short"
-    assert quality_failure(prose(200, 1), q) is None
-    assert quality_failure("12 34 56 78 90 " * 50, q) == "low_alpha_words"
-    assert quality_failure("word word word word # " * 60, q) == "symbol_ratio"
+    assert removed_by("short text") == "too_short"
+    assert removed_by(prose(200, 1)) is None
+    assert removed_by("12 34 56 78 90 " * 50) == "low_alpha_words"
+    assert removed_by("word word word word # " * 60) == "symbol_ratio"
     repeated = "\n".join(["This line is repeated over and over again here."] * 20 + [prose(100, 2)])
-    assert quality_failure(repeated, q) == "duplicate_lines"
+    assert removed_by(repeated) == "duplicate_lines"
 
 
 def test_short_repeated_lines_like_speaker_names_do_not_count_as_duplicates():
     play = "\n\n".join(f"HAMLET\n{prose(20, i)}\n\nHORATIO\n{prose(20, 100 + i)}" for i in range(20))
-    assert quality_failure(play, CleanParams().quality) is None
+    assert removed_by(play) is None
 
 
 def test_dedup_key_ignores_case_punctuation_and_spacing():
@@ -150,7 +175,6 @@ _MIXED = st.sampled_from(list("aZ09_#.&- \n\t\r\x0b\x1c\x1f\x85\u00a0\u3000\u201
 def test_fast_word_heuristics_equal_the_regex_definitions(text, n):
     """The ASCII view (bytes.translate/count/split) gives the numbers and words the Unicode
     regexes give, and the same MinHash as str shingles."""
-    import hashlib
     import re
 
     import rensa
@@ -174,9 +198,9 @@ def test_fast_word_heuristics_equal_the_regex_definitions(text, n):
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.sampled_from(["", "  ", "short", "a line long enough to be a duplicate", " a line long enough to be a duplicate\t", "12 34"]), max_size=40))
-def test_quality_failure_counts_duplicate_lines_like_a_plain_loop(lines):
+def test_the_duplicate_line_filters_count_like_a_plain_loop(lines):
     text = "\n".join(lines)
-    q = CleanParams().quality.model_copy(update={"min_chars": 0, "min_words": 0, "min_alpha_word_fraction": 0.0, "max_symbol_word_ratio": 1e9})
+    q = QualityParams(min_chars=0, min_words=0, min_alpha_word_fraction=0.0, max_symbol_word_ratio=1e9)
     stripped = [line.strip() for line in text.split("\n") if line.strip()]
     seen: set[str] = set()
     dup_lines = dup_chars = 0
@@ -189,7 +213,7 @@ def test_quality_failure_counts_duplicate_lines_like_a_plain_loop(lines):
         expected = "duplicate_lines"
     elif stripped and dup_chars / max(1, sum(map(len, stripped))) > q.max_duplicate_line_char_fraction:
         expected = "duplicate_line_chars"
-    assert quality_failure(text, q) == expected
+    assert removed_by(text, q) == expected
 
 
 @settings(max_examples=200, deadline=None)
@@ -197,6 +221,112 @@ def test_quality_failure_counts_duplicate_lines_like_a_plain_loop(lines):
 def test_line_wise_ftfy_equals_ftfy_on_the_whole_text(text):
     expected = ftfy.fix_text(text, normalization="NFC", unescape_html=False if "<" in text else "auto")
     assert fix_unicode(text) == expected.replace("\u2581", "_")
+
+
+# ----------------------------------------------------------------------------- the filters
+def reasons(texts: list[str], clean: dict) -> list[str | None]:
+    """Why each text is removed (None: kept) when the filters see them in this order, as the stage
+    runs them: the per-document filters, then the duplicate filters."""
+    document_filters, duplicate_filters = build_filters(CleanParams.model_validate(clean), seed=1)
+    out = []
+    for text in texts:
+        doc = Doc(text)
+        reason = first_failure(doc, document_filters)
+        if reason is None:
+            reason = next((f.name for f in duplicate_filters if f.seen(f.signature(doc))), None)
+        out.append(reason)
+    return out
+
+
+_BASE = prose(450, 3)
+_REPEATED = "This long line comes back four times in the text, word for word, comma for comma."
+
+# For every filter in FILTERS: texts of which it removes the last and keeps the others, and no
+# filter before it removes any; and the clean params it runs under. A new filter adds its line.
+EXAMPLES: dict[str, tuple[list[str], dict]] = {
+    "too_short": (["Too short to keep."], {}),
+    "too_long": ([prose(400, 5)], {"quality": {"max_chars": 1000}}),
+    "too_few_words": (["a" * 300], {}),
+    "low_alpha_words": (["12 34 56 78 90 " * 50], {}),
+    "symbol_ratio": (["word word word word # " * 60], {}),
+    "duplicate_lines": (["\n".join(["This line is repeated over and over again here."] * 20 + [prose(100, 2)])], {}),
+    "duplicate_line_chars": (["\n".join([_REPEATED] * 4 + prose(72, 7).split("\n"))], {}),  # 3 of 12 lines repeat
+    "language": (["Le roi est mort, vive le roi. Nous irons demain à la mer avec nos amis et nos enfants. " * 8],
+                 {"language": {"enabled": True}}),
+    "exact_duplicate": ([_BASE, _BASE.upper().replace(",", " ,")], {}),  # the same words
+    "near_duplicate": ([_BASE, _BASE.replace(" heart ", " zebra ", 1)], {}),  # one word differs
+}
+
+
+@pytest.mark.parametrize("name", [f.name for f in FILTERS])
+def test_each_filter_removes_its_example(name: str):
+    assert name in EXAMPLES, f"add an example of what {name} removes to EXAMPLES"
+    texts, clean = EXAMPLES[name]
+    assert reasons(texts, clean) == [None] * (len(texts) - 1) + [name]
+
+
+def test_ordinary_prose_passes_every_filter():
+    everything_on = {"language": {"enabled": True}}
+    assert reasons([prose(300, 1), prose(300, 2)], everything_on) == [None, None]
+
+
+@dataclass(frozen=True)
+class TooManyDigits(QualityFilter):
+    """Documents of which more than max_digit_fraction of the characters are digits."""
+
+    name = "too_many_digits"
+    max_digit_fraction: float
+
+    def removes(self, doc: Doc) -> bool:
+        return sum(c.isdigit() for c in doc.text) > self.max_digit_fraction * len(doc.text)
+
+
+@dataclass(frozen=True)
+class TooShortByFloat(QualityFilter):
+    name = "too_short"
+    min_chars: float
+
+
+def test_the_filters_are_checked_against_clean_quality():
+    check_registry(FILTERS, QualityParams)  # as importing llm.corpus.clean does
+    documents = tuple(f for f in FILTERS if issubclass(f, DocumentFilter))
+    duplicates = tuple(f for f in FILTERS if f not in documents)
+    unknown = r"^filter too_many_digits: clean.quality.max_digit_fraction is not a field of QualityParams$"
+    with pytest.raises(TypeError, match=unknown):
+        check_registry((*documents, TooManyDigits, *duplicates), QualityParams)
+    with pytest.raises(TypeError, match=r"^clean.quality.min_chars is the param of no filter in FILTERS"):
+        check_registry(FILTERS[1:], QualityParams)
+    with pytest.raises(TypeError, match=r"^filter too_short: min_chars is float, in QualityParams int$"):
+        check_registry((TooShortByFloat, *FILTERS[1:]), QualityParams)
+    with pytest.raises(TypeError, match=r"^FILTERS: the name 'too_short' is used twice$"):
+        check_registry((FILTERS[0], *FILTERS), QualityParams)
+    with pytest.raises(TypeError, match=r"^FILTERS: too_short judges one document: it must come before near_dup"):
+        check_registry((*FILTERS[1:], FILTERS[0]), QualityParams)
+
+
+def test_an_unknown_quality_key_is_one_line_naming_it():
+    with pytest.raises(UserError) as err:
+        parse_params({"ingest": {"sources": ["corpus"]}, "clean": {"quality": {"min_charz": 100}}})
+    assert str(err.value) == "params.yaml: clean.quality.min_charz: unknown key"
+
+
+def test_docs_describe_every_filter_and_its_params():
+    text = (REPO / "docs" / "filters.md").read_text(encoding="utf-8")
+    for f in FILTERS:
+        section = text.split(f"### `{f.name}`\n", 1)
+        assert len(section) == 2, f"docs/filters.md has no section ### `{f.name}`"
+        body = section[1].split("\n### ", 1)[0]
+        assert all(f"`{p}`" in body for p in f.param_names()), f"docs/filters.md: {f.name}: name {f.param_names()}"
+
+
+def test_the_clean_asset_page_lists_every_filter_with_what_it_removes(tmp_path: Path):
+    from assets.data import clean_metadata
+
+    run_clean(tmp_path, {"good.txt": prose(300, 1), "short.txt": "Too short to keep."})
+    rows = [r.data for r in clean_metadata(Layout(tmp_path))["filter report"].records]
+    assert sorted(r["filter"] for r in rows) == sorted(f.name for f in FILTERS)
+    assert rows[0] == {"filter": "too_short", "documents removed": 1, "bytes removed": 18,
+                       "removes": "Documents of fewer than min_chars characters."}
 
 
 # ----------------------------------------------------------------------------- the stage

@@ -1,10 +1,11 @@
 """Stage `clean`: data/raw -> data/clean (Parquet) + a filter report.
 
 Per document, in worker processes: unicode repair and NFC, markdown -> plain text, PII
-redaction, whitespace normalisation, quality heuristics, language id, and the dedup
-signatures. Then, in input order in the main process: exact dedup by a hash of the normalised
-content, and near-duplicate removal by MinHash LSH (rensa). Every filter counts the documents
-and bytes it removed, like datatrove's per-step stats.
+redaction, whitespace normalisation, then the filters that judge one document (quality
+heuristics, language id) and the duplicate filters' signatures. Then, in input order in the main
+process: exact dedup by a hash of the normalised content, and near-duplicate removal by MinHash
+LSH (rensa). The filters are listed once, in FILTERS; every one counts the documents and bytes it
+removed, like datatrove's per-step stats. docs/filters.md describes them.
 """
 
 from __future__ import annotations
@@ -14,15 +15,16 @@ import ipaddress
 import logging
 import operator
 import re
-from dataclasses import asdict, dataclass, field
-from functools import partial
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from functools import cache, cached_property, partial
 from itertools import compress
-from typing import Any
+from typing import Any, ClassVar
 
 import pyarrow as pa
 from tqdm import tqdm
 
-from llm.config import CleanParams, Params
+from llm.config import CleanParams, Params, QualityParams
 from llm.corpus.tables import CLEAN_ARROW_SCHEMA, TableWriter, count_rows, read_row_group, row_groups
 from llm.errors import UserError
 from llm.io import atomic_dir, write_json
@@ -31,20 +33,6 @@ from llm.parallel import engine_name, ordered_map, resolve_workers, row_group_na
 from llm.progress import progress_enabled
 
 log = logging.getLogger(__name__)
-
-# The order filters run in; the report lists them in this order.
-FILTERS = (
-    "too_short",
-    "too_long",
-    "too_few_words",
-    "low_alpha_words",
-    "symbol_ratio",
-    "duplicate_lines",
-    "duplicate_line_chars",
-    "language",
-    "exact_duplicate",
-    "near_duplicate",
-)
 
 # ----------------------------------------------------------------------------- text steps
 # ftfy changes nothing in text made only of printable ASCII, newlines and tabs (no '&' for
@@ -242,42 +230,6 @@ def _word_counts(text: str, view: bytes | None) -> tuple[int, int]:
     return n_words, n_words - _runs(view.translate(_WORD_RUNS, _NOT_SPACE_OR_LETTER))
 
 
-def quality_failure(text: str, q, view: bytes | None | bool = True) -> str | None:
-    """The first Gopher/C4-style heuristic the document fails, or None. `view`: the text's
-    _ascii_view when the caller has it (True: compute it here)."""
-    n_chars = len(text)
-    if n_chars < q.min_chars:
-        return "too_short"
-    if n_chars > q.max_chars:
-        return "too_long"
-    if view is True:
-        view = _ascii_view(text)
-    n_words, no_letter = _word_counts(text, view)
-    if n_words < q.min_words:
-        return "too_few_words"
-    if n_words:
-        alpha = n_words - no_letter
-        if alpha / n_words < q.min_alpha_word_fraction:
-            return "low_alpha_words"
-        symbols = text.count("#") + text.count("...") + text.count("\u2026")
-        if symbols / n_words > q.max_symbol_word_ratio:
-            return "symbol_ratio"
-    # Non-blank stripped lines; a line counts as a duplicate from its second occurrence on when
-    # it has at least duplicate_line_min_chars characters. Counted with sets and C-level maps.
-    lines = list(filter(None, map(str.strip, text.split("\n"))))
-    if lines:
-        lengths = list(map(len, lines))
-        long = list(compress(lines, map(partial(operator.le, q.duplicate_line_min_chars), lengths)))
-        distinct = set(long)
-        dup_lines = len(long) - len(distinct)
-        if dup_lines / len(lines) > q.max_duplicate_line_fraction:
-            return "duplicate_lines"
-        dup_chars = sum(map(len, long)) - sum(map(len, distinct))
-        if dup_chars / max(1, sum(lengths)) > q.max_duplicate_line_char_fraction:
-            return "duplicate_line_chars"
-    return None
-
-
 _WORD = re.compile(r"[^\W_]+")
 
 
@@ -286,23 +238,10 @@ def normal_words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
-def dedup_key(words: list[str]) -> str:
-    """Exact-duplicate key: the hash of the normalised words, so copies that differ only in
-    case, punctuation or spacing are caught."""
-    return hashlib.sha256(" ".join(words).encode("utf-8")).hexdigest()
-
-
-def shingles(words: list[str], n: int) -> list[str]:
-    """Word n-grams (one shingle for shorter texts)."""
-    if len(words) <= n:
-        return [" ".join(words)]
-    return list(map(" ".join, zip(*(words[i:] for i in range(n)))))
-
-
 def _signature_words(text: str, view: bytes | None) -> tuple[list[bytes], bytes]:
-    """normal_words as UTF-8 bytes, and their join by spaces (what dedup_key hashes): from the
-    ASCII view when there is one. rensa hashes a str token by its UTF-8 bytes, so byte shingles
-    give the same MinHash."""
+    """normal_words as UTF-8 bytes, and their join by spaces (what the exact-duplicate key hashes):
+    from the ASCII view when there is one. rensa hashes a str token by its UTF-8 bytes, so byte
+    shingles give the same MinHash."""
     if view is not None:
         words = view.translate(_NORMAL).split()
         return words, b" ".join(words)
@@ -311,10 +250,349 @@ def _signature_words(text: str, view: bytes | None) -> tuple[list[bytes], bytes]
 
 
 def _shingles(words: list[bytes], joined: bytes, n: int) -> list[bytes]:
-    """shingles() over byte words."""
+    """The word n-grams of the byte words; one shingle, the whole text, when it has n words or fewer."""
     if len(words) <= n:
         return [joined]
     return list(map(b" ".join, zip(*(words[i:] for i in range(n)))))
+
+
+# ----------------------------------------------------------------------------- the filters
+# A filter is one unit: its name (the reason a document it removes gets, its row in the filter
+# report), its params (the dataclass fields) and its test. FILTERS, at the end of this section,
+# lists every filter once, in the order they run; clean_document, the filter report, the Dagster
+# page and the check of clean.quality against the filters all read it.
+class Doc:
+    """A document's text as the filters see it, with what several filters share, each computed
+    once, on first use: the ASCII view, the word counts, the non-blank lines, the normal words."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self._repeated: dict[int, tuple[int, int]] = {}
+
+    @cached_property
+    def ascii_view(self) -> bytes | None:
+        """_ascii_view(text): None when the text has a non-ASCII letter or digit."""
+        return _ascii_view(self.text)
+
+    @cached_property
+    def word_counts(self) -> tuple[int, int]:
+        """(words, words without a letter), from the ASCII view when there is one."""
+        return _word_counts(self.text, self.ascii_view)
+
+    @cached_property
+    def lines(self) -> list[str]:
+        """The non-blank lines, stripped."""
+        return list(filter(None, map(str.strip, self.text.split("\n"))))
+
+    @cached_property
+    def line_chars(self) -> int:
+        return sum(map(len, self.lines))
+
+    def repeated_lines(self, min_chars: int) -> tuple[int, int]:
+        """(lines, characters) in lines of at least min_chars characters that repeat an earlier
+        line: a line counts from its second occurrence on. Counted with sets and C-level maps."""
+        if min_chars not in self._repeated:
+            long = list(compress(self.lines, map(partial(operator.le, min_chars), map(len, self.lines))))
+            distinct = set(long)
+            self._repeated[min_chars] = (len(long) - len(distinct), sum(map(len, long)) - sum(map(len, distinct)))
+        return self._repeated[min_chars]
+
+    @cached_property
+    def signature_words(self) -> tuple[list[bytes], bytes]:
+        """normal_words(text) as UTF-8 bytes, and their join by spaces."""
+        return _signature_words(self.text, self.ascii_view)
+
+
+class Filter:
+    """What every filter has. A filter is a dataclass whose fields are its params; `name` is the
+    reason a document it removes gets; the docstring's first paragraph says what it removes."""
+
+    name: ClassVar[str]
+
+    @classmethod
+    def from_params(cls, params: CleanParams, seed: int) -> Filter | None:
+        """The filter with its params from the clean group; None when they turn it off."""
+        raise NotImplementedError
+
+    @classmethod
+    def param_names(cls) -> list[str]:
+        return [f.name for f in fields(cls) if f.init]
+
+    @classmethod
+    def summary(cls) -> str:
+        """What it removes: the docstring's first paragraph, on one line."""
+        return " ".join((cls.__doc__ or cls.name).split("\n\n")[0].split())
+
+
+class DocumentFilter(Filter):
+    """A filter that judges one document by its text alone; runs in the worker processes."""
+
+    def removes(self, doc: Doc) -> bool:
+        raise NotImplementedError
+
+
+class QualityFilter(DocumentFilter):
+    """A Gopher / C4 style heuristic whose params are the clean.quality keys of the same names."""
+
+    @classmethod
+    def from_params(cls, params: CleanParams, seed: int) -> QualityFilter:
+        return cls(**{name: getattr(params.quality, name) for name in cls.param_names()})
+
+
+class DuplicateFilter(Filter):
+    """A filter that removes a document matching one kept before it: the signature is computed per
+    document in the workers, the comparison runs in the main process, in input order."""
+
+    def signature(self, doc: Doc) -> Any:
+        raise NotImplementedError
+
+    def seen(self, signature: Any) -> bool:
+        """Whether an earlier kept document matches; when none does, this one is remembered."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class TooShort(QualityFilter):
+    """Documents of fewer than min_chars characters."""
+
+    name = "too_short"
+    min_chars: int
+
+    def removes(self, doc: Doc) -> bool:
+        return len(doc.text) < self.min_chars
+
+
+@dataclass(frozen=True)
+class TooLong(QualityFilter):
+    """Documents of more than max_chars characters."""
+
+    name = "too_long"
+    max_chars: int
+
+    def removes(self, doc: Doc) -> bool:
+        return len(doc.text) > self.max_chars
+
+
+@dataclass(frozen=True)
+class TooFewWords(QualityFilter):
+    """Documents of fewer than min_words whitespace-separated words."""
+
+    name = "too_few_words"
+    min_words: int
+
+    def removes(self, doc: Doc) -> bool:
+        return doc.word_counts[0] < self.min_words
+
+
+@dataclass(frozen=True)
+class LowAlphaWords(QualityFilter):
+    """Documents in which less than min_alpha_word_fraction of the words hold a letter (tables of
+    numbers, code dumps)."""
+
+    name = "low_alpha_words"
+    min_alpha_word_fraction: float
+
+    def removes(self, doc: Doc) -> bool:
+        n_words, no_letter = doc.word_counts
+        return n_words > 0 and (n_words - no_letter) / n_words < self.min_alpha_word_fraction
+
+
+@dataclass(frozen=True)
+class SymbolRatio(QualityFilter):
+    """Documents with more than max_symbol_word_ratio of '#', '...' and '…' per word (hashtag
+    lists, truncated snippets)."""
+
+    name = "symbol_ratio"
+    max_symbol_word_ratio: float
+
+    def removes(self, doc: Doc) -> bool:
+        n_words = doc.word_counts[0]
+        if not n_words:
+            return False
+        symbols = doc.text.count("#") + doc.text.count("...") + doc.text.count("\u2026")
+        return symbols / n_words > self.max_symbol_word_ratio
+
+
+@dataclass(frozen=True)
+class DuplicateLines(QualityFilter):
+    """Documents in which more than max_duplicate_line_fraction of the non-blank lines repeat an
+    earlier line of at least duplicate_line_min_chars characters (boilerplate, spam)."""
+
+    name = "duplicate_lines"
+    duplicate_line_min_chars: int
+    max_duplicate_line_fraction: float
+
+    def removes(self, doc: Doc) -> bool:
+        if not doc.lines:
+            return False
+        return doc.repeated_lines(self.duplicate_line_min_chars)[0] / len(doc.lines) > self.max_duplicate_line_fraction
+
+
+@dataclass(frozen=True)
+class DuplicateLineChars(QualityFilter):
+    """Documents in which more than max_duplicate_line_char_fraction of the characters (of
+    non-blank lines) are in lines of at least duplicate_line_min_chars that repeat an earlier one."""
+
+    name = "duplicate_line_chars"
+    duplicate_line_min_chars: int
+    max_duplicate_line_char_fraction: float
+
+    def removes(self, doc: Doc) -> bool:
+        if not doc.lines:
+            return False
+        chars = doc.repeated_lines(self.duplicate_line_min_chars)[1]
+        return chars / max(1, doc.line_chars) > self.max_duplicate_line_char_fraction
+
+
+@cache
+def _language_identifier() -> Any:
+    """py3langid's model, loaded once per process."""
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+    return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+
+
+@dataclass(frozen=True)
+class Language(DocumentFilter):
+    """Documents whose language (py3langid, on the first 20,000 characters) is not in allowed, or
+    is identified with less than min_confidence.
+
+    Params: clean.language; off unless clean.language.enabled."""
+
+    name = "language"
+    allowed: tuple[str, ...]
+    min_confidence: float
+
+    @classmethod
+    def from_params(cls, params: CleanParams, seed: int) -> Language | None:
+        lang = params.language
+        return cls(tuple(lang.allowed), lang.min_confidence) if lang.enabled else None
+
+    def removes(self, doc: Doc) -> bool:
+        lang, prob = _language_identifier().classify(doc.text[:20_000])
+        return not (lang in self.allowed and prob >= self.min_confidence)
+
+
+@dataclass
+class ExactDuplicate(DuplicateFilter):
+    """Documents whose normal words (lowercased, without punctuation and spacing) equal those of an
+    earlier kept document.
+
+    The signature is the SHA-256 of the words joined by spaces. On while clean.exact_dedup."""
+
+    name = "exact_duplicate"
+    _keys: set[str] = field(default_factory=set, init=False, repr=False)
+
+    @classmethod
+    def from_params(cls, params: CleanParams, seed: int) -> ExactDuplicate | None:
+        return cls() if params.exact_dedup else None
+
+    def signature(self, doc: Doc) -> str:
+        return hashlib.sha256(doc.signature_words[1]).hexdigest()
+
+    def seen(self, signature: str) -> bool:
+        if signature in self._keys:
+            return True
+        self._keys.add(signature)
+        return False
+
+
+@dataclass
+class NearDuplicate(DuplicateFilter):
+    """Documents similar to an earlier kept document: the estimated Jaccard similarity of their
+    shingles of shingle_words normal words reaches threshold.
+
+    MinHash LSH (rensa). Params: clean.near_dedup (off unless enabled), and the top-level seed."""
+
+    name = "near_duplicate"
+    threshold: float
+    num_perm: int
+    num_bands: int
+    shingle_words: int
+    seed: int
+    _lsh: Any = field(default=None, init=False, repr=False)
+    _sketches: list[Any] = field(default_factory=list, init=False, repr=False)
+
+    @classmethod
+    def from_params(cls, params: CleanParams, seed: int) -> NearDuplicate | None:
+        near = params.near_dedup
+        return cls(near.threshold, near.num_perm, near.num_bands, near.shingle_words, seed) if near.enabled else None
+
+    def signature(self, doc: Doc) -> Any:
+        import rensa
+
+        minhash = rensa.RMinHash(num_perm=self.num_perm, seed=self.seed)
+        minhash.update(_shingles(*doc.signature_words, self.shingle_words))
+        return minhash
+
+    def seen(self, signature: Any) -> bool:
+        if self._lsh is None:  # only the main process compares
+            import rensa
+
+            self._lsh = rensa.RMinHashLSH(threshold=self.threshold, num_perm=self.num_perm, num_bands=self.num_bands)
+        if any(self._sketches[key].jaccard(signature) >= self.threshold for key in self._lsh.query(signature)):
+            return True
+        self._lsh.insert(len(self._sketches), signature)
+        self._sketches.append(signature)
+        return False
+
+
+# Every filter, in the order they run (the per-document ones, then the duplicate filters) and the
+# order the filter report lists them in. Adding a filter: its class above, its name here, its test.
+FILTERS: tuple[type[Filter], ...] = (
+    TooShort,
+    TooLong,
+    TooFewWords,
+    LowAlphaWords,
+    SymbolRatio,
+    DuplicateLines,
+    DuplicateLineChars,
+    Language,
+    ExactDuplicate,
+    NearDuplicate,
+)
+
+
+def check_registry(filters: Sequence[type[Filter]], quality: type[QualityParams]) -> None:
+    """Raise TypeError, one line naming the filter or key, unless: the names are unique, the
+    per-document filters come before the duplicate filters, every quality filter's param is a key
+    of clean.quality with the same type, and every key of clean.quality is some filter's param."""
+    names = [f.name for f in filters]
+    if len(set(names)) < len(names):
+        raise TypeError(f"FILTERS: the name {next(n for n in names if names.count(n) > 1)!r} is used twice")
+    for before, after in zip(filters, filters[1:]):
+        if issubclass(before, DuplicateFilter) and issubclass(after, DocumentFilter):
+            raise TypeError(f"FILTERS: {after.name} judges one document: it must come before {before.name}")
+    read: set[str] = set()
+    for f in filters:
+        if not issubclass(f, QualityFilter):
+            continue
+        for param in fields(f):
+            key = quality.model_fields.get(param.name)
+            if key is None:
+                raise TypeError(f"filter {f.name}: clean.quality.{param.name} is not a field of QualityParams")
+            declared = getattr(key.annotation, "__name__", str(key.annotation))
+            if param.type != declared:
+                raise TypeError(f"filter {f.name}: {param.name} is {param.type}, in QualityParams {declared}")
+            read.add(param.name)
+    for key in quality.model_fields:
+        if key not in read:
+            raise TypeError(f"clean.quality.{key} is the param of no filter in FILTERS (llm/corpus/clean.py)")
+
+
+check_registry(FILTERS, QualityParams)
+
+
+def build_filters(params: CleanParams, seed: int) -> tuple[list[DocumentFilter], list[DuplicateFilter]]:
+    """The filters params turn on, in FILTERS order: those that judge one document, and the
+    duplicate filters."""
+    on = [f for f in (cls.from_params(params, seed) for cls in FILTERS) if f is not None]
+    return [f for f in on if isinstance(f, DocumentFilter)], [f for f in on if isinstance(f, DuplicateFilter)]
+
+
+def first_failure(doc: Doc, filters: Iterable[DocumentFilter]) -> str | None:
+    """The name of the first filter that removes the document, or None."""
+    return next((f.name for f in filters if f.removes(doc)), None)
 
 
 # ----------------------------------------------------------------------------- per document
@@ -327,8 +605,7 @@ class Cleaned:
     n_bytes_in: int
     n_bytes_out: int = 0
     reason: str | None = None
-    key: str = ""
-    minhash: Any = None
+    signatures: list[Any] = field(default_factory=list)  # one per duplicate filter that is on
     unicode_changed: bool = False
     markdown_stripped: bool = False
     pii_redactions: int = 0
@@ -339,19 +616,7 @@ _STATE: dict[str, Any] = {}
 
 def _init_worker(params: CleanParams, seed: int) -> None:
     _STATE["params"] = params
-    _STATE["seed"] = seed
-    _STATE["langid"] = None
-
-
-def _language(text: str, params: CleanParams) -> bool:
-    ident = _STATE.get("langid")
-    if ident is None:
-        from py3langid.langid import MODEL_FILE, LanguageIdentifier
-
-        ident = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
-        _STATE["langid"] = ident
-    lang, prob = ident.classify(text[:20_000])
-    return lang in params.language.allowed and prob >= params.language.min_confidence
+    _STATE["filters"] = build_filters(params, seed)
 
 
 def _wants_markdown(uri: str, mode: str) -> bool:
@@ -363,7 +628,8 @@ def _wants_markdown(uri: str, mode: str) -> bool:
     return base.endswith((".md", ".markdown", ".md.gz"))
 
 
-def clean_document(row: dict[str, Any], params: CleanParams, seed: int) -> Cleaned:
+def clean_document(row: dict[str, Any], params: CleanParams, document_filters: Sequence[DocumentFilter],
+                   duplicate_filters: Sequence[DuplicateFilter]) -> Cleaned:
     text: str = row["text"]
     out = Cleaned(row["doc_id"], row["source"], row["uri"], text, row["n_bytes"])
     if params.fix_unicode:
@@ -378,21 +644,10 @@ def clean_document(row: dict[str, Any], params: CleanParams, seed: int) -> Clean
     if params.normalize_whitespace:
         text = normalize_whitespace(text)
     out.text = text
-    view = _ascii_view(text)
-    out.reason = quality_failure(text, params.quality, view)
-    if out.reason is None and params.language.enabled and not _language(text, params):
-        out.reason = "language"
-    if out.reason is None and (params.exact_dedup or params.near_dedup.enabled):
-        # The same as dedup_key(normal_words(text)) and shingles(normal_words(text), n), on bytes.
-        words, joined = _signature_words(text, view)
-        if params.exact_dedup:
-            out.key = hashlib.sha256(joined).hexdigest()
-        if params.near_dedup.enabled:
-            import rensa
-
-            m = rensa.RMinHash(num_perm=params.near_dedup.num_perm, seed=seed)
-            m.update(_shingles(words, joined, params.near_dedup.shingle_words))
-            out.minhash = m
+    doc = Doc(text)
+    out.reason = first_failure(doc, document_filters)
+    if out.reason is None:
+        out.signatures = [f.signature(doc) for f in duplicate_filters]
     return out
 
 
@@ -403,8 +658,9 @@ def _clean_row_group(task: tuple[str, int]) -> tuple[list[Cleaned], pa.Table]:
     """One row group: its documents (their text dropped) and, as an Arrow table, the rows of those
     that passed the per-document filters. The text goes to the main process in Arrow buffers, and
     the table is built here, in parallel; the main process only filters out the duplicates."""
-    params, seed = _STATE["params"], _STATE["seed"]
-    docs = [clean_document(r, params, seed) for r in read_row_group(task, _RAW_COLUMNS).to_pylist()]
+    params, (document_filters, duplicate_filters) = _STATE["params"], _STATE["filters"]
+    rows = read_row_group(task, _RAW_COLUMNS).to_pylist()
+    docs = [clean_document(r, params, document_filters, duplicate_filters) for r in rows]
     passed = [d for d in docs if d.reason is None]
     for d in passed:
         d.n_bytes_out = len(d.text) if d.text.isascii() else len(d.text.encode("utf-8"))
@@ -423,33 +679,15 @@ def _clean_row_group(task: tuple[str, int]) -> tuple[list[Cleaned], pa.Table]:
     return docs, table
 
 
-# ----------------------------------------------------------------------------- dedup
-class NearDuplicateIndex:
-    """MinHash LSH over the documents kept so far. A document is a near-duplicate when an LSH
-    candidate's estimated Jaccard similarity reaches the threshold."""
-
-    def __init__(self, threshold: float, num_perm: int, num_bands: int):
-        import rensa
-
-        self.threshold = threshold
-        self.lsh = rensa.RMinHashLSH(threshold=threshold, num_perm=num_perm, num_bands=num_bands)
-        self.sketches: list[Any] = []
-
-    def seen(self, minhash: Any) -> bool:
-        return any(self.sketches[key].jaccard(minhash) >= self.threshold for key in self.lsh.query(minhash))
-
-    def add(self, minhash: Any) -> None:
-        self.lsh.insert(len(self.sketches), minhash)
-        self.sketches.append(minhash)
-
-
+# ----------------------------------------------------------------------------- the stage
 @dataclass
 class FilterReport:
     documents_in: int = 0
     bytes_in: int = 0
     documents_out: int = 0
     bytes_out: int = 0
-    removed: dict[str, dict[str, int]] = field(default_factory=lambda: {f: {"documents": 0, "bytes": 0} for f in FILTERS})
+    removed: dict[str, dict[str, int]] = field(
+        default_factory=lambda: {f.name: {"documents": 0, "bytes": 0} for f in FILTERS})
     unicode_repaired_documents: int = 0
     markdown_stripped_documents: int = 0
     pii_redactions: int = 0
@@ -468,12 +706,7 @@ def clean(params: Params, layout: Layout) -> dict:
     total_docs = count_rows(raw_dir)
     log.info("clean: %d documents from %s on %s", total_docs, raw_dir, engine_name(compute, workers))
     report = FilterReport()
-    seen_keys: set[str] = set()
-    near = (
-        NearDuplicateIndex(params.near_dedup.threshold, params.near_dedup.num_perm, params.near_dedup.num_bands)
-        if params.near_dedup.enabled
-        else None
-    )
+    _, duplicate_filters = build_filters(params, seed)  # the ones that remember what was kept
     tasks = row_groups(raw_dir)
     with atomic_dir(out_dir) as tmp, TableWriter(tmp, CLEAN_ARROW_SCHEMA, "clean") as writer:
         bar = tqdm(total=total_docs, desc="clean", unit="doc", disable=not progress_enabled(), mininterval=1.0)
@@ -488,16 +721,8 @@ def clean(params: Params, layout: Layout) -> dict:
                 report.markdown_stripped_documents += doc.markdown_stripped
                 report.pii_redactions += doc.pii_redactions
                 reason = doc.reason
-                if reason is None and params.exact_dedup:
-                    if doc.key in seen_keys:
-                        reason = "exact_duplicate"
-                    else:
-                        seen_keys.add(doc.key)
-                if reason is None and near is not None:
-                    if near.seen(doc.minhash):
-                        reason = "near_duplicate"
-                    else:
-                        near.add(doc.minhash)
+                if reason is None:  # the first duplicate filter that has seen it; the others never see it
+                    reason = next((f.name for f, sig in zip(duplicate_filters, doc.signatures) if f.seen(sig)), None)
                 if doc.reason is None:
                     keep.append(reason is None)
                 if reason is not None:
