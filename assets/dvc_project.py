@@ -14,6 +14,8 @@ from pathlib import Path, PurePosixPath
 
 import yaml
 
+from llm.dvclock import locked_outs
+
 
 def _paths(entries: list | None) -> list[str]:
     """Paths of a deps/outs/metrics/plots list, whose items are strings or {path: options}."""
@@ -64,11 +66,7 @@ def read_stages(project: Path) -> list[Stage]:
 
 def locked_hashes(project: Path, stage: str) -> dict[str, str]:
     """DVC's hashes of a stage's outputs, from dvc.lock (empty when the stage never ran)."""
-    lock = Path(project) / "dvc.lock"
-    if not lock.is_file():
-        return {}
-    stages = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {})
-    return {o["path"]: o.get("md5", "") for o in stages.get(stage, {}).get("outs", [])}
+    return locked_outs(project).get(stage, {})
 
 
 def code_deps(stage: Stage) -> tuple[str, ...]:

@@ -5,6 +5,7 @@
     llm sample --prompt "ROMEO:"
     llm ladder NAME             train and evaluate one rung of the scaling ladder into ladder/NAME/
     llm scaling                 plot val bits per byte against training FLOPs across the rungs
+    llm stages [--write|--check]  list the stages; write or check dvc.yaml's generated parts
 
 dvc.yaml's stage commands are exactly these. A user error (bad params, missing source, empty
 corpus, data that fails its schema) prints one `error:` message and exits with code 2.
@@ -31,18 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm", description="Train a GPT from raw text, one stage at a time.")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
-    docs = {
-        "ingest": "read ingest.sources into data/raw (Parquet)",
-        "clean": "repair, strip markup, filter and dedup data/raw into data/clean",
-        "tokenizer": "train the sentencepiece tokenizer on the train split",
-        "shards": "tokenize data/clean into Arrow shards under data/shards",
-        "train": "train the GPT on the shards into models/final (resumes a matching checkpoint)",
-        "evaluate": "val loss and bits per byte against compressors -> metrics/eval.json",
-        "report": "model card, metrics, loss curve, samples, attention -> reports/",
-        "export": "the final model as a Hugging Face model and tokenizer -> models/hf/",
-    }
-    for name in STAGES:
-        p = sub.add_parser(name, help=docs.get(name, ""), description=docs.get(name, ""))
+    for name, stage in STAGES.items():
+        p = sub.add_parser(name, help=stage.description, description=stage.description)
         p.add_argument("--params", default="params.yaml", help="params file; outputs go beside it (default params.yaml)")
         if name == "train":
             g = p.add_mutually_exclusive_group()
@@ -56,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
     p = sub.add_parser("scaling", help="ladder/scaling.png: val bits per byte against training FLOPs across the rungs")
     p.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
+    p = sub.add_parser("stages", help="list the stages; --write or --check dvc.yaml's code deps and desc")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--write", action="store_true", help="rewrite each stage's code deps and desc in dvc.yaml")
+    g.add_argument("--check", action="store_true", help="exit 1, naming the stages, when --write would change dvc.yaml")
+    p.add_argument("--dvc-yaml", default="dvc.yaml", help="dvc.yaml, beside the llm/ it describes (default dvc.yaml)")
     sub.add_parser("sample", help="generate text with the trained model (llm sample --help)", add_help=False)
     return parser
 
@@ -73,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
             return sample_main(rest)
         if rest:
             build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
+        if args.command == "stages":
+            return list_stages(Path(args.dvc_yaml), write=args.write, check=args.check)
         if args.command in ("ladder", "scaling"):
             return run_ladder(args.command, Path(args.params), getattr(args, "rung", ""))
         return run_stage(args.command, Path(args.params), getattr(args, "resume", "auto"))
@@ -114,6 +112,30 @@ def run_stage(name: str, params_path: Path, resume: str = "auto") -> int:
     else:
         run(name, params, layout, **({"resume": resume} if name == "train" else {}))
     logging.getLogger("llm").info("%s: done in %.1f s", name, time.perf_counter() - t0)
+    return 0
+
+
+def list_stages(dvc_yaml: Path, write: bool = False, check: bool = False) -> int:
+    """Print each stage with its description; or rewrite (write) or check (check) dvc.yaml's
+    generated parts. A stale dvc.yaml under check is one line naming its stages, and exit 1."""
+    from llm.stages import STAGES
+
+    if not (write or check):
+        width = max(map(len, STAGES))
+        for name, stage in STAGES.items():
+            print(f"{name:<{width}}  {stage.description}")
+        return 0
+    from llm import dvcyaml
+
+    if check:
+        stale = dvcyaml.stale_stages(dvc_yaml)
+        if stale:
+            names = ", ".join(stale)
+            print(f"{dvc_yaml}: stale code deps or desc of {names}: run `llm stages --write`", file=sys.stderr)
+            return 1
+        return 0
+    changed = dvcyaml.write(dvc_yaml)
+    print(f"{dvc_yaml}: rewrote {', '.join(changed)}" if changed else f"{dvc_yaml}: up to date")
     return 0
 
 

@@ -3,33 +3,51 @@
 Every stage is a function `fn(params, layout, **options) -> dict`: it reads its inputs from the
 layout, writes its outputs atomically and returns its report. This module only dispatches. The
 functions are named by module so that `llm ingest` does not import torch and MLflow, which only
-the model stages need (a second of start-up each).
+the model stages need (a second of start-up each). A stage's description lives here only: the CLI's
+help shows it, `llm stages --write` copies it into dvc.yaml's `desc`, and Dagster reads it there.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from llm.config import Params
 from llm.layout import Layout
 
-Stage = Callable[..., dict]
+StageFn = Callable[..., dict]
 
-STAGES: dict[str, str] = {
-    "ingest": "llm.corpus.ingest:ingest",
-    "clean": "llm.corpus.clean:clean",
-    "tokenizer": "llm.tokenizer:train_tokenizer",
-    "shards": "llm.shards:write_shards",
-    "train": "llm.train:train",
-    "evaluate": "llm.evaluate:evaluate",
-    "report": "llm.report:report",
-    "export": "llm.export:export",
+
+@dataclass(frozen=True)
+class Stage:
+    target: str  # "module:function"
+    description: str
+
+
+STAGES: dict[str, Stage] = {
+    "ingest": Stage("llm.corpus.ingest:ingest",
+                    "Read the sources in params.yaml into data/raw, a Parquet table with one row per document."),
+    "clean": Stage("llm.corpus.clean:clean",
+                   "Repair unicode, strip markup, apply quality filters, remove exact and near duplicates."),
+    "tokenizer": Stage("llm.tokenizer:train_tokenizer",
+                       "Train a sentencepiece tokenizer on the train split of the clean corpus."),
+    "shards": Stage("llm.shards:write_shards",
+                    "Tokenize the clean corpus into memory-mappable Arrow shards per split."),
+    "train": Stage("llm.train:train",
+                   "Train the GPT on the shards; resumes a checkpoint of the same params, data and code."),
+    "evaluate": Stage("llm.evaluate:evaluate",
+                      "Val loss and bits per byte of the final model against gzip, bz2, xz and a unigram model."),
+    "report": Stage("llm.report:report",
+                    "Model card, metrics against baselines, loss curve, samples and attention diagnostics."),
+    "export": Stage("llm.export:export",
+                    "The final model and tokenizer in Hugging Face's format (transformers loads them with no "
+                    "custom code)."),
 }
 
 
-def stage_function(name: str) -> Stage:
-    module, attr = STAGES[name].split(":")
+def stage_function(name: str) -> StageFn:
+    module, attr = STAGES[name].target.split(":")
     return getattr(importlib.import_module(module), attr)
 
 

@@ -17,9 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from llm.config import Params
+from llm.dvclock import locked_outs
 from llm.io import read_json
 
 log = logging.getLogger(__name__)
@@ -69,16 +68,9 @@ def git_commit(root: Path) -> str:
 
 def dvc_hashes(root: Path) -> dict[str, str]:
     """DVC's hashes of the data outputs, from dvc.lock (absent outside `dvc repro`)."""
-    lock = Path(root) / "dvc.lock"
-    if not lock.is_file():
-        return {}
-    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-    out = {}
-    for stage in ("tokenizer", "shards"):
-        for o in stages.get(stage, {}).get("outs", []):
-            if o.get("path") in ("data/tokenizer", "data/shards"):
-                out[f"dvc.{stage}.md5"] = o.get("md5", "")
-    return out
+    locked = locked_outs(root)
+    data = {"tokenizer": "data/tokenizer", "shards": "data/shards"}
+    return {f"dvc.{stage}.md5": locked[stage][out] for stage, out in data.items() if out in locked.get(stage, {})}
 
 
 # MLflow 3 opens an experiment in its GenAI view (traces) unless it is marked as model training.

@@ -1,0 +1,17 @@
+"""dvc.lock, read in one place: what DVC recorded of each stage's last run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+
+def locked_outs(root: Path) -> dict[str, dict[str, str]]:
+    """{stage: {out path: md5}} from root/dvc.lock: DVC's hashes of what each stage wrote
+    (a directory's ends in `.dir`). Empty when no stage has run."""
+    lock = Path(root) / "dvc.lock"
+    if not lock.is_file():
+        return {}
+    stages = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages") or {}
+    return {name: {o["path"]: o.get("md5", "") for o in stage.get("outs") or []} for name, stage in stages.items()}
