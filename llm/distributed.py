@@ -19,42 +19,47 @@ from llm.errors import UserError
 if TYPE_CHECKING:  # torch is imported where it is used: `llm ingest` does not need it
     import torch
 
+    from llm.device import Device
+
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Dist:
-    """This process's place in the run; a single process is rank 0 of 1."""
+    """This process's place in the run; a single process is rank 0 of 1. Every tensor it hands
+    to a collective is on `device`, the training device: NCCL serves CUDA tensors only, and a CPU
+    tensor there fails the first collective ("No backend type associated with device type cpu")."""
 
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    device: torch.device | str = "cpu"
 
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    def _all_reduce(self, value: torch.Tensor, op: str) -> torch.Tensor:
+        import torch.distributed as tdist
+
+        tdist.all_reduce(value, op=getattr(tdist.ReduceOp, op))
+        return value
 
     def mean(self, value: torch.Tensor) -> torch.Tensor:
         """The mean over all processes (the value itself in one process). A NaN or inf on any
         rank makes the result non-finite on every rank, so all of them stop together."""
         if self.world_size == 1:
             return value
-        import torch.distributed as tdist
-
-        value = value.detach().clone()
-        tdist.all_reduce(value, op=tdist.ReduceOp.SUM)
-        return value / self.world_size
+        return self._all_reduce(value.detach().to(self.device, copy=True), "SUM") / self.world_size
 
     def any(self, flag: bool) -> bool:
         """True on every rank when it is true on one (a time budget reached, say)."""
         if self.world_size == 1:
             return flag
         import torch
-        import torch.distributed as tdist
 
-        t = torch.tensor([1.0 if flag else 0.0])
-        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
-        return bool(t.item())
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        return bool(self._all_reduce(t, "MAX").item())
 
     def close(self) -> None:
         if self.world_size > 1:
@@ -64,16 +69,18 @@ class Dist:
                 tdist.destroy_process_group()
 
 
-def init_distributed(device_type: str) -> Dist:
-    """The launcher sets RANK and WORLD_SIZE; without them this is a single process."""
+def init_distributed(device: Device) -> Dist:
+    """The launcher sets RANK and WORLD_SIZE; without them this is a single process. NCCL on
+    CUDA, gloo elsewhere; the collectives run on the training device either way."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return Dist()
+        return Dist(device=device.torch_device)
     import torch.distributed as tdist
 
     if not tdist.is_initialized():
-        tdist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    return Dist(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), world)
+        tdist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                 device_id=device.torch_device if device.type == "cuda" else None)
+    return Dist(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), world, device.torch_device)
 
 
 def processes(tp: TrainParams) -> int:

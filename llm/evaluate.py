@@ -98,7 +98,7 @@ def token_nll(model, stream: np.ndarray, block_size: int, batch_size: int, devic
         x = torch.stack([data[a : a + width] for a in group]).to(device.torch_device)
         y = torch.stack([data[a + 1 : a + 1 + width] for a in group]).to(device.torch_device)
         with device.autocast():
-            logits, _ = model(x)
+            logits = model(x)
         nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), y, reduction="none").cpu().numpy()
         for row, a in zip(nll, group):
             out[a : a + width] = row

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from llm.faults import kill_point
+from llm.faults import fault_point
 
 log = logging.getLogger(__name__)
 
@@ -112,12 +112,12 @@ def replace_dir(tmp: Path, path: Path) -> None:
         tmp.rename(path)
         return
     if _exchange(tmp, path):
-        kill_point("atomic_dir.exchanged")
+        fault_point("atomic_dir.exchanged")
         _remove(tmp)  # now the previous output
         return
     old = _sibling(path, "old")
     path.rename(old)
-    kill_point("atomic_dir.between_renames")
+    fault_point("atomic_dir.between_renames")
     tmp.rename(path)
     _remove(old)
 
@@ -136,7 +136,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    kill_point("atomic_dir.written")
+    fault_point("atomic_dir.written")
     replace_dir(tmp, path)
 
 
@@ -155,7 +155,7 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[Any]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    kill_point("atomic_file.written")
+    fault_point("atomic_file.written")
     os.replace(tmp, path)
 
 

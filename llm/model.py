@@ -18,36 +18,41 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from llm.config import ModelParams
 
 NORM_EPS = 1e-6
 
 
 @dataclass(frozen=True)
 class GPTConfig:
-    vocab_size: int
-    block_size: int = 256
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 256
-    dropout: float = 0.0
-    bias: bool = True
-    position: Literal["learned", "rope"] = "learned"
-    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
-    qk_norm: bool = False
-    mlp: Literal["gelu", "relu2", "swiglu"] = "gelu"
-    zero_init: bool = False
-    rope_theta: float = 10000.0
+    """ModelParams (llm/config.py, where each field is documented and validated) plus the
+    tokenizer's vocabulary size. No defaults of its own: a model is built from params
+    (`from_params`) or from the config saved beside its weights."""
 
-    def __post_init__(self) -> None:
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
-        if self.position == "rope" and (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"rope needs an even head size, got {self.n_embd // self.n_head}")
+    vocab_size: int
+    block_size: int
+    n_layer: int
+    n_head: int
+    n_embd: int
+    dropout: float
+    bias: bool
+    position: Literal["learned", "rope"]
+    norm: Literal["layernorm", "rmsnorm"]
+    qk_norm: bool
+    mlp: Literal["gelu", "relu2", "swiglu"]
+    zero_init: bool
+    rope_theta: float
+
+    @classmethod
+    def from_params(cls, model: ModelParams, vocab_size: int) -> GPTConfig:
+        return cls(vocab_size=vocab_size, **model.model_dump())
 
     @property
     def head_dim(self) -> int:
@@ -251,14 +256,14 @@ class GPT(nn.Module):
                 weights.append(w)
         return self.ln_f(x), present, weights
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, vocab) and, if targets are given, the mean cross-entropy."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """The logits (B, T, vocab); given targets, only the mean cross-entropy: training keeps no
+        logits alive beyond what the loss's backward needs (B x T x vocab is gigabytes on a GPU)."""
         x, _, _ = self._trunk(idx)
         logits = self.lm_head(x)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
-        return logits, loss
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
 
     def forward_cached(self, idx: torch.Tensor, past: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
         """Generation: logits of the new tokens idx, given the cache of the tokens before them,

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 from llm.config import ComputeParams
 from llm.errors import UserError
-from llm.faults import kill_point
+from llm.faults import fault_point
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -174,7 +174,7 @@ def _fault_hook() -> None:
             os.close(os.open(marker, os.O_CREAT | os.O_EXCL))  # one worker wins, the others run
         except FileExistsError:
             return
-    kill_point("ray.task")
+    fault_point("ray.task")
 
 
 def _ray_result(item: T, ref: Any, compute: ComputeParams, stage: str, unit_name: Callable[[T], str]) -> R:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from llm.config import Params, SplitParams, group_dict
+from llm.config import Params, SplitParams, TokenizerParams, group_dict
 from llm.corpus.tables import iter_batches
 from llm.errors import UserError
 from llm.io import atomic_dir, file_sha256, write_json
@@ -195,9 +195,22 @@ def _train_lines(clean_dir: Path, split: SplitParams, keep: float, seed: int, st
                     yield line
 
 
+def vocabulary_fits(params: TokenizerParams, train_bytes: int, preset: str = "") -> None:
+    """Refuse a vocabulary the corpus cannot fill: most of its pieces would be rare, and their
+    embeddings would stay untrained."""
+    needed = params.vocab_size * params.min_bytes_per_piece
+    if needed <= train_bytes:
+        return
+    fitting = max(64, train_bytes // params.min_bytes_per_piece // 64 * 64)
+    who = f"preset {preset!r} asks for " if preset else ""
+    raise UserError(f"tokenizer: {who}vocab_size {params.vocab_size}, which needs at least {needed / 1e6:.1f} MB of train text "
+                    f"(tokenizer.min_bytes_per_piece: {params.min_bytes_per_piece}); this corpus has {train_bytes / 1e6:.1f} MB: "
+                    f"use tokenizer.vocab_size: {fitting}, or a larger corpus")
+
+
 def train_tokenizer(params: Params, layout: Layout) -> dict:
     """Train sentencepiece on the train split of the clean table; write the model and its stats."""
-    params, split, seed = params.tokenizer, params.split, params.seed
+    preset, params, split, seed = params.preset, params.tokenizer, params.split, params.seed
     clean_dir, out_dir, stats_path = layout.clean, layout.tokenizer, layout.metrics("tokenizer")
     import sentencepiece as spm
 
@@ -208,6 +221,7 @@ def train_tokenizer(params: Params, layout: Layout) -> dict:
                 train_bytes += n
     if train_bytes == 0:
         raise UserError("tokenizer: the train split is empty (lower split.val_fraction or add documents)")
+    vocabulary_fits(params, train_bytes, preset)
     keep = min(1.0, params.max_train_bytes / train_bytes)
     threads = resolve_workers(params.num_threads)
     log.info(

@@ -1,13 +1,15 @@
 """Stage `train`: shards -> models/checkpoints/last.pt and models/final/.
 
-The shape is torchtitan's: a `TrainState` that is exactly what a checkpoint holds, a
-`train_step()` that returns the loss and the gradient norm, one function that records an
-evaluation, and a tracker (MLflow, or nothing on ranks other than 0). The same loop runs on one
-CPU, one GPU, or N processes (DDP; gloo on CPU, NCCL on GPU) started by torch's elastic launcher
-(llm/distributed.py). AdamW (or Muon for the blocks' matrices and AdamW for the rest: llm/optim.py), warmup
-then cosine or warmup-stable-decay, gradient accumulation to `train.tokens_per_step`, global-norm
-clipping. A checkpoint continues bit-identically on CPU: weights, optimizer, step, RNG state and
-the data loader's position.
+The shape is torchtitan's: a `TrainState` that is exactly what a checkpoint holds, and a loop
+that is a list of calls to components that each decide one thing: `train_step` (one optimizer
+step), the `Checkpointer` (when to save, what to resume), the `Evaluator` (the periodic val
+loss), the `Meter` (throughput, MFU, ETA, progress), the tracker (MLflow, or nothing) and the
+`StopRule` (max_steps, time budget). The same loop runs on one CPU, one GPU, or N processes
+(DDP; gloo on CPU, NCCL on GPU) started by torch's elastic launcher (llm/distributed.py).
+AdamW (or Muon for the blocks' matrices and AdamW for the rest: llm/optim.py), warmup then cosine
+or warmup-stable-decay, gradient accumulation to `train.tokens_per_step`, global-norm clipping.
+A checkpoint continues bit-identically on CPU: weights, optimizer, step, RNG state and the data
+loader's position.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import logging
 import math
 import os
 import pickle
+import resource
 import shutil
+import statistics
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,12 +35,13 @@ import torch
 from tqdm import tqdm
 
 from llm.artifacts import save_final
+from llm.codedeps import code_version
 from llm.config import Params, TrainParams
-from llm.dataset import TokenBlocks
+from llm.dataset import DeviceBatches, TokenBlocks
 from llm.device import Device, peak_flops, pick_device, set_threads
 from llm.distributed import Dist, init_distributed
 from llm.errors import UserError
-from llm.faults import kill_point, poisoned
+from llm.faults import fault_point
 from llm.io import atomic_dir, atomic_file, write_json
 from llm.layout import Layout
 from llm.model import GPT, GPTConfig
@@ -44,17 +49,13 @@ from llm.optim import Optimizers, build_optimizer
 from llm.progress import progress_enabled
 from llm.shards import read_manifest, verify_shards
 from llm.tokenizer import MODEL_FILE
-from llm.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "last.pt"
 # Params that do not change the numbers a run computes: changing them keeps its checkpoint.
 _NOT_IN_FINGERPRINT = {"time_budget_minutes", "checkpoint_interval", "log_interval", "eval_interval", "eval_tokens", "threads",
-                       "compile", "device", "rdzv_endpoint"}
+                       "compile", "device", "rdzv_endpoint", "max_epochs"}
 HISTORY_FIELDS = ["step", "tokens", "train_loss", "val_loss", "lr"]
-# The modules whose code decides the numbers a run computes: a checkpoint written by other code
-# is not resumed (DVC reruns train when they change; resuming would hand back the old model).
-MATH_MODULES = ("model.py", "optim.py", "train.py", "dataset.py", "device.py", "distributed.py")
 
 
 class TrainingDiverged(UserError):
@@ -85,21 +86,14 @@ def lr_at(step: int, tp: TrainParams) -> float:
     return low + 0.5 * (tp.learning_rate - low) * (1 + math.cos(math.pi * progress))
 
 
-def code_version(package: Path = Path(__file__).parent) -> str:
-    """sha256 of MATH_MODULES' bytes, in that order."""
-    digest = hashlib.sha256()
-    for name in MATH_MODULES:
-        digest.update(name.encode() + b"\0" + (package / name).read_bytes())
-    return digest.hexdigest()[:16]
-
-
 def fingerprint(params: Params, manifest: dict) -> str:
     """What a checkpoint must match to be resumed: the model, the math of training, the data and
-    the code that computes it."""
+    the code that computes it (the files of `llm train`'s import closure, as dvc.yaml lists them:
+    DVC reruns train for an edit to any, and resuming would hand back the old code's model)."""
     train = {k: v for k, v in params.train.model_dump(mode="json").items() if k not in _NOT_IN_FINGERPRINT}
     data = [s["sha256"] for s in manifest["splits"]["train"]["shards"]]
     blob = json.dumps({"seed": params.seed, "model": params.model.model_dump(mode="json"), "train": train, "data": data,
-                       "tokenizer": manifest["tokenizer"]["sha256"], "code": code_version()}, sort_keys=True)
+                       "tokenizer": manifest["tokenizer"]["sha256"], "code": code_version("train")}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -125,7 +119,7 @@ def evaluate_loss(model: GPT, val: TokenBlocks, max_tokens: int, batch_size: int
         x = torch.stack([b[0] for b in blocks]).to(device.torch_device)
         y = torch.stack([b[1] for b in blocks]).to(device.torch_device)
         with device.autocast():
-            _, loss = model(x, y)
+            loss = model(x, y)
         total += loss.item() * len(blocks)
         count += len(blocks)
     model.train(was_training)
@@ -166,7 +160,7 @@ class TrainState:
 
     model: GPT
     optimizer: Optimizers
-    data: TokenBlocks
+    data: DeviceBatches
     fingerprint: str
     step: int = 0
     elapsed: float = 0.0
@@ -201,7 +195,7 @@ class TrainState:
         """Written atomically: tensors and plain data only, loadable with weights_only=True."""
         with atomic_file(path, "wb") as f:
             torch.save(self.state_dict(device), f)
-        kill_point(f"train.checkpoint.{self.step}")
+        fault_point(f"train.checkpoint.{self.step}")
 
 
 @dataclass(frozen=True)
@@ -213,24 +207,20 @@ class StepResult:
 
 def train_step(model: torch.nn.Module, state: TrainState, batches: Iterator, accum: int, lr_factor: float, grad_clip: float,
                device: Device, dist: Dist) -> StepResult:
-    """One optimizer step over `accum` micro-batches. `model` is what runs the batches (the
-    compiled or DDP-wrapped model); gradients are synchronised on the last micro-batch only. The
-    finite-loss decision is taken on the all-reduced loss, before the optimizer steps, so every
-    rank raises NonFiniteLoss together and the weights stay as they were."""
+    """One optimizer step over `accum` micro-batches (already on the device). `model` is what runs
+    the batches (the compiled or DDP-wrapped model); gradients are synchronised on the last
+    micro-batch only. The finite-loss decision is taken on the all-reduced loss, before the
+    optimizer steps, so every rank raises NonFiniteLoss together and the weights stay as they were."""
     state.optimizer.set_lr(lr_factor)
     loss_sum = torch.zeros((), device=device.torch_device)
     for micro in range(accum):
         x, y = next(batches)
-        x, y = x.to(device.torch_device, non_blocking=True), y.to(device.torch_device, non_blocking=True)
-        last = micro == accum - 1
-        sync = model.no_sync() if (dist.world_size > 1 and not last) else contextlib.nullcontext()
+        sync = model.no_sync() if (dist.world_size > 1 and micro < accum - 1) else contextlib.nullcontext()
         with sync, device.autocast():
-            _, loss = model(x, y)
-        if poisoned(dist.rank, state.step + 1):
-            loss = loss * float("nan")
+            loss = model(x, y)
         (loss / accum).backward()
         loss_sum += loss.detach()
-    step_loss = dist.mean(loss_sum / accum).item()  # one device sync per step, not per micro-batch
+    step_loss = dist.mean(loss_sum / accum).item()  # the one host sync of a step
     if not math.isfinite(step_loss):
         state.optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLoss(step_loss)
@@ -241,33 +231,174 @@ def train_step(model: torch.nn.Module, state: TrainState, batches: Iterator, acc
     return StepResult(step_loss, float(norm))
 
 
-def record_evaluation(state: TrainState, val: TokenBlocks, tp: TrainParams, device: Device, train_losses: list[float],
-                      lr: float) -> float:
-    """Measure the val loss now and append the history row (with the mean train loss since
-    the last row); returns the val loss."""
-    val_loss = evaluate_loss(state.model, val, tp.eval_tokens, tp.batch_size, device)
-    state.history.append({"step": state.step, "tokens": state.step * tp.tokens_per_step,
-                          "train_loss": round(sum(train_losses) / max(1, len(train_losses)), 5),
-                          "val_loss": round(val_loss, 5), "lr": lr})
-    train_losses.clear()
-    return val_loss
+class Checkpointer:
+    """What a run resumes from, and when it saves: every checkpoint_interval steps and when the run
+    stops. Rank 0 writes; every rank knows the last step saved, for the divergence error."""
+
+    def __init__(self, path: Path, interval: int, device: Device, dist: Dist):
+        self.path, self.interval, self.device, self.dist = path, interval, device, dist
+        self.saved_step: int | None = None
+
+    def restore(self, state: TrainState, resume: str) -> None:
+        """resume: auto (a checkpoint of the same fingerprint, if any), always (fail without one), never."""
+        ckpt = None if resume == "never" else load_checkpoint(self.path, state.fingerprint)
+        if resume == "always" and ckpt is None:
+            raise UserError(f"train --resume: no checkpoint of these params and data at {self.path}")
+        if ckpt is not None:
+            state.load_state_dict(ckpt, self.device)
+            self.saved_step = state.step
+            log.info("train: resuming %s at step %d", self.path, state.step)
+
+    def save_if_due(self, state: TrainState, stopping: bool) -> None:
+        if stopping or state.step % self.interval == 0:
+            if self.dist.main:
+                state.save(self.path, self.device)
+            self.saved_step = state.step
+
+    def diverged(self, err: NonFiniteLoss, step: int) -> TrainingDiverged:
+        where = f"; the last good checkpoint is {self.path} (step {self.saved_step})" if self.saved_step is not None else ""
+        return TrainingDiverged(f"train: loss is {err.loss} at step {step}{where}; "
+                                "lower train.learning_rate or raise train.warmup_steps")
 
 
-class Throughput:
-    """Tokens per second and MFU over the steps since the last report."""
+class Evaluator:
+    """The periodic val loss on a fixed prefix of the val stream, and the history row it adds
+    (metrics/loss.csv) with the mean train loss since the row before."""
 
-    def __init__(self, tokens_per_step: int, flops_per_token: float, peak: float):
-        self.tokens_per_step, self.flops_per_token, self.peak = tokens_per_step, flops_per_token, peak
-        self.steps, self.t0 = 0, time.perf_counter()
+    def __init__(self, val: TokenBlocks, tp: TrainParams, device: Device):
+        self.val, self.tp, self.device = val, tp, device
+        self.train_losses: list[float] = []
+        self.seconds = 0.0
+        """Time spent evaluating, which the throughput leaves out."""
 
-    def tick(self) -> None:
-        self.steps += 1
+    def loss(self, model: GPT) -> float:
+        t0 = time.perf_counter()
+        value = evaluate_loss(model, self.val, self.tp.eval_tokens, self.tp.batch_size, self.device)
+        self.seconds += time.perf_counter() - t0
+        return value
 
-    def report(self, device: Device) -> dict[str, float]:
-        device.synchronize()
-        tok_s = self.steps * self.tokens_per_step / max(time.perf_counter() - self.t0, 1e-9)
-        self.steps, self.t0 = 0, time.perf_counter()
-        return {"tokens_per_sec": tok_s, "mfu": tok_s * self.flops_per_token / self.peak if self.peak else 0.0}
+    def after_step(self, state: TrainState, train_loss: float, lr: float, stopping: bool) -> dict[str, float]:
+        self.train_losses.append(train_loss)
+        if not (stopping or state.step % self.tp.eval_interval == 0):
+            return {}
+        val_loss = self.loss(state.model)
+        state.history.append({"step": state.step, "tokens": state.step * self.tp.tokens_per_step,
+                              "train_loss": round(sum(self.train_losses) / len(self.train_losses), 5),
+                              "val_loss": round(val_loss, 5), "lr": lr})
+        self.train_losses.clear()
+        log.info("step %d: val loss %.4f", state.step, val_loss)
+        return {"val_loss": val_loss}
+
+
+class Meter:
+    """Time, throughput and progress. Tokens/s in all and per device; MFU per device, against that
+    device's peak (a global rate over one device's peak would count every device as the first).
+    Evaluation time is left out of both; the first step's compile time is in them."""
+
+    def __init__(self, tp: TrainParams, state: TrainState, flops_per_token: float, peak: float, device: Device,
+                 dist: Dist, evaluator: Evaluator):
+        self.tp, self.flops_per_token, self.peak, self.device, self.dist = tp, flops_per_token, peak, device, dist
+        self.evaluator = evaluator
+        self.start_step, self.elapsed_before = state.step, state.elapsed
+        self.t_start = self.t_window = time.perf_counter()
+        self.window_steps, self.window_eval = 0, 0.0
+        self.step_times: list[float] = []
+        self.t_last = self.t_start
+        self.bar = tqdm(total=tp.max_steps, initial=state.step, desc="train", unit="step",
+                        disable=not (dist.main and progress_enabled()), mininterval=1.0)
+
+    def rates(self, tokens: int, seconds: float) -> dict[str, float]:
+        tok_s = tokens / max(seconds, 1e-9)
+        per_device = tok_s / self.dist.world_size
+        return {"tokens_per_sec": tok_s, "tokens_per_sec_per_device": per_device,
+                "mfu": per_device * self.flops_per_token / self.peak if self.peak else 0.0}
+
+    def after_step(self, state: TrainState, result: StepResult, lr: float, stopping: bool) -> dict[str, float]:
+        now = time.perf_counter()
+        self.step_times.append(now - self.t_last)  # host time: the step's loss.item() waited for the device
+        self.t_last = now
+        state.elapsed = self.elapsed_before + now - self.t_start
+        self.window_steps += 1
+        self.bar.update(1)
+        if not (stopping or state.step % self.tp.log_interval == 0):
+            return {}
+        self.device.synchronize()
+        seconds = time.perf_counter() - self.t_window - (self.evaluator.seconds - self.window_eval)
+        metrics = self.rates(self.window_steps * self.tp.tokens_per_step, seconds)
+        self.t_window, self.window_steps, self.window_eval = time.perf_counter(), 0, self.evaluator.seconds
+        done = state.step - self.start_step
+        metrics["eta_seconds"] = (self.tp.max_steps - state.step) * (state.elapsed - self.elapsed_before) / max(1, done)
+        self.bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{metrics['tokens_per_sec']:,.0f}",
+                             mfu=f"{metrics['mfu']:.0%}")
+        if self.bar.disable and self.dist.main:  # no bar (not a terminal): a log line instead
+            log.info("step %d/%d loss %.4f lr %.2e grad %.2f %.0f tok/s (%.0f per device) mfu %.1f%% eta %.0fs", state.step,
+                     self.tp.max_steps, result.loss, lr, result.grad_norm, metrics["tokens_per_sec"],
+                     metrics["tokens_per_sec_per_device"], 100 * metrics["mfu"], metrics["eta_seconds"])
+        return metrics
+
+    def summary(self, state: TrainState) -> dict[str, Any]:
+        """This process's totals: step time (compile included, evaluation left out) and memory."""
+        seconds = max(1e-9, state.elapsed - self.elapsed_before - self.evaluator.seconds)
+        rates = self.rates((state.step - self.start_step) * self.tp.tokens_per_step, seconds)
+        later = self.step_times[1:]
+        compile_s = self.step_times[0] - statistics.median(later) if later and self.tp.compile else 0.0
+        if self.device.type == "cuda":
+            peak_memory = torch.cuda.max_memory_allocated(self.device.torch_device)
+        else:  # the process's peak resident memory (Linux reports KiB)
+            peak_memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return {"tokens_per_sec": round(rates["tokens_per_sec"]), "tokens_per_sec_per_device": round(rates["tokens_per_sec_per_device"]),
+                "mfu": round(rates["mfu"], 4), "throughput_counts": "step time incl. compile, excl. evaluation",
+                "compile_seconds": round(max(0.0, compile_s), 1), "eval_seconds": round(self.evaluator.seconds, 1),
+                "peak_memory_bytes": int(peak_memory)}
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class StopRule:
+    """When the run ends: at max_steps, or at the time budget (checked every log_interval steps,
+    decided by all ranks together). Runs stopped by the budget are not reproducible step for step."""
+
+    def __init__(self, tp: TrainParams, dist: Dist):
+        self.tp, self.dist = tp, dist
+        self.budget = tp.time_budget_minutes * 60 if tp.time_budget_minutes > 0 else math.inf
+        self.reason: str | None = None
+
+    def __call__(self, state: TrainState) -> str | None:
+        if self.reason is None:
+            self.reason = self._decide(state)
+        return self.reason
+
+    def _decide(self, state: TrainState) -> str | None:
+        if state.step >= self.tp.max_steps:
+            return "max_steps"
+        if self.budget < math.inf and state.step % self.tp.log_interval == 0 and self.dist.any(state.elapsed > self.budget):
+            log.warning("train: time budget of %.1f min reached at step %d of %d", self.tp.time_budget_minutes,
+                        state.step, self.tp.max_steps)
+            return "time_budget"
+        return None
+
+
+def plan_fits_data(params: Params, n_params: int, manifest: dict) -> None:
+    """States the run's plan before any step (parameters, tokens, passes over the data, tokens per
+    parameter) and refuses a plan that would pass over the train tokens more than train.max_epochs
+    times, naming the corpus size it needs."""
+    tp = params.train
+    train = manifest["splits"]["train"]
+    planned = tp.max_steps * tp.tokens_per_step
+    epochs = planned / max(1, train["tokens"])
+    log.info("train: %.2f M parameters; %s train tokens (%.1f MB of text); %s planned tokens = %.1f passes over the data; "
+             "%.1f tokens per parameter (compute-optimal is about 20)", n_params / 1e6, f"{train['tokens']:,}",
+             train["bytes"] / 1e6, f"{planned:,}", epochs, planned / n_params)
+    if epochs <= tp.max_epochs:
+        return
+    bytes_per_token = train["bytes"] / max(1, train["tokens"])
+    needed_mb = planned / tp.max_epochs * bytes_per_token / 1e6
+    fitting_steps = max(1, int(tp.max_epochs * train["tokens"] // tp.tokens_per_step))
+    name = f"preset {params.preset!r}" if params.preset else "these params"
+    raise UserError(f"train: {name} plan {planned:,} tokens, {epochs:,.0f} passes over this corpus's {train['tokens']:,} "
+                    f"train tokens ({train['bytes'] / 1e6:.1f} MB); they need about {needed_mb:,.0f} MB of train text "
+                    f"for train.max_epochs: {tp.max_epochs:g} (or train.max_steps: {fitting_steps} here)")
 
 
 def build(params: Params, layout: Layout, device: Device, dist: Dist) -> tuple[TrainState, TokenBlocks, dict]:
@@ -276,12 +407,13 @@ def build(params: Params, layout: Layout, device: Device, dist: Dist) -> tuple[T
     manifest = read_manifest(layout.shards)
     verify_shards(layout.shards)
     torch.manual_seed(params.seed)
-    cfg = GPTConfig(vocab_size=manifest["tokenizer"]["vocab_size"], **mp.model_dump())
-    model = GPT(cfg).to(device.torch_device)
+    model = GPT(GPTConfig.from_params(mp, manifest["tokenizer"]["vocab_size"])).to(device.torch_device)
+    plan_fits_data(params, model.num_params(), manifest)
     train_data = TokenBlocks(layout.shards, "train", mp.block_size, seed=params.seed, rank=dist.rank, world_size=dist.world_size)
     val_data = TokenBlocks(layout.shards, "val", mp.block_size, shuffle=False)
+    batches = DeviceBatches(train_data, tp.batch_size, device.torch_device)
     opt = build_optimizer(model, tp, device)
-    return TrainState(model, opt, train_data, fingerprint(params, manifest)), val_data, manifest
+    return TrainState(model, opt, batches, fingerprint(params, manifest)), val_data, manifest
 
 
 def train(params: Params, layout: Layout, resume: str = "auto", tags: dict[str, str] | None = None) -> dict:
@@ -290,7 +422,7 @@ def train(params: Params, layout: Layout, resume: str = "auto", tags: dict[str, 
     tp = params.train
     device = pick_device(tp.device, int(os.environ.get("LOCAL_RANK", "0")), tp.precision)
     with deterministic_on_cpu(device):
-        dist = init_distributed(device.type)
+        dist = init_distributed(device)
         try:
             return _train(params, layout, resume, tags or {}, device, dist)
         finally:
@@ -315,93 +447,70 @@ def _train(params: Params, layout: Layout, resume: str, tags: dict[str, str], de
     tp = params.train
     threads = set_threads(tp.threads) if device.type == "cpu" else torch.get_num_threads()
     state, val_data, manifest = build(params, layout, device, dist)
-    model, cfg = state.model, state.model.config
-    accum = accumulation_steps(tp, cfg.block_size, dist.world_size)
-    ckpt_path = layout.checkpoints / CHECKPOINT
-    ckpt = None if resume == "never" else load_checkpoint(ckpt_path, state.fingerprint)
-    if resume == "always" and ckpt is None:
-        raise UserError(f"train --resume: no checkpoint of these params and data at {ckpt_path}")
-    saved_step = None
-    if ckpt is not None:
-        state.load_state_dict(ckpt, device)
-        saved_step = state.step
-        log.info("train: resuming %s at step %d", ckpt_path, state.step)
-    start_step = state.step
-
-    runner = torch.compile(model) if tp.compile and can_compile(device) else model
-    if dist.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        runner = DDP(runner, device_ids=[dist.local_rank] if device.type == "cuda" else None)
-    flops_per_token = model.flops_per_token()
+    checkpointer = Checkpointer(layout.checkpoints / CHECKPOINT, tp.checkpoint_interval, device, dist)
+    checkpointer.restore(state, resume)
+    runner = wrap_model(state.model, tp, device, dist)
+    accum = accumulation_steps(tp, state.model.config.block_size, dist.world_size)
     peak, peak_source = peak_flops(device) if dist.main else (0.0, "")
-    log.info(
-        "train: %.2f M params, %d layers x %d wide, block %d, vocab %d on %s (%s); %d tokens/step = %d x %d x %d x %d processes; "
-        "peak %.1f GFLOP/s (%s)",
-        model.num_params() / 1e6, cfg.n_layer, cfg.n_embd, cfg.block_size, cfg.vocab_size, device.name,
-        str(device.dtype).replace("torch.", ""), tp.tokens_per_step, tp.batch_size, cfg.block_size, accum, dist.world_size,
-        peak / 1e9, peak_source,
-    )
-    if start_step == 0:
-        state.initial_val_loss = evaluate_loss(model, val_data, tp.eval_tokens, tp.batch_size, device)
-    tracker = Tracker(params, layout.root, {"device": device.name, "torch": torch.__version__, "threads": str(threads),
-                                            "stage": "train", **tags}) if dist.main else NullTracker()
-    batches = state.data.batches(tp.batch_size)
-    model.train()
-    t_start, elapsed_before = time.perf_counter(), state.elapsed
-    budget = tp.time_budget_minutes * 60 if tp.time_budget_minutes > 0 else math.inf
-    stopped_by = "max_steps"
-    bar = tqdm(total=tp.max_steps, initial=start_step, desc="train", unit="step",
-               disable=not (dist.main and progress_enabled()), mininterval=1.0)
-    speed = Throughput(tp.tokens_per_step, flops_per_token, peak)
-    train_losses: list[float] = []
-    lr = lr_at(max(0, state.step - 1), tp)
-    with tracker, contextlib.closing(bar):
-        while state.step < tp.max_steps:
+    describe_run(state.model, tp, device, dist, accum, peak, peak_source)
+    evaluator = Evaluator(val_data, tp, device)
+    if state.step == 0:
+        state.initial_val_loss = evaluator.loss(state.model)
+    tracker = open_tracker(params, layout, device, dist, {"threads": str(threads), **tags})
+    meter = Meter(tp, state, state.model.flops_per_token(), peak, device, dist, evaluator)
+    stop = StopRule(tp, dist)
+    state.model.train()
+    with tracker, contextlib.closing(meter):
+        while not stop(state):
             lr = lr_at(state.step, tp)
             try:
-                result = train_step(runner, state, batches, accum, lr / tp.learning_rate, tp.grad_clip, device, dist)
+                result = train_step(runner, state, state.data, accum, lr / tp.learning_rate, tp.grad_clip, device, dist)
             except NonFiniteLoss as e:
-                where = f"; the last good checkpoint is {ckpt_path} (step {saved_step})" if saved_step is not None else ""
-                raise TrainingDiverged(
-                    f"train: loss is {e.loss} at step {state.step + 1}{where}; lower train.learning_rate or raise train.warmup_steps"
-                ) from None
-            done = state.step
-            kill_point(f"train.rank{dist.rank}.step{done}")
-            speed.tick()
-            train_losses.append(result.loss)
+                raise checkpointer.diverged(e, state.step + 1) from None
+            stopping = stop(state) is not None
             metrics = {"train_loss": result.loss, "lr": lr, "grad_norm": result.grad_norm}
-            state.elapsed = elapsed_before + time.perf_counter() - t_start
-            if done % tp.log_interval == 0 or done == tp.max_steps:
-                metrics.update(speed.report(device))
-                eta = (tp.max_steps - done) * (state.elapsed - elapsed_before) / max(1, done - start_step)
-                metrics["eta_seconds"] = eta
-                bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{metrics['tokens_per_sec']:,.0f}",
-                                mfu=f"{metrics['mfu']:.0%}")
-                if bar.disable and dist.main:  # no bar (not a terminal): a log line instead
-                    log.info("step %d/%d loss %.4f lr %.2e grad %.2f %.0f tok/s mfu %.1f%% eta %.0fs", done, tp.max_steps,
-                             result.loss, lr, result.grad_norm, metrics["tokens_per_sec"], 100 * metrics["mfu"], eta)
-            if done % tp.eval_interval == 0 or done == tp.max_steps:
-                metrics["val_loss"] = record_evaluation(state, val_data, tp, device, train_losses, lr)
-                if dist.main:
-                    log.info("step %d: val loss %.4f", done, metrics["val_loss"])
-            tracker.log(metrics, done)
-            bar.update(1)
-            over_budget = dist.any(state.elapsed > budget) and done < tp.max_steps
-            if done % tp.checkpoint_interval == 0 or done == tp.max_steps or over_budget:
-                if dist.main:
-                    state.save(ckpt_path, device)
-                saved_step = done  # every rank knows it, for the error line
-            if over_budget:
-                stopped_by = "time_budget"
-                log.warning("train: time budget of %.1f min reached at step %d of %d", tp.time_budget_minutes, done, tp.max_steps)
-                break
-        if not state.history or state.history[-1]["step"] != state.step:  # stopped by the budget between evals
-            record_evaluation(state, val_data, tp, device, train_losses, lr)
-        summary = _summary(state, tp, stopped_by, flops_per_token, peak, device, dist)
+            metrics |= meter.after_step(state, result, lr, stopping)
+            metrics |= evaluator.after_step(state, result.loss, lr, stopping)
+            tracker.log(metrics, state.step)
+            checkpointer.save_if_due(state, stopping)
+            fault_point(f"train.rank{dist.rank}.step{state.step}", model=state.model)
+        summary = _summary(state, stop.reason or "max_steps", meter, peak, peak_source, device, dist)
         if dist.main:
             _write_outputs(layout, state, summary, params, manifest, tracker)
     return summary
+
+
+def wrap_model(model: GPT, tp: TrainParams, device: Device, dist: Dist) -> torch.nn.Module:
+    """What runs the batches. DDP first and torch.compile around it, so the compiled graph is split
+    at DDP's bucket boundaries and gradient all-reduces overlap the backward pass. No buffer
+    broadcast: the only buffers are the rotary tables, the same on every rank by construction."""
+    runner: torch.nn.Module = model
+    if dist.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        runner = DDP(model, device_ids=[dist.local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
+    if tp.compile and can_compile(device):
+        runner = torch.compile(runner)
+    return runner
+
+
+def describe_run(model: GPT, tp: TrainParams, device: Device, dist: Dist, accum: int, peak: float, peak_source: str) -> None:
+    cfg = model.config
+    log.info("train: %d layers x %d wide, block %d, vocab %d on %s (%s); %d tokens/step = %d x %d x %d x %d processes; "
+             "peak %.1f GFLOP/s per device (%s)", cfg.n_layer, cfg.n_embd, cfg.block_size, cfg.vocab_size, device.name,
+             str(device.dtype).replace("torch.", ""), tp.tokens_per_step, tp.batch_size, cfg.block_size, accum,
+             dist.world_size, peak / 1e9, peak_source)
+
+
+def open_tracker(params: Params, layout: Layout, device: Device, dist: Dist, tags: dict[str, str]):
+    """MLflow on rank 0 when tracking is on; otherwise a tracker that records nothing (and imports
+    no MLflow: a bare GPU node trains without it)."""
+    from llm.tracking import NullTracker, Tracker
+
+    if not (dist.main and params.tracking.enabled):
+        return NullTracker()
+    return Tracker(params, layout.root, {"device": device.name, "torch": torch.__version__, "stage": "train",
+                                         "preset": params.preset or "default", **tags})
 
 
 def can_compile(device: Device) -> bool:
@@ -412,22 +521,21 @@ def can_compile(device: Device) -> bool:
     return False
 
 
-def _summary(state: TrainState, tp: TrainParams, stopped_by: str, flops_per_token: float,
-             peak: float, device: Device, dist: Dist) -> dict:
-    tokens_per_sec = state.step * tp.tokens_per_step / max(state.elapsed, 1e-9)
+def _summary(state: TrainState, stopped_by: str, meter: Meter, peak: float, peak_source: str, device: Device,
+             dist: Dist) -> dict:
     return {
         "steps": state.step,
         "stopped_by": stopped_by,
-        "tokens_seen": state.step * tp.tokens_per_step,
+        "tokens_seen": state.step * meter.tp.tokens_per_step,
         "train_seconds": round(state.elapsed, 1),
-        "tokens_per_sec": round(tokens_per_sec),
+        **meter.summary(state),
         "final_train_loss": state.history[-1]["train_loss"],
         "final_val_loss": state.history[-1]["val_loss"],
         "initial_val_loss": round(state.initial_val_loss, 5),
         "params": state.model.num_params(),
-        "flops_per_token": flops_per_token,
-        "mfu": round(tokens_per_sec * flops_per_token / peak, 4) if peak else 0.0,
+        "flops_per_token": meter.flops_per_token,
         "peak_flops": peak,
+        "peak_source": peak_source,
         "device": device.name,
         "processes": dist.world_size,
     }
@@ -447,7 +555,7 @@ def _write_outputs(layout: Layout, state: TrainState, summary: dict, params: Par
         w.writeheader()
         w.writerows(state.history)
     log.info(
-        "train: %d steps, %s tokens in %.0f s (%.0f tok/s, MFU %.1f%%); val loss %.3f -> %.3f",
+        "train: %d steps, %s tokens in %.0f s (%.0f tok/s, %.0f per device, MFU %.1f%%); val loss %.3f -> %.3f",
         summary["steps"], f"{summary['tokens_seen']:,}", summary["train_seconds"], summary["tokens_per_sec"],
-        100 * summary["mfu"], summary["initial_val_loss"], summary["final_val_loss"],
+        summary["tokens_per_sec_per_device"], 100 * summary["mfu"], summary["initial_val_loss"], summary["final_val_loss"],
     )

@@ -14,6 +14,16 @@ import yaml
 from llm.config import Params, parse_params
 
 REPO = Path(__file__).resolve().parents[1]
+# GPT-2's recipe, for tests that pin it (the defaults are the modern one: llm/config.py ModelParams).
+GPT2_RECIPE = {"position": "learned", "norm": "layernorm", "qk_norm": False, "mlp": "gelu", "zero_init": False, "bias": True}
+
+
+def gpt_config(vocab_size: int, **model: Any):
+    """The GPTConfig `llm train` builds from ModelParams' defaults with `model` changed."""
+    from llm.config import ModelParams
+    from llm.model import GPTConfig
+
+    return GPTConfig.from_params(ModelParams(**model), vocab_size)
 
 
 def plays_dir() -> Path:
@@ -49,7 +59,8 @@ def small_params(sources: list[str], **override: Any) -> dict:
         "ingest": {"sources": sources, "batch_docs": 3},  # several row groups: parallel work units
         "clean": {"num_workers": 1},
         "split": {"val_fraction": 0.25},
-        "tokenizer": {"vocab_size": 512, "num_threads": 1},
+        # min_bytes_per_piece: these corpora are far smaller than any a user would train a tokenizer on.
+        "tokenizer": {"vocab_size": 512, "num_threads": 1, "min_bytes_per_piece": 20},
         "shards": {"num_workers": 1, "shard_tokens": 20_000},
         # A model that trains in seconds: the tests check behaviour, not quality.
         "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32},

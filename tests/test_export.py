@@ -15,11 +15,10 @@ from llm.errors import UserError
 from llm.evaluate import ValDocs
 from llm.export import architecture, export
 from llm.layout import Layout
-from llm.model import GPTConfig
 from llm.sample import SamplingParams, generate
 from llm.split import split_of
 from llm.train import train
-from tests.conftest import deep_update, load
+from tests.conftest import GPT2_RECIPE, deep_update, gpt_config, load
 from tests.test_train import CLASSIC, MODERN, project_from
 
 RECIPES = {
@@ -80,7 +79,7 @@ def test_the_exported_model_loads_in_transformers_and_computes_the_same(built, t
                                      {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": True, "bias": True}])
 def test_a_recipe_with_no_exact_hugging_face_architecture_fails_with_one_line(options):
     with pytest.raises(UserError, match="export: no Hugging Face architecture computes this model exactly"):
-        architecture(GPTConfig(vocab_size=64, **options))
+        architecture(gpt_config(64, **{**GPT2_RECIPE, **options}))
 
 
 def test_export_is_logged_to_the_training_run(built, tmp_path: Path):

@@ -6,12 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llm.model import GPT, GPTConfig, attend
+from llm.config import ModelParams
+from llm.model import GPT, attend
+from tests.conftest import GPT2_RECIPE, gpt_config
 
 
 def tiny(**kw) -> GPT:
     torch.manual_seed(0)
-    cfg = GPTConfig(**{"vocab_size": 64, "block_size": 32, "n_layer": 2, "n_head": 4, "n_embd": 32, **kw})
+    cfg = gpt_config(64, **{"block_size": 32, "n_layer": 2, "n_head": 4, "n_embd": 32, **GPT2_RECIPE, **kw})
     return GPT(cfg).eval()
 
 
@@ -26,11 +28,11 @@ RECIPES = {
 def test_changing_a_future_token_never_changes_earlier_logits(recipe):
     model = tiny(**RECIPES[recipe])
     x = torch.randint(0, 64, (2, 20))
-    logits, *_ = model(x)
+    logits = model(x)
     for k in (0, 7, 19):
         y = x.clone()
         y[:, k] = (y[:, k] + 1) % 64
-        changed, *_ = model(y)
+        changed = model(y)
         assert torch.equal(logits[:, :k], changed[:, :k])
         assert not torch.allclose(logits[:, k:], changed[:, k:])
 
@@ -39,9 +41,9 @@ def test_changing_a_future_token_never_changes_earlier_logits(recipe):
 def test_sdpa_equals_the_explicit_masked_softmax_path(recipe):
     model = tiny(**RECIPES[recipe])
     x = torch.randint(0, 64, (3, 32))
-    fast, *_ = model(x)
+    fast = model(x)
     model.set_attention(sdpa=False)
-    slow, *_ = model(x)
+    slow = model(x)
     assert torch.allclose(fast, slow, atol=1e-5, rtol=1e-5)
 
 
@@ -53,7 +55,7 @@ def test_sdpa_equals_explicit_with_a_kv_cache_and_several_new_tokens(recipe):
     fast, _ = model.forward_cached(x[:, 16:], past)
     model.set_attention(sdpa=False)
     slow, _ = model.forward_cached(x[:, 16:], past)
-    full, _ = model(x)
+    full = model(x)
     assert torch.allclose(fast, slow, atol=1e-5)
     assert torch.allclose(fast, full[:, 16:], atol=1e-5)
 
@@ -85,7 +87,7 @@ def test_overfits_one_batch():
     y = torch.roll(x, -1, dims=1)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(300):
-        _, loss = model(x, y)
+        loss = model(x, y)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -95,7 +97,7 @@ def test_overfits_one_batch():
 def test_initial_loss_is_near_uniform():
     model = tiny()
     x = torch.randint(0, 64, (8, 32))
-    _, loss = model(x, torch.randint(0, 64, (8, 32)))
+    loss = model(x, torch.randint(0, 64, (8, 32)))
     assert abs(loss.item() - math.log(64)) < 0.1
 
 
@@ -114,7 +116,7 @@ def test_flops_per_token_formula():
 
 def test_residual_projections_are_scaled_by_depth():
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=64, n_layer=8, n_head=4, n_embd=256, block_size=16))
+    model = GPT(gpt_config(64, n_layer=8, n_head=4, n_embd=256, block_size=16, **GPT2_RECIPE))
     plain = model.blocks[0].attn.qkv.weight.std().item()
     scaled = model.blocks[0].attn.proj.weight.std().item()
     assert abs(plain - 0.02) < 0.002
@@ -134,13 +136,16 @@ def test_too_long_a_sequence_is_refused():
 
 def test_width_must_divide_into_heads():
     with pytest.raises(ValueError, match="multiple of n_head"):
-        GPTConfig(vocab_size=10, n_embd=30, n_head=4)
+        ModelParams(n_embd=30, n_head=4)
+    with pytest.raises(ValueError, match="rope needs an even head size"):
+        ModelParams(n_embd=30, n_head=10, position="rope")
+    ModelParams(n_embd=30, n_head=10, position="learned")  # an odd head size is fine without rotary
 
 
 def test_rotary_scores_depend_on_relative_position_only():
     from llm.model import Rotary
 
-    rot = Rotary(GPTConfig(vocab_size=8, block_size=64, n_head=1, n_embd=16, position="rope"))
+    rot = Rotary(gpt_config(8, block_size=64, n_head=1, n_embd=16, position="rope"))
     q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
     score = [(rot(q, a) * rot(k, a - 5)).sum().item() for a in (5, 17, 40)]
     assert score[0] == pytest.approx(score[1], abs=1e-4) and score[1] == pytest.approx(score[2], abs=1e-4)
@@ -179,7 +184,7 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     model.train()
     for _ in range(80):
         opt.set_lr(1.0)
-        _, loss = model(x, torch.roll(x, -1, dims=1))
+        loss = model(x, torch.roll(x, -1, dims=1))
         loss.backward()
         opt.step()
         opt.zero_grad()

@@ -5,8 +5,9 @@ import copy
 import torch
 from torch.optim._muon import _zeropower_via_newtonschulz
 
-from llm.model import GPT, GPTConfig
+from llm.model import GPT
 from llm.optim import GroupedMuon, orthogonalize
+from tests.conftest import gpt_config
 
 MODERN = {"position": "rope", "norm": "rmsnorm", "qk_norm": True, "mlp": "swiglu", "zero_init": False, "bias": False}
 NS = ((3.4445, -4.7750, 2.0315), 5, 1e-7)  # torch.optim.Muon's defaults
@@ -28,14 +29,14 @@ def test_orthogonalize_equals_torch_newton_schulz_matrix_by_matrix():
 
 def test_grouped_muon_trains_a_model_as_torch_muon_does():
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, **MODERN))
+    model = GPT(gpt_config(64, block_size=16, n_layer=2, n_head=2, n_embd=32, **MODERN))
     twin, start = copy.deepcopy(model), copy.deepcopy(model)
     kw = dict(lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True, adjust_lr_fn="match_rms_adamw")
     ours, theirs = GroupedMuon(model.hidden_matrices(), **kw), torch.optim.Muon(twin.hidden_matrices(), **kw)
     x = torch.randint(0, 64, (4, 16))
     for _ in range(5):
         for m, opt in ((model, ours), (twin, theirs)):
-            _, loss = m(x, torch.roll(x, -1, dims=1))
+            loss = m(x, torch.roll(x, -1, dims=1))
             loss.backward()
             opt.step()
             opt.zero_grad()
