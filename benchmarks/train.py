@@ -31,7 +31,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from llm.config import TrainParams, load_params  # noqa: E402
+from llm.config import ModelParams, TrainParams, load_params  # noqa: E402
 from llm.device import measure_matmul_peak, pick_device, set_threads  # noqa: E402
 from llm.distributed import Dist  # noqa: E402
 from llm.model import GPT, GPTConfig  # noqa: E402
@@ -40,7 +40,8 @@ from llm.train import TrainState, deterministic_on_cpu, train_step  # noqa: E402
 
 # A recipe: model options and the optimizer ("preset" is whatever params.yaml says).
 RECIPES = {
-    "classic": ({}, "adamw"),
+    "classic": ({"position": "learned", "norm": "layernorm", "qk_norm": False, "mlp": "gelu", "zero_init": False, "bias": True},
+                "adamw"),
     "modern": ({"position": "rope", "norm": "rmsnorm", "qk_norm": True, "mlp": "swiglu", "zero_init": True, "bias": False}, "muon"),
 }
 
@@ -52,13 +53,13 @@ def parse_shape(text: str) -> tuple[int, int, int, int, int, int]:
 
 
 def measure(shape: tuple[int, int, int, int, int, int], vocab: int, steps: int, warmup: int, device, peak: float,
-            recipe: tuple[dict, str] = ({}, "adamw"), compile_model: bool = False, muon: str = "grouped", rounds: int = 3) -> dict:
+            recipe: tuple[dict, str] = RECIPES["classic"], compile_model: bool = False, muon: str = "grouped", rounds: int = 3) -> dict:
     """Tokens/s of the best of `rounds` windows of `steps` steps (the peak is a best-of too: on a
     shared host, noise only ever slows a window down), and of the median window."""
     layers, width, heads, block, batch, accum = shape
     options, optimizer = recipe
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=vocab, block_size=block, n_layer=layers, n_head=heads, n_embd=width, **options))
+    model = GPT(GPTConfig.from_params(ModelParams(block_size=block, n_layer=layers, n_head=heads, n_embd=width, **options), vocab))
     model = model.to(device.torch_device)
     tp = TrainParams(optimizer=optimizer)
     state = TrainState(model, build_optimizer(model, tp, device), data=None, fingerprint="benchmark")
@@ -90,7 +91,7 @@ def measure(shape: tuple[int, int, int, int, int, int], vocab: int, steps: int, 
     flops = model.flops_per_token()
     return {
         "shape": f"{layers}x{width}x{heads}:{block}:{batch}:{accum}",
-        "recipe": "+".join(f"{k}={v}" for k, v in options.items()) or "classic",
+        "recipe": "classic" if options == RECIPES["classic"][0] else "+".join(f"{k}={v}" for k, v in options.items()),
         "optimizer": f"{optimizer} ({muon})" if optimizer == "muon" else optimizer,
         "compile": compile_model, "warmup_seconds": round(warmup_seconds, 1),
         "params_m": round(model.num_params() / 1e6, 2),

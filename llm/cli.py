@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--write", action="store_true", help="rewrite each stage's code deps and desc in dvc.yaml")
     g.add_argument("--check", action="store_true", help="exit 1, naming the stages, when --write would change dvc.yaml")
     p.add_argument("--dvc-yaml", default="dvc.yaml", help="dvc.yaml, beside the llm/ it describes (default dvc.yaml)")
+    p = sub.add_parser("params", help="print the params in force: the file's values over the defaults (docs/params.md)")
+    p.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
+    p.add_argument("--changed", action="store_true", help="only the values that differ from the defaults")
     sub.add_parser("sample", help="generate text with the trained model (llm sample --help)", add_help=False)
     return parser
 
@@ -69,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             return sample_main(rest)
         if rest:
             build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
+        if args.command == "params":
+            return print_params(Path(args.params), changed=args.changed)
         if args.command == "stages":
             return list_stages(Path(args.dvc_yaml), write=args.write, check=args.check)
         if args.command in ("ladder", "scaling"):
@@ -137,6 +142,30 @@ def list_stages(dvc_yaml: Path, write: bool = False, check: bool = False) -> int
     changed = dvcyaml.write(dvc_yaml)
     print(f"{dvc_yaml}: rewrote {', '.join(changed)}" if changed else f"{dvc_yaml}: up to date")
     return 0
+
+
+def print_params(params_path: Path, changed: bool) -> int:
+    """The values in force as YAML; with `changed`, only those that differ from llm/config.py's defaults."""
+    import yaml
+
+    from llm.config import Params, load_params
+
+    values = load_params(params_path).model_dump(mode="json")
+    if changed:
+        values = _differences(values, Params().model_dump(mode="json"))
+    print(yaml.safe_dump(values, sort_keys=False, allow_unicode=True), end="")
+    return 0
+
+
+def _differences(values: dict, defaults: dict) -> dict:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(defaults.get(key), dict):
+            if inner := _differences(value, defaults[key]):
+                out[key] = inner
+        elif value != defaults.get(key):
+            out[key] = value
+    return out
 
 
 def run_ladder(command: str, params_path: Path, rung: str) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -13,17 +14,41 @@ from llm.errors import UserError
 
 # Dense bf16 tensor-core peaks (FLOP/s) of GPUs people train on; MFU is reported against these.
 GPU_BF16_PEAK = {
+    # Matched as whole words in torch.cuda.get_device_name(), in this order: the first match wins,
+    # so the more specific names come first. A GPU not in the table is measured.
     "H200": 989e12,
-    "H100": 989e12,  # SXM; the PCIe card is 756e12
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H100": 989e12,  # SXM ("NVIDIA H100 80GB HBM3")
+    "H20": 148e12,
+    "GH200": 989e12,
+    "B200": 2250e12,
     "A100": 312e12,
+    "A800": 312e12,
     "L40S": 362e12,
+    "L40": 181e12,
     "L4": 121e12,
-    "A10": 125e12,
+    "A6000": 155e12,  # RTX A6000 (Ampere)
+    "A10": 125e12,  # not the A10G, which is measured
+    "RTX 6000 Ada": 364e12,
+    "RTX 5090": 210e12,
     "RTX 4090": 165e12,
+    "RTX 4080": 97e12,
     "RTX 3090": 71e12,
-    "V100": 125e12,
-    "T4": 65e12,
+    "V100": 125e12,  # fp16 tensor cores: V100 has no bf16
+    "T4": 65e12,  # fp16 tensor cores
 }
+
+
+MIN_TORCH = (2, 9)  # torch.optim.Muon
+
+
+def require_torch() -> None:
+    """One line instead of an AttributeError deep in the optimizer on an older torch."""
+    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    if version < MIN_TORCH:
+        raise UserError(f"torch {torch.__version__} is too old: llm needs torch >= {'.'.join(map(str, MIN_TORCH))} "
+                        "(torch.optim.Muon); pip install 'torch>=2.9'")
 
 
 @dataclass(frozen=True)
@@ -66,6 +91,7 @@ def pick_device(requested: str = "auto", local_rank: int = 0, precision: str = "
         if not torch.cuda.is_available():
             raise UserError("train.device: cuda requested but no CUDA device is available (use auto or cpu)")
         torch.cuda.set_device(local_rank)
+        torch.set_float32_matmul_precision("high")  # TF32 for the matmuls autocast leaves in fp32
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return Device("cuda", torch.device("cuda", local_rank), dtype, torch.cuda.get_device_name(local_rank))
     if requested == "mps":
@@ -117,11 +143,16 @@ def measure_matmul_peak(device: Device, n: int = 1024, seconds: float = 1.0) -> 
     return best
 
 
+def datasheet_peak(gpu_name: str) -> tuple[float, str] | None:
+    """The dense bf16 tensor-core peak of a GPU by name (fp16 where it has no bf16), if the table has it."""
+    for key, value in GPU_BF16_PEAK.items():
+        if re.search(rf"(?<!\w){re.escape(key)}(?!\w)", gpu_name):
+            return value, f"{key} datasheet peak"
+    return None
+
+
 def peak_flops(device: Device) -> tuple[float, str]:
-    """The FLOP/s MFU is measured against, and where the number comes from."""
+    """The FLOP/s of one device that MFU is measured against, and where the number comes from."""
     if device.type == "cuda":
-        for key, value in GPU_BF16_PEAK.items():
-            if key in device.name:
-                return value, f"{key} bf16 datasheet peak"
-        return measure_matmul_peak(device), "measured bf16 matmul peak"
+        return datasheet_peak(device.name) or (measure_matmul_peak(device), "measured bf16 matmul peak")
     return measure_matmul_peak(device), f"measured {'bf16' if device.dtype == torch.bfloat16 else 'fp32'} matmul peak"

@@ -37,7 +37,14 @@ class Dist:
 
     @property
     def main(self) -> bool:
+        """Rank 0 of the run: the one that logs and tracks."""
         return self.rank == 0
+
+    @property
+    def node_main(self) -> bool:
+        """Local rank 0: the process that writes this node's files (checkpoint, final model, metrics),
+        so `dvc repro` on every node ends with the same outputs (DDP keeps the weights equal)."""
+        return self.local_rank == 0
 
     def _all_reduce(self, value: torch.Tensor, op: str) -> torch.Tensor:
         import torch.distributed as tdist

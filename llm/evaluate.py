@@ -142,7 +142,8 @@ def evaluate(params: Params, layout: Layout, register: bool = True) -> dict:
     by_source = _per_source(nll, docs)
     if len(by_source) > 1:
         result["per_source"] = by_source
-    _track(params, lay, result, register)
+    if params.tracking.enabled:
+        _track(params, lay, result, register)
     write_json(lay.metrics("eval"), result)
     log.info(
         "evaluate: val_bpb %.4f (loss %.4f, ppl %.1f); baselines: %s",

@@ -156,7 +156,8 @@ def export(params: Params, layout: Layout) -> dict:
     with atomic_dir(layout.hf) as tmp:
         hf_model.save_pretrained(tmp, safe_serialization=True)
         hf_tokenizer(tok).save_pretrained(tmp)
-    _track(params, layout)
+    if params.tracking.enabled:
+        _track(params, layout)
     files = sorted(p.name for p in layout.hf.iterdir())
     log.info("export: %s model in %s (%s)", arch, layout.hf, ", ".join(files))
     return {"architecture": arch, "path": str(layout.hf), "files": files}

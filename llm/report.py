@@ -155,7 +155,8 @@ def report(params: Params, layout: Layout) -> dict:
             render_html(card, evaluation, samples, sinks, pieces, loss_png, attn_png, rp.attention_prompt), encoding="utf-8"
         )
         (tmp / "report.md").write_text(render_markdown(card, evaluation, samples, sinks, rp.attention_prompt), encoding="utf-8")
-        _track(params, lay, tmp)
+        if params.tracking.enabled:
+            _track(params, lay, tmp)
     log.info("report: %s (%d samples)", lay.reports / "report.html", len(samples))
     return {"samples": len(samples), "path": str(lay.reports / "report.html")}
 

@@ -38,7 +38,7 @@ from llm.artifacts import save_final
 from llm.codedeps import code_version
 from llm.config import Params, TrainParams
 from llm.dataset import DeviceBatches, TokenBlocks
-from llm.device import Device, peak_flops, pick_device, set_threads
+from llm.device import Device, peak_flops, pick_device, require_torch, set_threads
 from llm.distributed import Dist, init_distributed
 from llm.errors import UserError
 from llm.faults import fault_point
@@ -233,7 +233,8 @@ def train_step(model: torch.nn.Module, state: TrainState, batches: Iterator, acc
 
 class Checkpointer:
     """What a run resumes from, and when it saves: every checkpoint_interval steps and when the run
-    stops. Rank 0 writes; every rank knows the last step saved, for the divergence error."""
+    stops. Local rank 0 writes (one copy per node); every rank knows the last step saved, for the
+    divergence error."""
 
     def __init__(self, path: Path, interval: int, device: Device, dist: Dist):
         self.path, self.interval, self.device, self.dist = path, interval, device, dist
@@ -251,7 +252,7 @@ class Checkpointer:
 
     def save_if_due(self, state: TrainState, stopping: bool) -> None:
         if stopping or state.step % self.interval == 0:
-            if self.dist.main:
+            if self.dist.node_main:
                 state.save(self.path, self.device)
             self.saved_step = state.step
 
@@ -347,7 +348,7 @@ class Meter:
         else:  # the process's peak resident memory (Linux reports KiB)
             peak_memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return {"tokens_per_sec": round(rates["tokens_per_sec"]), "tokens_per_sec_per_device": round(rates["tokens_per_sec_per_device"]),
-                "mfu": round(rates["mfu"], 4), "throughput_counts": "step time incl. compile, excl. evaluation",
+                "mfu": round(rates["mfu"], 6), "throughput_counts": "step time incl. compile, excl. evaluation",
                 "compile_seconds": round(max(0.0, compile_s), 1), "eval_seconds": round(self.evaluator.seconds, 1),
                 "peak_memory_bytes": int(peak_memory)}
 
@@ -420,6 +421,7 @@ def train(params: Params, layout: Layout, resume: str = "auto", tags: dict[str, 
     """Train into layout.final. resume: auto (continue a checkpoint of the same params and
     data), always (fail if there is none), never (start from scratch). tags: extra MLflow tags."""
     tp = params.train
+    require_torch()
     device = pick_device(tp.device, int(os.environ.get("LOCAL_RANK", "0")), tp.precision)
     with deterministic_on_cpu(device):
         dist = init_distributed(device)
@@ -451,7 +453,7 @@ def _train(params: Params, layout: Layout, resume: str, tags: dict[str, str], de
     checkpointer.restore(state, resume)
     runner = wrap_model(state.model, tp, device, dist)
     accum = accumulation_steps(tp, state.model.config.block_size, dist.world_size)
-    peak, peak_source = peak_flops(device) if dist.main else (0.0, "")
+    peak, peak_source = peak_flops(device) if dist.node_main else (0.0, "")
     describe_run(state.model, tp, device, dist, accum, peak, peak_source)
     evaluator = Evaluator(val_data, tp, device)
     if state.step == 0:
@@ -475,7 +477,7 @@ def _train(params: Params, layout: Layout, resume: str, tags: dict[str, str], de
             checkpointer.save_if_due(state, stopping)
             fault_point(f"train.rank{dist.rank}.step{state.step}", model=state.model)
         summary = _summary(state, stop.reason or "max_steps", meter, peak, peak_source, device, dist)
-        if dist.main:
+        if dist.node_main:
             _write_outputs(layout, state, summary, params, manifest, tracker)
     return summary
 

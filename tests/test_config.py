@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from llm.config import load_params, parse_params
 from llm.errors import UserError
@@ -89,3 +90,12 @@ def test_cli_missing_source_exit_code_2(tmp_path: Path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "error: ingest.sources[0]: no such file or directory: no/such/dir"
     assert not (tmp_path / "data" / "raw").exists()
+
+
+def test_llm_params_prints_the_values_in_force_and_what_differs(tmp_path: Path):
+    (tmp_path / "params.yaml").write_text("model: {n_layer: 6}\ntrain: {max_steps: 2800}\n")  # 2800 is the default
+    full = yaml.safe_load(run_cli("params", cwd=tmp_path).stdout)
+    assert full["model"]["n_layer"] == 6 and full["model"]["n_embd"] == 128 and full["ingest"]["sources"]
+    changed = yaml.safe_load(run_cli("params", "--changed", cwd=tmp_path).stdout)
+    assert changed == {"model": {"n_layer": 6}}
+    assert yaml.safe_load(run_cli("params", "--changed", "--params", str(REPO / "params.yaml"), cwd=tmp_path).stdout) == {}

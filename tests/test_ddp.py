@@ -4,6 +4,9 @@ elastic launcher and trains with DDP (gloo on CPU), through `dvc repro` like any
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -15,9 +18,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from llm.distributed import Dist
 from llm.io import read_json
 from llm.layout import Layout
-from tests.conftest import dvc_bin, make_dvc_project, run, write_params
+from tests.conftest import REPO, dvc_bin, make_dvc_project, run, write_params
 from tests.test_train import project_from
 
 pytestmark = pytest.mark.slow
@@ -52,6 +56,73 @@ def test_dvc_repro_with_two_processes_matches_one_process_with_the_same_global_b
     assert norms2 == pytest.approx(norms1, rel=2e-3)  # float sums in another order; a sum bug is 2x
     assert two["final_val_loss"] == pytest.approx(one["final_val_loss"], abs=1e-3)
     assert all((w1[k] - w2[k]).abs().max() < 2e-3 for k in w1)  # Muon's iterations amplify float-order noise
+    # Throughput per device and MFU per device, against one device's peak (here a process's thread):
+    # the global rate over one device's peak would count both processes as the first one.
+    assert two["tokens_per_sec_per_device"] == pytest.approx(two["tokens_per_sec"] / 2, abs=1)
+    assert two["mfu"] == pytest.approx(two["tokens_per_sec_per_device"] * two["flops_per_token"] / two["peak_flops"], rel=0.01)
+    assert two["mfu"] < 1.5 * one["mfu"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_loopback_train_as_one_run_and_each_ends_with_the_same_outputs(tmp_path: Path):
+    """train.nnodes: 2 as two machines would run it: each node runs `dvc repro` with the same params,
+    and they meet at train.rdzv_endpoint (one c10d rendezvous, gloo)."""
+    node0 = make_dvc_project(tmp_path / "node0", n_plays=6, max_chars=15_000, train={"batch_size": 8})
+    run([dvc_bin(), "repro"], node0)  # one process, 8 sequences a step: the reference
+    one = load_file(str(Layout(node0).final / "model.safetensors"))
+    params = yaml.safe_load((node0 / "params.yaml").read_text())
+    params["train"].update(nnodes=2, batch_size=4, rdzv_endpoint=f"127.0.0.1:{free_port()}")
+    write_params(node0, params)
+    node1 = tmp_path / "node1"
+    shutil.copytree(node0, node1, symlinks=True)  # the other machine's clone, data stages already built
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "LLM_PROGRESS": "0"}
+    procs = [subprocess.Popen([dvc_bin(), "repro"], cwd=node, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for node in (node0, node1)]
+    outputs = [proc.communicate(timeout=600)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs
+    assert all("Running stage 'train'" in out and "Running stage 'ingest'" not in out for out in outputs)
+    final = [(Layout(node).final / "model.safetensors").read_bytes() for node in (node0, node1)]
+    assert final[0] == final[1]  # DDP kept the weights equal; each node wrote its own copy
+    assert [read_json(Layout(node).metrics("train"))["processes"] for node in (node0, node1)] == [2, 2]
+    assert all((Layout(node).hf / "config.json").is_file() for node in (node0, node1))  # and the stages after train ran
+    two = load_file(str(Layout(node1).final / "model.safetensors"))
+    assert all((one[k] - two[k]).abs().max() < 2e-3 for k in one)  # the one-process run, as above
+
+
+def test_every_tensor_handed_to_a_collective_is_on_the_training_device(monkeypatch):
+    """NCCL serves CUDA tensors only, and gloo both, so no CPU run can see a CPU tensor handed to an
+    NCCL collective. Dist carries the training device; a spy records the device of each tensor
+    handed to torch.distributed (here the meta device, standing in for a GPU)."""
+    import torch.distributed as tdist
+
+    class Handed(Exception):
+        pass
+
+    seen = []
+
+    def spy(tensor, *args, **kwargs):
+        seen.append(tensor.device)
+        raise Handed
+
+    monkeypatch.setattr(tdist, "all_reduce", spy)
+    dist = Dist(rank=0, local_rank=0, world_size=2, device=torch.device("meta"))
+    with pytest.raises(Handed):
+        dist.any(True)
+    with pytest.raises(Handed):
+        dist.mean(torch.zeros(()))
+    assert seen == [torch.device("meta")] * 2
+
+
+def test_only_dist_calls_collectives():
+    """Every collective in llm/ goes through Dist, whose tensors are on the training device."""
+    pattern = re.compile(r"\b(all_reduce|all_gather|broadcast|reduce_scatter|barrier)\(")
+    callers = {path.name for path in (REPO / "llm").rglob("*.py") if pattern.search(path.read_text())}
+    assert callers == {"distributed.py"}
 
 
 def launch(root: Path, fault: dict[str, str], timeout: float = 240) -> tuple[subprocess.CompletedProcess, float]:
