@@ -21,7 +21,7 @@ from llm.errors import UserError
 from llm.io import read_json
 from llm.layout import Layout
 from llm.train import TrainingDiverged, lr_at, train
-from tests.conftest import deep_update, load, write_params
+from tests.conftest import REPO, deep_update, load, write_params
 
 
 def project_from(built, tmp_path: Path, **override) -> tuple[Path, object]:
@@ -226,3 +226,45 @@ def test_train_outputs(built, tmp_path: Path):
     assert abs(summary["initial_val_loss"] - math.log(512)) < 0.2 and summary["initial_val_loss"] != round(math.log(512), 5)
     rows = lay.loss_csv.read_text().splitlines()
     assert rows[0] == "step,tokens,train_loss,val_loss,lr" and [r.split(",")[0] for r in rows[1:]] == ["3", "6"]
+
+
+# What a bare GPU node lacks (../shared/gpu/README.md lists what it has): blocked as modules, so
+# importing any of them fails as it would there.
+NOT_ON_A_BARE_NODE = ["mlflow", "dagster", "dagster_pipes", "ftfy", "rensa", "markdown_it_pyrs", "py3langid", "ray",
+                      "pandera", "matplotlib", "fsspec", "boto3", "psutil"]
+BARE = f"""
+import sys
+for name in {NOT_ON_A_BARE_NODE!r}:
+    sys.modules[name] = None  # `import name` raises ImportError
+from llm.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_training_and_evaluation_run_where_only_the_training_path_is_installed(built, tmp_path: Path):
+    root, _ = project_from(built, tmp_path, tracking={"enabled": False})
+    env = {**os.environ, "LLM_PROGRESS": "0"}
+    for stage in ("train", "evaluate"):
+        proc = subprocess.run([sys.executable, "-c", BARE, stage, "--params", str(root / "params.yaml")], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = read_json(Layout(root).metrics("train"))
+    assert summary["steps"] == 6 and "mlflow_run_id" not in summary
+    assert not (root / "mlflow.db").exists()
+    assert "val_bpb" in read_json(Layout(root).metrics("eval"))
+
+
+def test_a_plan_the_corpus_cannot_feed_stops_before_the_first_step_naming_what_it_needs(caplog):
+    from llm.config import load_params
+    from llm.train import plan_fits_data
+
+    default_corpus = {"splits": {"train": {"tokens": 1_609_737, "bytes": 4_381_346}}}  # its measured train split
+    gpt2 = load_params(REPO / "presets" / "gpt2-small.yaml")
+    with pytest.raises(UserError) as err:
+        plan_fits_data(gpt2, 124_000_000, default_corpus)
+    assert str(err.value) == ("train: preset 'gpt2-small' plan 2,621,440,000 tokens, 1,628 passes over this corpus's "
+                              "1,609,737 train tokens (4.4 MB); they need about 1,784 MB of train text for "
+                              "train.max_epochs: 4 (or train.max_steps: 12 here)")
+    with caplog.at_level("INFO", logger="llm.train"):
+        plan_fits_data(load_params(REPO / "params.yaml"), 1_054_080, default_corpus)  # the CPU default fits
+    assert "11,468,800 planned tokens = 7.1 passes over the data; 10.9 tokens per parameter" in caplog.text
