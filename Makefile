@@ -16,7 +16,7 @@ export PIP_CONSTRAINT := constraints.txt
 # Dagster keeps its runs and event logs here (sqlite); unset, it would use a temporary instance.
 export DAGSTER_HOME := $(CURDIR)/.dagster
 
-.PHONY: setup run test lint bench ui mlflow-server clean-env
+.PHONY: setup run test lint bench ui mlflow-server clean-env gpu-check gpu-prep
 
 setup: $(VENV)/.installed $(BIN)/dvc .dvc/config data/inbox $(DAGSTER_HOME)/dagster.yaml .env
 
@@ -84,6 +84,17 @@ bench: setup
 	$(BIN)/python benchmarks/data.py
 	$(BIN)/python benchmarks/train.py
 	$(BIN)/python benchmarks/attention.py
+
+# The GPU check (benchmarks/gpu.py --help): `make gpu-prep` on this CPU machine builds the GPU
+# presets' data and downloads the wheels the GPU machine lacks into .gpu-check/ (gitignored);
+# `make gpu-check` on the GPU machine, with .gpu-check/ carried along, runs the check with the
+# python that has the machine's CUDA torch (GPU_PYTHON). Without CUDA it prints one line, exits 0.
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu.py
+
+gpu-prep: | $(VENV)/.installed
+	$(BIN)/python benchmarks/gpu.py prep
 
 MLFLOW_PORT ?= 5000
 DAGSTER_PORT ?= 3000
