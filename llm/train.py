@@ -302,7 +302,8 @@ class Meter:
         self.evaluator = evaluator
         self.start_step, self.elapsed_before = state.step, state.elapsed
         self.t_start = self.t_window = time.perf_counter()
-        self.window_steps, self.window_eval = 0, 0.0
+        self.eval_before = self.window_eval = evaluator.seconds  # the evaluation before the first step is not in a window
+        self.window_steps = 0
         self.step_times: list[float] = []
         self.t_last = self.t_start
         self.bar = tqdm(total=tp.max_steps, initial=state.step, desc="train", unit="step",
@@ -339,7 +340,8 @@ class Meter:
 
     def summary(self, state: TrainState) -> dict[str, Any]:
         """This process's totals: step time (compile included, evaluation left out) and memory."""
-        seconds = max(1e-9, state.elapsed - self.elapsed_before - self.evaluator.seconds)
+        eval_seconds = self.evaluator.seconds - self.eval_before
+        seconds = max(1e-9, state.elapsed - self.elapsed_before - eval_seconds)
         rates = self.rates((state.step - self.start_step) * self.tp.tokens_per_step, seconds)
         later = self.step_times[1:]
         compile_s = self.step_times[0] - statistics.median(later) if later and self.tp.compile else 0.0
@@ -349,7 +351,7 @@ class Meter:
             peak_memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return {"tokens_per_sec": round(rates["tokens_per_sec"]), "tokens_per_sec_per_device": round(rates["tokens_per_sec_per_device"]),
                 "mfu": round(rates["mfu"], 6), "throughput_counts": "step time incl. compile, excl. evaluation",
-                "compile_seconds": round(max(0.0, compile_s), 1), "eval_seconds": round(self.evaluator.seconds, 1),
+                "compile_seconds": round(max(0.0, compile_s), 1), "eval_seconds": round(eval_seconds, 1),
                 "peak_memory_bytes": int(peak_memory)}
 
     def close(self) -> None:

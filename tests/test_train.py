@@ -221,6 +221,11 @@ def test_train_outputs(built, tmp_path: Path):
     lay = Layout(root)
     assert sorted(p.name for p in lay.final.iterdir()) == ["config.json", "model.safetensors", "tokenizer.model"]
     assert read_json(lay.metrics("train")) == summary
+    # Throughput over the steps' own time: not more than the tokens over the time left after evaluating.
+    step_seconds = summary["train_seconds"] - summary["eval_seconds"]
+    rate = summary["tokens_per_sec"]  # (the bounds allow for the rounding of seconds to 0.1)
+    assert 0.9 * summary["tokens_seen"] / summary["train_seconds"] <= rate <= 1.25 * summary["tokens_seen"] / step_seconds
+    assert 0 < summary["mfu"] < 1 and summary["tokens_per_sec_per_device"] == summary["tokens_per_sec"]
     # The initial val loss is measured on the untrained model: near ln(vocab), not equal to it.
     assert summary["final_val_loss"] < summary["initial_val_loss"]
     assert abs(summary["initial_val_loss"] - math.log(512)) < 0.2 and summary["initial_val_loss"] != round(math.log(512), 5)
