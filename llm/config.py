@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
+from llm.corpus.filters import FILTERS, quality_fields
 from llm.errors import UserError
 
 DEFAULT_PARAMS = "params.yaml"
@@ -96,29 +97,22 @@ class PIIParams(_Group):
     ip_token: str = "<IP>"
 
 
-class QualityParams(_Group):
-    """Gopher / C4 style heuristics. A document failing any of them is removed."""
+def _quality_range(self: BaseModel) -> BaseModel:
+    if self.min_chars > self.max_chars:
+        raise ValueError(f"min_chars ({self.min_chars}) is larger than max_chars ({self.max_chars})")
+    return self
 
-    min_chars: int = Field(200, ge=0)
-    max_chars: int = Field(50_000_000, ge=1)
-    min_words: int = Field(20, ge=0)
-    min_alpha_word_fraction: float = Field(0.7, ge=0.0, le=1.0)
-    """Fraction of words that contain at least one letter (Gopher: 0.8)."""
-    max_symbol_word_ratio: float = Field(0.1, ge=0.0)
-    """('#' + '...' + '…') per word (Gopher: 0.1)."""
-    max_duplicate_line_fraction: float = Field(0.3, ge=0.0, le=1.0)
-    """Fraction of non-empty lines that repeat an earlier line (Gopher: 0.3). Short lines such as
-    speaker names in plays repeat by nature, so only lines of at least `duplicate_line_min_chars`
-    characters count."""
-    duplicate_line_min_chars: int = Field(30, ge=1)
-    max_duplicate_line_char_fraction: float = Field(0.2, ge=0.0, le=1.0)
-    """Fraction of characters in lines that repeat an earlier line (Gopher: 0.2)."""
 
-    @model_validator(mode="after")
-    def _range(self) -> QualityParams:
-        if self.min_chars > self.max_chars:
-            raise ValueError(f"min_chars ({self.min_chars}) is larger than max_chars ({self.max_chars})")
-        return self
+# Its keys are the params of the quality filters (llm/corpus/filters.py), each declared once, on its
+# filter, with its default, range and meaning: a new filter's threshold becomes a key here by itself.
+QualityParams = create_model(
+    "QualityParams",
+    __base__=_Group,
+    __doc__="Gopher / C4 style heuristics. A document failing any of them is removed.",
+    __module__=__name__,
+    __validators__={"_range": model_validator(mode="after")(_quality_range)},
+    **quality_fields(FILTERS),
+)
 
 
 class CleanParams(_Group):

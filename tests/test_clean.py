@@ -4,28 +4,27 @@ import hashlib
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import ftfy
 import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import Field
 
 from llm.config import CleanParams, IngestParams, Params, QualityParams, parse_params
-from llm.corpus.clean import (
+from llm.corpus.clean import clean, fix_unicode, normalize_whitespace, redact_pii, strip_markdown
+from llm.corpus.filters import (
     FILTERS,
     Doc,
     DocumentFilter,
     QualityFilter,
     build_filters,
     check_registry,
-    clean,
     first_failure,
-    fix_unicode,
     normal_words,
-    normalize_whitespace,
-    redact_pii,
-    strip_markdown,
+    quality_fields,
 )
 from llm.corpus.ingest import ingest
 from llm.errors import UserError
@@ -57,7 +56,7 @@ def removed_by(text: str, quality: QualityParams | None = None) -> str | None:
     return first_failure(Doc(text), document_filters)
 
 
-# The plain definitions the byte paths in llm/corpus/clean.py must agree with.
+# The plain definitions the byte paths in llm/corpus/filters.py must agree with.
 def dedup_key(words: list[str]) -> str:
     """Exact-duplicate key: the hash of the normalised words, so copies that differ only in
     case, punctuation or spacing are caught."""
@@ -158,7 +157,7 @@ def test_shingles():
 @settings(max_examples=200, deadline=None)
 @given(st.text(alphabet=st.sampled_from(list("ab1_#. \n\t\u00e9\u4e00-")), max_size=80))
 def test_alpha_word_count_matches_the_plain_definition(text):
-    from llm.corpus.clean import _WORD_WITHOUT_LETTER
+    from llm.corpus.filters import _WORD_WITHOUT_LETTER
 
     words = text.split()
     plain = sum(1 for w in words if not any(c.isalpha() for c in w))
@@ -179,7 +178,7 @@ def test_fast_word_heuristics_equal_the_regex_definitions(text, n):
 
     import rensa
 
-    from llm.corpus.clean import _ascii_view, _shingles, _signature_words, _word_counts
+    from llm.corpus.filters import _ascii_view, _shingles, _signature_words, _word_counts
 
     words = normal_words(text)
     n_words = len(text.split())
@@ -275,33 +274,54 @@ class TooManyDigits(QualityFilter):
     """Documents of which more than max_digit_fraction of the characters are digits."""
 
     name = "too_many_digits"
-    max_digit_fraction: float
+    max_digit_fraction: Annotated[float, Field(
+        0.2, ge=0.0, le=1.0, description="Fraction of characters that are digits.")]
 
     def removes(self, doc: Doc) -> bool:
         return sum(c.isdigit() for c in doc.text) > self.max_digit_fraction * len(doc.text)
 
 
 @dataclass(frozen=True)
-class TooShortByFloat(QualityFilter):
-    name = "too_short"
-    min_chars: float
+class NoDefault(QualityFilter):
+    name = "no_default"
+    max_digit_fraction: float
 
 
-def test_the_filters_are_checked_against_clean_quality():
-    check_registry(FILTERS, QualityParams)  # as importing llm.corpus.clean does
+@dataclass(frozen=True)
+class OwnMinChars(QualityFilter):
+    name = "own_min_chars"
+    duplicate_line_min_chars: Annotated[int, Field(30, ge=1)]  # not the shared alias
+
+
+def test_clean_quality_is_built_from_the_filters_params():
     documents = tuple(f for f in FILTERS if issubclass(f, DocumentFilter))
     duplicates = tuple(f for f in FILTERS if f not in documents)
-    unknown = r"^filter too_many_digits: clean.quality.max_digit_fraction is not a field of QualityParams$"
-    with pytest.raises(TypeError, match=unknown):
-        check_registry((*documents, TooManyDigits, *duplicates), QualityParams)
-    with pytest.raises(TypeError, match=r"^clean.quality.min_chars is the param of no filter in FILTERS"):
-        check_registry(FILTERS[1:], QualityParams)
-    with pytest.raises(TypeError, match=r"^filter too_short: min_chars is float, in QualityParams int$"):
-        check_registry((TooShortByFloat, *FILTERS[1:]), QualityParams)
+    assert list(QualityParams.model_fields) == list(quality_fields(FILTERS))
+    assert {f.name: f.param_names() for f in FILTERS if issubclass(f, QualityFilter)}["duplicate_lines"] == [
+        "max_duplicate_line_fraction", "duplicate_line_min_chars"]
+    # A new filter's param is a key of clean.quality with its default, range and meaning: one place.
+    kind, info = quality_fields((*documents, TooManyDigits, *duplicates))["max_digit_fraction"]
+    assert (kind, info.default, info.description) == (float, 0.2, "Fraction of characters that are digits.")
+    no_default = r"^filter no_default: max_digit_fraction has no default: declare it as Annotated\[float, Field"
+    with pytest.raises(TypeError, match=no_default):
+        quality_fields((*documents, NoDefault))
+    differs = r"^filter own_min_chars: duplicate_line_min_chars is declared differently in filter duplicate_lines$"
+    with pytest.raises(TypeError, match=differs):
+        quality_fields((*documents, OwnMinChars))
     with pytest.raises(TypeError, match=r"^FILTERS: the name 'too_short' is used twice$"):
-        check_registry((FILTERS[0], *FILTERS), QualityParams)
+        check_registry((FILTERS[0], *FILTERS))
     with pytest.raises(TypeError, match=r"^FILTERS: too_short judges one document: it must come before near_dup"):
-        check_registry((*FILTERS[1:], FILTERS[0]), QualityParams)
+        check_registry((*FILTERS[1:], FILTERS[0]))
+
+
+def test_docs_params_md_lists_clean_quality_as_the_filters_declare_it():
+    """Each clean.quality row of docs/params.md (key, type, default, meaning) is what the filter's
+    field declares: a changed default, range-free rename or lost docstring shows here."""
+    text = (REPO / "docs" / "params.md").read_text(encoding="utf-8")
+    for key, f in QualityParams.model_fields.items():
+        meaning = " ".join((f.description or "").split())
+        row = f"| `clean.quality.{key}` | {f.annotation.__name__} | `{f.default!r}` | {meaning} |"
+        assert row in text, f"docs/params.md: expected the row {row}"
 
 
 def test_an_unknown_quality_key_is_one_line_naming_it():
