@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dvc-yaml", default="dvc.yaml", help="dvc.yaml, beside the llm/ it describes (default dvc.yaml)")
     p = sub.add_parser("params", help="print the params in force: the file's values over the defaults (docs/params.md)")
     p.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
-    p.add_argument("--changed", action="store_true", help="only the values that differ from the defaults")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--changed", action="store_true", help="only the values that differ from the defaults")
+    g.add_argument("--docs", action="store_true", help="every parameter as docs/params.md (markdown)")
     sub.add_parser("sample", help="generate text with the trained model (llm sample --help)", add_help=False)
     return parser
 
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         if rest:
             build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
         if args.command == "params":
-            return print_params(Path(args.params), changed=args.changed)
+            return print_params(Path(args.params), changed=args.changed, docs=args.docs)
         if args.command == "stages":
             return list_stages(Path(args.dvc_yaml), write=args.write, check=args.check)
         if args.command in ("ladder", "scaling"):
@@ -144,11 +146,18 @@ def list_stages(dvc_yaml: Path, write: bool = False, check: bool = False) -> int
     return 0
 
 
-def print_params(params_path: Path, changed: bool) -> int:
-    """The values in force as YAML; with `changed`, only those that differ from llm/config.py's defaults."""
+def print_params(params_path: Path, changed: bool, docs: bool) -> int:
+    """The values in force as YAML; with `changed`, only those that differ from llm/config.py's
+    defaults; with `docs`, every parameter's reference (docs/params.md)."""
     import yaml
 
     from llm.config import Params, load_params
+
+    if docs:
+        from llm.paramdocs import params_markdown
+
+        print(params_markdown(), end="")
+        return 0
 
     values = load_params(params_path).model_dump(mode="json")
     if changed:

@@ -29,6 +29,7 @@ OTHER_COMMANDS = {
     ("llm/cli.py", "main", "llm.sample"): "llm sample",
     ("llm/cli.py", "run_ladder", "llm.ladder"): "llm ladder, llm scaling",
     ("llm/cli.py", "list_stages", "llm.dvcyaml"): "llm stages",
+    ("llm/cli.py", "print_params", "llm.paramdocs"): "llm params --docs",
 }
 
 

@@ -22,7 +22,7 @@ DEFAULT_PARAMS = "params.yaml"
 
 
 class _Group(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 # ----------------------------------------------------------------------------- ingest
@@ -410,7 +410,7 @@ class OrchestrationParams(_Group):
 
 
 class Params(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     preset: str = ""
     """The name of the preset this file started from (presets/NAME.yaml), named in messages and

@@ -99,3 +99,11 @@ def test_llm_params_prints_the_values_in_force_and_what_differs(tmp_path: Path):
     changed = yaml.safe_load(run_cli("params", "--changed", cwd=tmp_path).stdout)
     assert changed == {"model": {"n_layer": 6}}
     assert yaml.safe_load(run_cli("params", "--changed", "--params", str(REPO / "params.yaml"), cwd=tmp_path).stdout) == {}
+
+
+def test_docs_params_md_is_what_llm_params_docs_writes():
+    """The parameter reference is derived from llm/config.py; regenerate: llm params --docs > docs/params.md"""
+    from llm.paramdocs import params_markdown
+
+    assert (REPO / "docs" / "params.md").read_text() == params_markdown()
+    assert "| `train.max_epochs` | float | `16.0` | Most passes over the train tokens" in params_markdown()
