@@ -16,7 +16,7 @@ export PIP_CONSTRAINT := constraints.txt
 # Dagster keeps its runs and event logs here (sqlite); unset, it would use a temporary instance.
 export DAGSTER_HOME := $(CURDIR)/.dagster
 
-.PHONY: setup run test lint bench ui mlflow-server clean-env gpu-check gpu-prep
+.PHONY: setup run test lint bench bench-pipeline ui mlflow-server clean-env gpu-check gpu-prep
 
 setup: $(VENV)/.installed $(BIN)/dvc .dvc/config data/inbox $(DAGSTER_HOME)/dagster.yaml .env
 
@@ -84,6 +84,12 @@ bench: setup
 	$(BIN)/python benchmarks/data.py
 	$(BIN)/python benchmarks/train.py
 	$(BIN)/python benchmarks/attention.py
+
+# Every stage, ingest to export, through `dvc repro` on generated 100 MB and 1 GB corpora: time and
+# peak RSS per stage and their ratio (benchmarks/pipeline.py --help; SIZES=5MB,50MB for a quick run).
+SIZES ?= 100MB,1GB
+bench-pipeline: setup
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python benchmarks/pipeline.py --sizes $(SIZES)
 
 # The GPU check (benchmarks/gpu.py --help): `make gpu-prep` on this CPU machine builds the GPU
 # presets' data and downloads the wheels the GPU machine lacks into .gpu-check/ (gitignored);
