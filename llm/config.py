@@ -329,8 +329,10 @@ class TrainParams(_Group):
 class EvaluateParams(_Group):
     batch_size: int = Field(16, ge=1)
     """Sequences per forward pass."""
-    max_tokens: int = Field(0, ge=0)
-    """Evaluate on at most this many val tokens (0 = all)."""
+    max_tokens: int = Field(2_000_000, ge=0)
+    """Val tokens evaluation covers at most (0 = the whole split): whole documents in val order
+    while their total stays within it, the first document always. Bounds evaluation's time and
+    memory whatever the corpus; the default covers the default corpus's val split whole."""
 
 
 class SampleParams(_Group):

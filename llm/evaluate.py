@@ -4,15 +4,23 @@ val_bpb is bits per byte of the original UTF-8 val text: the model's total negat
 log-likelihood (nats) / ln 2 / bytes. Unlike loss per token it compares models across
 tokenizers, and it compares with compressors: gzip, bz2 and xz at their strongest settings,
 and a unigram model of the train split's tokens, all on the same val text.
+
+Evaluation covers a bounded part of the val split, so its time and memory stop growing with
+the corpus: whole documents in val order while their tokens stay within evaluate.max_tokens (the
+first document always). bpb is exact over what it covers, and eval.json says what that was.
+The tokens come from the memory-mapped shards as numpy arrays and the text goes through the
+compressors in pieces, one document at a time.
 """
 
 from __future__ import annotations
 
 import bz2
-import gzip
 import logging
 import lzma
 import math
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +33,7 @@ from llm.device import pick_device
 from llm.io import write_json
 from llm.layout import Layout
 from llm.progress import progress_enabled
-from llm.shards import open_split, token_stream
+from llm.shards import open_split, read_manifest, token_stream
 
 log = logging.getLogger(__name__)
 LN2 = math.log(2)
@@ -35,14 +43,30 @@ def bits_per_byte(total_nats: float, n_bytes: int) -> float:
     return total_nats / LN2 / n_bytes
 
 
-def compressor_bpb(data: bytes) -> dict[str, float]:
-    """Bits per byte of the strongest settings of three standard compressors."""
-    n = len(data)
-    return {
-        "gzip": 8 * len(gzip.compress(data, compresslevel=9, mtime=0)) / n,
-        "bz2": 8 * len(bz2.compress(data, compresslevel=9)) / n,
-        "xz": 8 * len(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)) / n,
+def compressed_sizes(chunks: Iterable[bytes]) -> tuple[int, dict[str, int]]:
+    """Bytes in, and bytes out of three standard compressors at their strongest settings, for
+    the concatenated chunks streamed through each. The sizes equal those of one-shot
+    gzip.compress(data, 9, mtime=0) (zlib's gzip container), bz2.compress(data, 9) and
+    lzma.compress(data, preset=9 | PRESET_EXTREME) of the whole, with only a chunk and each
+    compressor's state in memory."""
+    compressors = {
+        "gzip": zlib.compressobj(9, zlib.DEFLATED, 31),
+        "bz2": bz2.BZ2Compressor(9),
+        "xz": lzma.LZMACompressor(preset=9 | lzma.PRESET_EXTREME),
     }
+    sizes = dict.fromkeys(compressors, 0)
+    n = 0
+    for chunk in chunks:
+        n += len(chunk)
+        for name, compressor in compressors.items():
+            sizes[name] += len(compressor.compress(chunk))
+    return n, {name: sizes[name] + len(compressor.flush()) for name, compressor in compressors.items()}
+
+
+def compressor_bpb(chunks: Iterable[bytes]) -> dict[str, float]:
+    """Bits per byte of gzip -9, bz2 -9 and xz -9e on the concatenated chunks."""
+    n, sizes = compressed_sizes(chunks)
+    return {name: 8 * size / n for name, size in sizes.items()}
 
 
 def unigram_nats(train_counts: np.ndarray, val_tokens: np.ndarray) -> float:
@@ -52,34 +76,70 @@ def unigram_nats(train_counts: np.ndarray, val_tokens: np.ndarray) -> float:
     return float(-logp[val_tokens].sum())
 
 
+def train_token_counts(shards_dir: Path, vocab_size: int) -> np.ndarray:
+    """How often each id occurs in the train split, one shard mapped at a time."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    tables = open_split(shards_dir, "train")
+    while tables:
+        table = tables.pop(0)  # dropped after its count, so its mapped pages leave the process
+        for arr in token_stream(table):
+            counts += np.bincount(arr, minlength=vocab_size)
+        del table
+    return counts
+
+
+@dataclass
 class ValDocs:
-    """The val split as one token stream plus, per document, its span, source and bytes."""
+    """The val documents evaluation covers as one token stream plus, per document, its span in
+    the stream, its source and its bytes; `split` holds the whole val split's totals."""
 
-    def __init__(self, shards_dir: Path, max_tokens: int = 0):
-        tokens, spans, sources, n_bytes = [], [], [], []
-        total = 0
-        for table in open_split(shards_dir, "val"):
-            for doc_tokens, source, nb in zip(table.column("tokens").to_pylist(), table.column("source").to_pylist(),
-                                              table.column("n_bytes").to_pylist()):
-                if max_tokens and total >= max_tokens:
-                    break
-                arr = np.asarray(doc_tokens, dtype=np.int64)
-                tokens.append(arr)
-                spans.append((total, total + len(arr)))
-                sources.append(source)
-                n_bytes.append(nb)
-                total += len(arr)
-        self.stream = np.concatenate(tokens)
-        self.spans, self.sources, self.n_bytes = spans, sources, n_bytes
+    stream: np.ndarray
+    spans: list[tuple[int, int]]
+    sources: list[str]
+    n_bytes: list[int]
+    split: dict[str, int]
 
-    def texts(self, tokenizer, eos_id: int) -> list[str]:
-        out = []
+    @property
+    def capped(self) -> bool:
+        return len(self.spans) < self.split["documents"]
+
+    def texts(self, tokenizer, eos_id: int) -> Iterator[str]:
+        """Each covered document's text, decoded from its tokens (without its EOS)."""
         for start, stop in self.spans:
-            ids = self.stream[start:stop].tolist()
-            if ids and ids[-1] == eos_id:
+            ids = self.stream[start:stop]
+            if len(ids) and ids[-1] == eos_id:
                 ids = ids[:-1]
-            out.append(tokenizer.decode(ids))
-        return out
+            yield tokenizer.decode(ids.tolist())
+
+
+def cover_val(shards_dir: Path, max_tokens: int = 0) -> ValDocs:
+    """Whole val documents in val order while their tokens stay within max_tokens (0 = every
+    document); the first document is covered whatever its length. Reads the memory-mapped shards
+    as numpy views and copies only the covered tokens."""
+    totals = read_manifest(shards_dir)["splits"]["val"]
+    pieces: list[np.ndarray] = []
+    spans: list[tuple[int, int]] = []
+    sources: list[str] = []
+    n_bytes: list[int] = []
+    total = 0
+    for batch in (batch for table in open_split(shards_dir, "val") for batch in table.to_batches()):
+        tokens = batch.column("tokens")
+        lengths = tokens.value_lengths().to_numpy()
+        ends = total + np.cumsum(lengths)
+        keep = len(lengths) if not max_tokens else int(np.searchsorted(ends, max_tokens, side="right"))
+        if not spans:
+            keep = max(keep, 1)
+        if keep:
+            pieces.append(tokens.flatten().to_numpy(zero_copy_only=True)[: ends[keep - 1] - total])
+            spans += zip([total, *ends[: keep - 1].tolist()], ends[:keep].tolist())
+            sources += batch.column("source").slice(0, keep).to_pylist()
+            n_bytes += batch.column("n_bytes").slice(0, keep).to_pylist()
+            total = int(ends[keep - 1])
+        if keep < len(lengths):
+            break
+    stream = np.concatenate(pieces, dtype=np.int64)
+    split = {k: int(totals[k]) for k in ("documents", "tokens", "bytes")}
+    return ValDocs(stream, spans, sources, n_bytes, split)
 
 
 @torch.no_grad()
@@ -108,26 +168,24 @@ def token_nll(model, stream: np.ndarray, block_size: int, batch_size: int, devic
 
 
 def evaluate(params: Params, layout: Layout, register: bool = True) -> dict:
-    """Bits per byte of the final model on the whole val split -> metrics/eval.json. register:
-    add the model to the MLflow registry and gate its `champion` alias."""
+    """Bits per byte of the final model on the val documents within evaluate.max_tokens ->
+    metrics/eval.json. register: add the model to the MLflow registry and gate its `champion` alias."""
     lay = layout
     device = pick_device(params.train.device)
     model, tok, info = load_final(lay.final, device.torch_device)
-    docs = ValDocs(lay.shards, params.evaluate.max_tokens)
+    docs = cover_val(lay.shards, params.evaluate.max_tokens)
     n_bytes = int(sum(docs.n_bytes))
-    log.info("evaluate: %d val documents, %s tokens, %s bytes", len(docs.spans), f"{len(docs.stream):,}", f"{n_bytes:,}")
+    log.info("evaluate: %d of %d val documents (%s of %s tokens, %s bytes)%s", len(docs.spans), docs.split["documents"],
+             f"{len(docs.stream):,}", f"{docs.split['tokens']:,}", f"{n_bytes:,}",
+             f"; capped at evaluate.max_tokens={params.evaluate.max_tokens:,}" if docs.capped else "")
     nll = token_nll(model, docs.stream, model.config.block_size, params.evaluate.batch_size, device)
     total = float(nll.sum())
     val_loss = total / len(nll)
 
-    texts = docs.texts(tok, tok.eos_id)
-    data = "".join(texts).encode("utf-8")
-    assert len(data) == n_bytes, "decoded val text differs from the shards' byte count"
-    train_counts = np.zeros(tok.vocab_size, dtype=np.int64)
-    for table in open_split(lay.shards, "train"):
-        for arr in token_stream(table):
-            train_counts += np.bincount(arr, minlength=tok.vocab_size)
-    baselines = compressor_bpb(data)
+    n_text, sizes = compressed_sizes(text.encode("utf-8") for text in docs.texts(tok, tok.eos_id))
+    assert n_text == n_bytes, "decoded val text differs from the shards' byte count"
+    baselines = {name: 8 * size / n_bytes for name, size in sizes.items()}
+    train_counts = train_token_counts(lay.shards, tok.vocab_size)
     baselines["unigram"] = bits_per_byte(unigram_nats(train_counts, docs.stream[1:]), n_bytes)
     result = {
         "val_loss": round(val_loss, 5),
@@ -136,6 +194,9 @@ def evaluate(params: Params, layout: Layout, register: bool = True) -> dict:
         "val_tokens": int(len(docs.stream)),
         "val_bytes": n_bytes,
         "val_documents": len(docs.spans),
+        "covered": {"tokens": int(len(docs.stream)), "bytes": n_bytes, "documents": len(docs.spans),
+                    "capped": docs.capped, "max_tokens": params.evaluate.max_tokens},
+        "val_split": docs.split,
         "baseline_bpb": {k: round(v, 5) for k, v in baselines.items()},
     }
     result["beats"] = {k: result["val_bpb"] < v for k, v in result["baseline_bpb"].items()}
