@@ -18,15 +18,17 @@ The code is copied once at the start (benchmarks/out/pipeline/code/) and the sta
 project's copy of llm/, so every size runs the same code even while llm/ is being edited.
 Each stage runs as `dvc repro -s STAGE`, one after the other in dvc.yaml's order: its time is
 what `dvc repro` spends on it, DVC's hashing and caching of its deps and outputs included
-(`dvc s` in the table; `cmd s` is the `llm STAGE` process alone). The peak resident memory of the
-whole process tree (dvc, `llm STAGE`, its worker processes) and of the `llm STAGE` subtree alone is
-sampled every --interval seconds: peaks shorter than that can be missed.
+(`dvc s` in the table; `cmd s` is the `llm STAGE` process alone; `cpu s` its whole tree's CPU
+seconds, steadier than wall time on a shared machine, beside the load average at its end). The
+peak resident memory of the whole process tree (dvc, `llm STAGE`, its worker processes) and of
+the `llm STAGE` subtree alone is sampled every --interval seconds: peaks shorter than that can be
+missed, and pages shared by forked workers count once per process.
 
 Prints per stage the time, the peak RSS and the ratio between the largest and the smallest size,
 the total without training and its seconds per GB, and issue 20's targets at the largest size as
 PASS/FAIL (it reports, it does not assert); writes benchmarks/out/pipeline.json. A stage whose
 tree passes --max-rss-gb or --stage-timeout is killed and reported; the stages after it at that
-size are skipped.
+size are skipped. `--show FILE` prints the tables and targets of a results file again.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import os
 import platform
 import random
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -269,6 +272,7 @@ def run_stage(root: Path, stage: str, interval: float, max_rss: int, timeout: fl
         proc = subprocess.Popen([dvc_bin(), "repro", "-s", stage], cwd=root, stdout=out, stderr=subprocess.STDOUT,
                                 env=stage_env(root), start_new_session=True)
         t0 = time.perf_counter()
+        cpu0 = _children_cpu()
         top = psutil.Process(proc.pid)
         peak_tree = peak_stage = 0
         cmd_proc, cmd_start, cmd_last = None, None, None
@@ -309,7 +313,8 @@ def run_stage(root: Path, stage: str, interval: float, max_rss: int, timeout: fl
             time.sleep(interval)
         proc.wait()
         seconds = time.perf_counter() - t0
-    row = {"stage": stage, "seconds": round(seconds, 2), "peak_rss_tree_mb": round(peak_tree / 2**20),
+    row = {"stage": stage, "seconds": round(seconds, 2), "cpu_seconds": round(_children_cpu() - cpu0, 1),
+           "load_average": round(os.getloadavg()[0], 1), "peak_rss_tree_mb": round(peak_tree / 2**20),
            "peak_rss_stage_mb": round(peak_stage / 2**20), "returncode": proc.returncode}
     if cmd_start is not None and cmd_last is not None:
         row["cmd_seconds"] = round(max(0.0, cmd_last - max(cmd_start, t0)), 2)
@@ -317,6 +322,14 @@ def run_stage(root: Path, stage: str, interval: float, max_rss: int, timeout: fl
     if killed or proc.returncode != 0:
         row["error"] = killed or f"exit {proc.returncode}, see {logs / f'{stage}.log'}"
     return row
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of this process's finished descendants (each reaped by its parent:
+    dvc waits for `llm STAGE`, which joins its workers): a stage's CPU time, steadier than its wall
+    time on a shared machine."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def _is_stage_cmd_parent(p: psutil.Process, stage: str) -> bool:
@@ -372,16 +385,17 @@ def run_size(label: str, layout: str, source: Path, corpus_info: dict, args, ove
 # ---------------------------------------------------------------- tables and targets
 
 
-def print_tables(results: list[dict], stages: list[str]) -> None:
-    head = (f"{'size':>6} {'layout':<6} {'stage':<10} {'seconds':>8} {'cmd s':>7} {'dvc s':>6} "
-            f"{'peak RSS tree MB':>17} {'stage MB':>9}")
+def print_tables(results: list[dict]) -> None:
+    head = (f"{'size':>6} {'layout':<6} {'stage':<10} {'seconds':>8} {'cmd s':>7} {'dvc s':>6} {'cpu s':>7} "
+            f"{'load':>5} {'peak RSS tree MB':>17} {'stage MB':>9}")
     print(head)
     print("-" * len(head))
     for res in results:
         for r in res["stages"]:
             cmd = f"{r['cmd_seconds']:>7.1f} {r['dvc_seconds']:>6.1f}" if "cmd_seconds" in r else f"{'-':>7} {'-':>6}"
             note = f"  {r['error']}" if "error" in r else ""
-            print(f"{res['size']:>6} {res['layout']:<6} {r['stage']:<10} {r['seconds']:>8.1f} {cmd} "
+            cpu = f"{r['cpu_seconds']:>7.1f} {r['load_average']:>5.1f}" if "cpu_seconds" in r else f"{'-':>7} {'-':>5}"
+            print(f"{res['size']:>6} {res['layout']:<6} {r['stage']:<10} {r['seconds']:>8.1f} {cmd} {cpu} "
                   f"{r['peak_rss_tree_mb']:>17} {r['peak_rss_stage_mb']:>9}{note}")
         if res["complete"]:
             total = res["total_without_train_seconds"]
@@ -393,11 +407,12 @@ def print_tables(results: list[dict], stages: list[str]) -> None:
     if pair:
         small, big = pair
         print(f"ratios {big['size']} / {small['size']} (many files):")
-        head = f"{'stage':<10} {'seconds':>8} {'peak RSS tree':>14} {'stage RSS':>10}"
+        head = f"{'stage':<10} {'seconds':>8} {'cpu s':>7} {'peak RSS tree':>14} {'stage RSS':>10}"
         print(head)
         print("-" * len(head))
         for stage, r in ratios(small, big).items():
-            print(f"{stage:<10} {r['seconds']:>7.2f}x {r['peak_rss_tree']:>13.2f}x {r['peak_rss_stage']:>9.2f}x")
+            cpu = f"{r['cpu']:>6.2f}x" if "cpu" in r else f"{'-':>7}"
+            print(f"{stage:<10} {r['seconds']:>7.2f}x {cpu} {r['peak_rss_tree']:>13.2f}x {r['peak_rss_stage']:>9.2f}x")
         print()
 
 
@@ -413,8 +428,9 @@ def ratios(small: dict, big: dict) -> dict:
         s = a.get(r["stage"])
         if s is None or "error" in r:
             continue
-        keys = (("seconds", "seconds"), ("peak_rss_tree", "peak_rss_tree_mb"), ("peak_rss_stage", "peak_rss_stage_mb"))
-        out[r["stage"]] = {k: round(r[k2] / max(s[k2], 1e-9), 2) for k, k2 in keys}
+        keys = (("seconds", "seconds"), ("peak_rss_tree", "peak_rss_tree_mb"), ("peak_rss_stage", "peak_rss_stage_mb"),
+                ("cpu", "cpu_seconds"))
+        out[r["stage"]] = {k: round(r[k2] / max(s[k2], 1e-9), 2) for k, k2 in keys if k2 in r and k2 in s}
     return out
 
 
@@ -440,12 +456,15 @@ def targets(results: list[dict], cpu_count: int) -> list[dict]:
                     "detail": ", ".join(over) if over else everyone})
         ev = rat.get("evaluate")
         cover = []
-        for res in (small, big):
+        for res in (small, big):  # what evaluate covered (metrics/eval.json)
             e = res["metrics"].get("eval", {})
-            if "val_tokens" in e:
-                capped = e.get("capped", e.get("val_capped"))
-                cover.append(f"{res['size']}: {e['val_tokens']:,} val tokens"
-                             + ("" if capped is None else f", capped {capped}"))
+            covered = e.get("covered", {})
+            tokens = covered.get("tokens", e.get("val_tokens"))
+            if tokens is not None:
+                split = e.get("val_split", {}).get("tokens")
+                of = f" of {split:,}" if split else ""
+                capped = "" if "capped" not in covered else (", capped" if covered["capped"] else ", not capped")
+                cover.append(f"{res['size']}: {tokens:,}{of} val tokens{capped}")
         out.append({"name": "evaluate's time flat (<= 1.25x) once the val cap is reached",
                     "pass": ev is not None and ev["seconds"] <= 1.25,
                     "detail": "; ".join([f"{ev['seconds']:.2f}x" if ev else "evaluate did not run at both sizes",
@@ -486,7 +505,14 @@ def main() -> None:
     ap.add_argument("--generate-only", action="store_true", help="make the corpora and stop")
     ap.add_argument("--keep", action="store_true", help="keep each project's data/, models/ and DVC cache")
     ap.add_argument("--out", default=None, help="results file (default benchmarks/out/pipeline.json)")
+    ap.add_argument("--show", metavar="FILE", help="print the tables and targets of a results file, run nothing")
     args = ap.parse_args()
+    if args.show:
+        saved = json.loads(Path(args.show).read_text())
+        print_tables(saved["runs"])
+        for c in targets(saved["runs"], saved["cpu_count"]):
+            print(f"{'PASS' if c['pass'] else 'FAIL'}  {c['name']}: {c['detail']}")
+        return
     sizes = sorted((parse_size(s) for s in args.sizes.split(",") if s.strip()), key=lambda s: s[1])
     if args.big_files == "smallest":
         big_sizes = {sizes[0][0]}
@@ -519,7 +545,7 @@ def main() -> None:
         path, info = sources[label, layout]
         results.append(run_size(label, layout, path, info, args, override, stages, code))
     print()
-    print_tables(results, stages)
+    print_tables(results)
     checks = targets(results, workers)
     for c in checks:
         print(f"{'PASS' if c['pass'] else 'FAIL'}  {c['name']}: {c['detail']}")
