@@ -136,20 +136,18 @@ def _table_valid(directory: Path, name: str) -> tuple[bool, dict]:
 def tokenizer_round_trip(layout: Layout, max_bytes: int = 2_000_000) -> tuple[bool, dict]:
     """decode(encode(text)) == text on (up to max_bytes of) the val documents."""
     from llm.config import load_params
-    from llm.corpus.tables import iter_batches
-    from llm.split import split_of
-    from llm.tokenizer import Tokenizer
+    from llm.split import holdout_of
+    from llm.tokenizer import Tokenizer, units_of
 
-    split = load_params(layout.root / "params.yaml").split
+    holdout = holdout_of(layout.clean, load_params(layout.root / "params.yaml").split)
     tok = Tokenizer.load(layout.tokenizer)
     docs = failures = seen = 0
-    for batch in iter_batches(layout.clean, ["doc_id", "text"], 256):
-        for doc_id, text in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
-            if split_of(doc_id, split) != "val" or seen >= max_bytes:
-                continue
-            docs += 1
-            seen += len(text.encode("utf-8"))
-            failures += tok.decode(tok.encode(text)) != text
+    for _, text, n_bytes in units_of(layout.clean, holdout, "val"):
+        if seen >= max_bytes:
+            break
+        docs += 1
+        seen += n_bytes
+        failures += tok.decode(tok.encode(text)) != text
     return failures == 0 and docs > 0, {"val documents": docs, "bytes": seen, "failures": failures}
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
@@ -133,14 +133,20 @@ class CleanParams(_Group):
 
 # ----------------------------------------------------------------------------- split
 class SplitParams(_Group):
-    """Which documents are held out. Decided by a hash of the document id alone, so adding
-    documents never moves an old one across the split. Used by the tokenizer (train split
-    only) and by the shards."""
+    """Which text is held out (llm/split.py): documents, or pieces of documents larger than
+    1/min_units of the corpus, each on the side the hash of its id puts it. Used by the tokenizer
+    (train split only) and by the shards."""
 
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
-    """Share of documents (by the hash of their id) held out for validation."""
+    """Share of the units (by the hash of their id) held out for validation."""
+    max_val_bytes: int = Field(10_000_000, ge=1)
+    """At most about this much text is held out: past it a bigger corpus trains on the rest, and
+    evaluation stops growing with the corpus."""
+    min_units: int = Field(20, ge=2)
+    """A document larger than 1/min_units of the corpus (one big file) is cut at line ends into
+    pieces of about that size, so that it can be split."""
     salt: str = "holdout"
-    """Mixed into the hash: another salt holds out other documents."""
+    """Mixed into the hash: another salt holds out other units."""
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -152,8 +158,12 @@ class TokenizerParams(_Group):
     fill leaves most pieces rare, their embeddings untrained (0 = no check)."""
     byte_fallback: bool = True
     """Characters outside the vocabulary become their UTF-8 bytes instead of the unknown piece."""
-    character_coverage: float = Field(1.0, gt=0.0, le=1.0)
-    """Share of the text's characters that get pieces of their own."""
+    character_coverage: Literal["auto"] | Annotated[float, Field(ge=0.98, le=1.0)] = "auto"
+    """Share of the text's characters (by count) that get pieces of their own. auto: every
+    character when the alphabet fits in half the vocabulary left beside the specials and the 256
+    byte pieces; otherwise the most frequent ones that fit, the rest becoming bytes (with
+    byte_fallback; without, a too large alphabet stops the stage), and at least 0.98, the least
+    sentencepiece accepts. The stage states its choice."""
     max_train_bytes: int = Field(100_000_000, ge=1000)
     """Train on at most this many bytes of the train split (a seeded, hash-chosen sample of
     documents): sentencepiece holds its input in memory."""

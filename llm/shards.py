@@ -24,7 +24,7 @@ from llm.io import atomic_dir, file_sha256, write_json
 from llm.layout import Layout
 from llm.parallel import engine_name, ordered_map, resolve_workers, row_group_name
 from llm.progress import progress_enabled
-from llm.split import SPLITS, split_of
+from llm.split import SPLITS, Holdout, holdout_of
 from llm.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -56,19 +56,29 @@ def shard_schema(dtype: np.dtype) -> pa.Schema:
 _STATE: dict[str, Any] = {}
 
 
-def _init_worker(model_path: str, append_eos: bool, dtype: str) -> None:
+def _init_worker(model_path: str, append_eos: bool, dtype: str, holdout: Holdout) -> None:
     _STATE["tok"] = Tokenizer(model_path)
     _STATE["append_eos"] = append_eos
     _STATE["dtype"] = np.dtype(dtype)
+    _STATE["holdout"] = holdout
 
 
-def _encode_row_group(task: tuple[str, int]) -> tuple[list[str], list[str], list[int], list[np.ndarray]]:
+def _encode_row_group(task: tuple[str, int]) -> tuple[int, list[tuple[str, str, str, int, np.ndarray]]]:
+    """The row group's documents, and (side, unit id, source, UTF-8 bytes, token ids) of each of their units."""
     table = read_row_group(task, ["doc_id", "source", "text", "n_bytes"])
     tok: Tokenizer = _STATE["tok"]
+    holdout: Holdout = _STATE["holdout"]
     eos = [tok.eos_id] if _STATE["append_eos"] and tok.eos_id >= 0 else []
     dtype = _STATE["dtype"]
-    arrays = [np.asarray(tok.encode_words(text) + eos, dtype=dtype) for text in table.column("text").to_pylist()]
-    return table.column("doc_id").to_pylist(), table.column("source").to_pylist(), table.column("n_bytes").to_pylist(), arrays
+    out = []
+    for doc_id, source, text, n_bytes in zip(*(table.column(c).to_pylist() for c in ("doc_id", "source", "text", "n_bytes"))):
+        if holdout.pieces_of(n_bytes) == 1:
+            units = [(holdout.side(doc_id), doc_id, text, n_bytes)]
+        else:
+            units = [(side, uid, piece, len(piece.encode("utf-8"))) for side, uid, piece in holdout.units(doc_id, text, n_bytes)]
+        for side, unit_id, unit_text, unit_bytes in units:
+            out.append((side, unit_id, source, unit_bytes, np.asarray(tok.encode_words(unit_text) + eos, dtype=dtype)))
+    return table.num_rows, out
 
 
 # ----------------------------------------------------------------------------- writer
@@ -150,23 +160,21 @@ def write_shards(params: Params, layout: Layout) -> dict:
     total = count_rows(clean_dir)
     log.info("shards: tokenizing %d documents on %s into %s shards", total, engine_name(compute, workers), dtype.name)
     schema = shard_schema(dtype)
+    holdout = holdout_of(clean_dir, split)
     with atomic_dir(out_dir) as tmp:
         writers = {}
         for name in SPLITS:
             (tmp / name).mkdir()
             writers[name] = _Split(tmp / name, schema, params.shard_tokens)
         bar = tqdm(total=total, desc="shards", unit="doc", disable=not progress_enabled(), mininterval=1.0)
-        init = (str(tok.path), params.append_eos, dtype.str)
+        init = (str(tok.path), params.append_eos, dtype.str, holdout)
         units = ordered_map(_encode_row_group, row_groups(clean_dir), workers, _init_worker, init,
                             compute=compute, stage="shards", unit_name=row_group_name)
-        for doc_ids, sources, n_bytes, arrays in units:
-            sides = [split_of(d, split) for d in doc_ids]
+        for n_docs, rows in units:
             for name in SPLITS:
-                keep = [i for i, s in enumerate(sides) if s == name]
-                writers[name].add(
-                    [doc_ids[i] for i in keep], [sources[i] for i in keep], [n_bytes[i] for i in keep], [arrays[i] for i in keep]
-                )
-            bar.update(len(doc_ids))
+                if keep := [row[1:] for row in rows if row[0] == name]:
+                    writers[name].add(*map(list, zip(*keep)))
+            bar.update(n_docs)
         bar.close()
         splits = {name: w.finish() for name, w in writers.items()}
         for name, info in splits.items():
@@ -186,6 +194,7 @@ def write_shards(params: Params, layout: Layout) -> dict:
                 "pad_id": tok.pad_id,
             },
             "params": {"shards": group_dict(params), "split": group_dict(split)},
+            "holdout": {"threshold": holdout.threshold, "max_unit_bytes": holdout.max_unit_bytes},
             "splits": splits,
         }
         write_json(tmp / MANIFEST, manifest)

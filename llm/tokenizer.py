@@ -9,23 +9,26 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import logging
+import math
 import re
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-from llm.config import Params, SplitParams, TokenizerParams, group_dict
+from llm.config import Params, TokenizerParams, group_dict
 from llm.corpus.tables import iter_batches
 from llm.errors import UserError
 from llm.io import atomic_dir, file_sha256, write_json
 from llm.layout import Layout
 from llm.parallel import resolve_workers
 from llm.progress import progress_enabled
-from llm.split import split_of
+from llm.split import Holdout, holdout_of
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "tokenizer.model"
@@ -181,18 +184,30 @@ class _TrainInput:
     lines: int = 0
 
 
-def _train_lines(clean_dir: Path, split: SplitParams, keep: float, seed: int, stats: _TrainInput) -> Iterator[str]:
-    """Lines of the sampled train documents: sentencepiece trains on line-sized 'sentences'."""
+def units_of(clean_dir: Path, holdout: Holdout, side: str) -> Iterator[tuple[str, str, int]]:
+    """(unit id, text, UTF-8 bytes) of the clean table's units on one side of the split, in order."""
     for batch in iter_batches(clean_dir, ["doc_id", "text", "n_bytes"], batch_size=256):
         for doc_id, text, n_bytes in zip(*(batch.column(i).to_pylist() for i in range(3))):
-            if split_of(doc_id, split) != "train" or (keep < 1.0 and _sample_fraction(doc_id, seed) >= keep):
+            if holdout.pieces_of(n_bytes) == 1:
+                if holdout.side(doc_id) == side:
+                    yield doc_id, text, n_bytes
                 continue
-            stats.documents += 1
-            stats.bytes += n_bytes
-            for line in text.split("\n"):
-                if line.strip():
-                    stats.lines += 1
-                    yield line
+            for unit_side, unit_id, piece in holdout.units(doc_id, text, n_bytes):
+                if unit_side == side:
+                    yield unit_id, piece, len(piece.encode("utf-8"))
+
+
+def _train_lines(clean_dir: Path, holdout: Holdout, keep: float, seed: int, stats: _TrainInput) -> Iterator[str]:
+    """Lines of the sampled train units: sentencepiece trains on line-sized 'sentences'."""
+    for unit_id, text, n_bytes in units_of(clean_dir, holdout, "train"):
+        if keep < 1.0 and _sample_fraction(unit_id, seed) >= keep:
+            continue
+        stats.documents += 1
+        stats.bytes += n_bytes
+        for line in text.split("\n"):
+            if line.strip():
+                stats.lines += 1
+                yield line
 
 
 def vocabulary_fits(params: TokenizerParams, train_bytes: int, preset: str = "") -> None:
@@ -208,17 +223,72 @@ def vocabulary_fits(params: TokenizerParams, train_bytes: int, preset: str = "")
                     f"use tokenizer.vocab_size: {fitting}, or a larger corpus")
 
 
+def _room(params: TokenizerParams) -> int:
+    """Pieces left for characters and merges beside the specials, the newline piece and (with
+    byte_fallback) the 256 byte pieces."""
+    specials = sum(1 for i in (params.unk_id, params.bos_id, params.eos_id, params.pad_id) if i >= 0)
+    return params.vocab_size - specials - 1 - (256 if params.byte_fallback else 0)
+
+
+def characters_required(ranked: list[tuple[str, int]], total: int, coverage: float) -> int:
+    """How many characters sentencepiece puts in the vocabulary at this coverage: the most frequent
+    ones, added while the share covered so far is below it (trainer_interface.cc)."""
+    covered = n = 0
+    for _, count in ranked:
+        if covered / total >= coverage:
+            break
+        covered += count
+        n += 1
+    return n
+
+
+MIN_COVERAGE = 0.98  # the least character_coverage sentencepiece accepts
+
+
+def choose_coverage(params: TokenizerParams, counts: Counter) -> tuple[float, dict]:
+    """character_coverage for this text, and what it means. auto: every character when the
+    alphabet fits in half the room (the other half is for merges); else the most frequent
+    characters that fit there, the rest left to byte pieces, but never below the 98 % that
+    sentencepiece requires. A coverage the vocabulary cannot hold stops with one line."""
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    total, room = max(1, sum(counts.values())), _room(params)
+    budget = room // 2
+    if params.character_coverage != "auto":
+        coverage = params.character_coverage
+    elif len(ranked) <= budget:
+        coverage = 1.0
+    elif not params.byte_fallback:
+        raise UserError(f"tokenizer: the train text has {len(ranked)} distinct characters, more than vocab_size "
+                        f"{params.vocab_size} has room for without byte pieces ({budget}); set tokenizer.byte_fallback: true "
+                        f"(rare characters become bytes) or tokenizer.vocab_size: {_vocab_for(params, len(ranked))}")
+    else:  # the `budget` most frequent characters, rounded down so that no more are required
+        coverage = max(MIN_COVERAGE, math.floor(sum(c for _, c in ranked[:budget]) / total * 1e6) / 1e6)
+    if (need := characters_required(ranked, total, coverage)) > room:
+        what = f"character_coverage {coverage:g}" + (" (auto, the least sentencepiece accepts)" if params.character_coverage == "auto" else "")
+        raise UserError(f"tokenizer: {what} needs {need} of the text's {len(ranked)} distinct characters in the vocabulary, "
+                        f"more than vocab_size {params.vocab_size} has room for ({room}); use tokenizer.vocab_size: "
+                        f"{_vocab_for(params, need)}")
+    return coverage, {"character_coverage": coverage, "alphabet": len(ranked), "characters_in_vocab": need}
+
+
+def _vocab_for(params: TokenizerParams, characters: int) -> int:
+    """The smallest multiple of 64 whose room holds `characters` twice over (characters and merges)."""
+    overhead = params.vocab_size - _room(params)
+    return -(-(2 * characters + overhead) // 64) * 64
+
+
 def train_tokenizer(params: Params, layout: Layout) -> dict:
     """Train sentencepiece on the train split of the clean table; write the model and its stats."""
     preset, params, split, seed = params.preset, params.tokenizer, params.split, params.seed
     clean_dir, out_dir, stats_path = layout.clean, layout.tokenizer, layout.metrics("tokenizer")
     import sentencepiece as spm
 
+    holdout = holdout_of(clean_dir, split)
     train_bytes = 0
     for batch in iter_batches(clean_dir, ["doc_id", "n_bytes"], batch_size=65536):
         for doc_id, n in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
-            if split_of(doc_id, split) == "train":
-                train_bytes += n
+            ids = holdout.unit_ids(doc_id, n)
+            train_bytes += n * sum(holdout.side(u) == "train" for u in ids) // len(ids)
     if train_bytes == 0:
         raise UserError("tokenizer: the train split is empty (lower split.val_fraction or add documents)")
     vocabulary_fits(params, train_bytes, preset)
@@ -228,8 +298,15 @@ def train_tokenizer(params: Params, layout: Layout) -> dict:
         "tokenizer: %s, vocab %d, on %.1f%% of %.2f MB of train text, %d thread(s)",
         params.model_type, params.vocab_size, 100 * keep, train_bytes / 1e6, threads,
     )
+    counts: Counter = Counter()
+    for line in _train_lines(clean_dir, holdout, keep, seed, _TrainInput()):
+        counts.update(line)  # counted in C
+    coverage, alphabet = choose_coverage(params, counts)
+    log.info("tokenizer: %d distinct characters; character_coverage %s: %d of them get pieces%s", alphabet["alphabet"],
+             f"{coverage:g}" + (" (auto)" if params.character_coverage == "auto" else ""), alphabet["characters_in_vocab"],
+             ", the rest become bytes" if alphabet["characters_in_vocab"] < alphabet["alphabet"] and params.byte_fallback else "")
     used = _TrainInput()
-    lines = _train_lines(clean_dir, split, keep, seed, used)
+    lines = _train_lines(clean_dir, holdout, keep, seed, used)
     bar = tqdm(lines, desc="tokenizer input", unit="line", disable=not progress_enabled(), mininterval=1.0)
     model = io.BytesIO()
     spm.set_random_generator_seed(seed)
@@ -240,7 +317,7 @@ def train_tokenizer(params: Params, layout: Layout) -> dict:
             model_writer=model,
             model_type=params.model_type,
             vocab_size=params.vocab_size,
-            character_coverage=params.character_coverage,
+            character_coverage=coverage,
             byte_fallback=params.byte_fallback,
             # Exact round trip: no NFKC, no whitespace squeezing, no dummy prefix.
             normalization_rule_name="identity",
@@ -279,7 +356,8 @@ def train_tokenizer(params: Params, layout: Layout) -> dict:
             "train_documents": used.documents,
             "train_bytes": used.bytes,
             "train_lines": used.lines,
-            **tokenizer_stats(tok, clean_dir, split, params.stats_max_bytes),
+            **alphabet,
+            **tokenizer_stats(tok, clean_dir, holdout, params.stats_max_bytes),
         }
         write_json(tmp / STATS_FILE, {"params": group_dict(params), **stats})
     write_json(stats_path, stats)
@@ -291,7 +369,7 @@ def train_tokenizer(params: Params, layout: Layout) -> dict:
     return stats
 
 
-def tokenizer_stats(tok: Tokenizer, clean_dir: Path, split: SplitParams, max_bytes: int) -> dict:
+def tokenizer_stats(tok: Tokenizer, clean_dir: Path, holdout: Holdout, max_bytes: int) -> dict:
     """Bytes per token, vocabulary use, byte-fallback rate and round-trip on (up to max_bytes of)
     the val split; the train split stands in when there is no val text."""
     import numpy as np
@@ -300,16 +378,14 @@ def tokenizer_stats(tok: Tokenizer, clean_dir: Path, split: SplitParams, max_byt
     for side in ("val", "train"):
         n_docs = n_bytes = failures = 0
         counts = np.zeros(tok.vocab_size, dtype=np.int64)
-        for batch in iter_batches(clean_dir, ["doc_id", "text", "n_bytes"], batch_size=256):
-            docs = [(t, n) for d, t, n in zip(*(batch.column(i).to_pylist() for i in range(3))) if split_of(d, split) == side]
-            if not docs:
-                continue
-            texts = [t for t, _ in docs]
+        units = units_of(clean_dir, holdout, side)
+        while chunk := list(itertools.islice(units, 256)):
+            texts = [t for _, t, _ in chunk]
             encoded = tok.encode_batch(texts)
             failures += sum(a != b for a, b in zip(tok.sp.decode(encoded), texts))
             counts += np.bincount(np.concatenate([np.asarray(ids, dtype=np.int64) for ids in encoded]), minlength=tok.vocab_size)
-            n_docs += len(docs)
-            n_bytes += sum(n for _, n in docs)
+            n_docs += len(chunk)
+            n_bytes += sum(n for _, _, n in chunk)
             if n_bytes >= max_bytes:
                 break
         n_tokens = int(counts.sum())

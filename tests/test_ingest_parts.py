@@ -59,7 +59,7 @@ def test_a_big_jsonl_record_is_cut_and_small_ones_keep_their_uri(tmp_path: Path)
 def test_a_single_file_corpus_gets_both_a_train_and_a_val_split(tmp_path: Path):
     """All plays in one 5 MB input.txt: parts of at most 1 MB, split by the hash of their text."""
     from llm.config import SplitParams
-    from llm.split import split_of
+    from llm.split import plan_holdout
     from tests.conftest import plays_dir
 
     with open(tmp_path / "input.txt", "wb") as out:
@@ -70,7 +70,8 @@ def test_a_single_file_corpus_gets_both_a_train_and_a_val_split(tmp_path: Path):
     assert report["inputs_cut_into_parts"] == 1 and len(rows) >= 6
     assert all(r["n_bytes"] <= 1_000_000 for r in rows)
     assert "".join(r["text"] for r in rows).encode() == (tmp_path / "input.txt").read_bytes()
-    assert {split_of(r["doc_id"], SplitParams()) for r in rows} == {"train", "val"}
+    holdout = plan_holdout([(r["doc_id"], r["n_bytes"]) for r in rows], SplitParams())
+    assert {holdout.side(u) for r in rows for u in holdout.unit_ids(r["doc_id"], r["n_bytes"])} == {"train", "val"}
 
 
 def test_the_default_corpus_is_not_cut():

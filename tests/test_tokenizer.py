@@ -12,7 +12,7 @@ from llm.corpus.tables import iter_batches
 from llm.errors import UserError
 from llm.io import file_sha256, read_json
 from llm.layout import Layout
-from llm.split import split_of
+from llm.split import holdout_of
 from llm.tokenizer import Tokenizer, train_tokenizer
 from tests.conftest import deep_update, load, write_params
 
@@ -41,10 +41,11 @@ def test_stats_and_files(built):
 def test_trained_on_the_train_split_only(built):
     root, params = built
     stats = read_json(Layout(root).metrics("tokenizer"))
+    holdout = holdout_of(Layout(root).clean, params.split)
     train_docs = train_bytes = 0
     for batch in iter_batches(Layout(root).clean, ["doc_id", "n_bytes"]):
         for doc_id, n in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
-            if split_of(doc_id, params.split) == "train":
+            if holdout.side(doc_id) == "train":
                 train_docs += 1
                 train_bytes += n
     assert 0 < stats["train_documents"] == train_docs
