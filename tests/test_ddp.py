@@ -72,7 +72,7 @@ def free_port() -> int:
 def test_two_nodes_on_loopback_train_as_one_run_and_each_ends_with_the_same_outputs(tmp_path: Path):
     """train.nnodes: 2 as two machines would run it: each node runs `dvc repro` with the same params,
     and they meet at train.rdzv_endpoint (one c10d rendezvous, gloo)."""
-    node0 = make_dvc_project(tmp_path / "node0", n_plays=6, max_chars=15_000, train={"batch_size": 8})
+    node0 = make_dvc_project(tmp_path / "node0", n_plays=4, max_chars=10_000, train={"batch_size": 8})
     run([dvc_bin(), "repro"], node0)  # one process, 8 sequences a step: the reference
     one = load_file(str(Layout(node0).final / "model.safetensors"))
     params = yaml.safe_load((node0 / "params.yaml").read_text())

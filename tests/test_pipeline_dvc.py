@@ -166,20 +166,3 @@ def test_repo_dvc_yaml_declares_every_stage_command_as_the_cli():
         assert stage["cmd"] == f"llm {name}"
         assert stage["params"], name
         assert stage.get("metrics") or stage.get("outs"), name
-
-
-def test_a_single_input_txt_runs_through_the_whole_pipeline(tmp_path: Path):
-    """The first thing people try (nanoGPT's input.txt): one big file is cut into documents at
-    paragraph boundaries, so it gets a train/val split and the pipeline runs to the end."""
-    root = make_dvc_project(tmp_path, n_plays=6, max_chars=15_000,
-                            ingest={"sources": ["input.txt"], "max_document_bytes": 12_000})
-    plays = sorted((root / "corpus").iterdir())
-    (root / "input.txt").write_text("".join(p.read_text(encoding="utf-8") for p in plays), encoding="utf-8")
-    shutil.rmtree(root / "corpus")
-    out = run([dvc_bin(), "repro"], root)
-    assert ran_stages(out) == ALL_STAGES
-    ingest = read_json(root / "metrics" / "ingest.json")
-    assert ingest["files"] == 1 and ingest["documents"] >= 6
-    splits = read_json(root / "data" / "shards" / "manifest.json")["splits"]
-    assert splits["train"]["documents"] > 0 and splits["val"]["documents"] > 0
-    assert read_json(root / "metrics" / "eval.json")["val_bytes"] > 0

@@ -13,7 +13,7 @@ from llm.errors import UserError
 from llm.io import file_sha256, read_json
 from llm.layout import Layout
 from llm.split import holdout_of
-from llm.tokenizer import Tokenizer, train_tokenizer
+from llm.tokenizer import Tokenizer, train_tokenizer, units_of
 from tests.conftest import deep_update, load, write_params
 
 
@@ -42,12 +42,9 @@ def test_trained_on_the_train_split_only(built):
     root, params = built
     stats = read_json(Layout(root).metrics("tokenizer"))
     holdout = holdout_of(Layout(root).clean, params.split)
-    train_docs = train_bytes = 0
-    for batch in iter_batches(Layout(root).clean, ["doc_id", "n_bytes"]):
-        for doc_id, n in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
-            if holdout.side(doc_id) == "train":
-                train_docs += 1
-                train_bytes += n
+    train = list(units_of(Layout(root).clean, holdout, "train"))  # documents, or pieces of the larger ones
+    train_docs, train_bytes = len(train), sum(n for _, _, n in train)
+    assert train_bytes == sum(len(text.encode()) for _, text, _ in train)
     assert 0 < stats["train_documents"] == train_docs
     assert stats["train_bytes"] == train_bytes
 
@@ -129,7 +126,13 @@ def test_unreachable_vocab_size_is_a_user_error(built, tmp_path: Path):
     root, _ = built
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "clean").symlink_to(Layout(root).clean)
-    write_params(tmp_path, deep_update(load(root).model_dump(mode="json"), {"tokenizer": {"vocab_size": 200_000}}))
+    params = load(root).model_dump(mode="json")
+    # The vocabulary check refuses it first, naming a vocab_size that fits ...
+    write_params(tmp_path, deep_update(params, {"tokenizer": {"vocab_size": 200_000}}))
+    with pytest.raises(UserError, match=r"tokenizer: vocab_size 200000, which needs at least .* use tokenizer.vocab_size: \d+"):
+        train_tokenizer(load(tmp_path), Layout(tmp_path))
+    # ... and without it sentencepiece's own refusal is one line too.
+    write_params(tmp_path, deep_update(params, {"tokenizer": {"vocab_size": 200_000, "min_bytes_per_piece": 0}}))
     with pytest.raises(UserError, match="tokenizer: sentencepiece could not train with these params"):
         train_tokenizer(load(tmp_path), Layout(tmp_path))
     assert not (tmp_path / "data" / "tokenizer").exists()
