@@ -127,7 +127,7 @@ def cover_val(shards_dir: Path, max_tokens: int = 0) -> ValDocs:
         lengths = tokens.value_lengths().to_numpy()
         ends = total + np.cumsum(lengths)
         keep = len(lengths) if not max_tokens else int(np.searchsorted(ends, max_tokens, side="right"))
-        if not spans:
+        if not spans and len(lengths):
             keep = max(keep, 1)
         if keep:
             pieces.append(tokens.flatten().to_numpy(zero_copy_only=True)[: ends[keep - 1] - total])
