@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from llm.artifacts import load_final
-from llm.corpus.tables import iter_batches
 from llm.errors import UserError
 from llm.evaluate import ValDocs
 from llm.export import architecture, export
 from llm.layout import Layout
 from llm.sample import SamplingParams, generate
-from llm.split import split_of
+from llm.split import holdout_of
+from llm.tokenizer import units_of
 from llm.train import train
 from tests.conftest import GPT2_RECIPE, deep_update, gpt_config, load
 from tests.test_train import CLASSIC, MODERN, project_from
@@ -56,8 +56,8 @@ def test_the_exported_model_loads_in_transformers_and_computes_the_same(built, t
         assert (hf(x).logits - ours(x)).abs().max().item() < 1e-4
 
     # The tokenizer: the same ids as sentencepiece on every val document, and the text back.
-    val = [t for b in iter_batches(Layout(built[0]).clean, ["doc_id", "text"]) for d, t in zip(b.column(0).to_pylist(),
-           b.column(1).to_pylist()) if split_of(d, params.split) == "val"]
+    clean = Layout(built[0]).clean
+    val = [text for _, text, _ in units_of(clean, holdout_of(clean, params.split), "val")]
     assert val
     for text in val:
         ids = tok(text, add_special_tokens=False)["input_ids"]
