@@ -88,7 +88,8 @@ def tokenizer_metadata(layout: Layout) -> dict:
         "byte-fallback fraction (val)": m["val_byte_fallback_fraction"],
         "vocabulary used by val": m["val_vocab_coverage"],
         "round-trip failures (val)": m["val_roundtrip_failures"],
-        "sample tokenization": ui.fenced(f"{line}\n\n{' | '.join(pieces)}\n\n{len(pieces)} tokens for {len(line.encode())} bytes"),
+        "sample tokenization": ui.fenced(f"{line}\n\n{' | '.join(pieces)}\n\n{len(pieces)} tokens for "
+                                         f"{len(line.encode())} bytes"),
     }
 
 
@@ -100,7 +101,8 @@ def shards_metadata(layout: Layout) -> dict:
     rows = [{"split": name, "documents": s["documents"], "tokens": s["tokens"], "shards": len(s["shards"])}
             for name, s in splits.items()]
     out: dict = {f"{r['split']} {k}": r[k] for r in rows for k in ("tokens", "documents")}
-    out.update({"shard files": sum(r["shards"] for r in rows), "token dtype": manifest["dtype"], "per split": ui.table(rows)})
+    out.update({"shard files": sum(r["shards"] for r in rows), "token dtype": manifest["dtype"],
+                "per split": ui.table(rows)})
     return out
 
 
@@ -168,7 +170,8 @@ def shards_consistent(layout: Layout) -> tuple[bool, dict]:
         if top >= vocab:
             problems.append(f"{split}: token id {top} >= vocab {vocab}")
         if (tokens, docs) != (info["tokens"], info["documents"]):
-            problems.append(f"{split}: shards hold {docs} docs / {tokens} tokens, manifest says {info['documents']} / {info['tokens']}")
+            problems.append(f"{split}: shards hold {docs} docs / {tokens} tokens, manifest says {info['documents']} / "
+                            f"{info['tokens']}")
     overlap = ids.get("train", set()) & ids.get("val", set())
     if overlap:
         problems.append(f"{len(overlap)} documents in both train and val")
@@ -176,8 +179,13 @@ def shards_consistent(layout: Layout) -> tuple[bool, dict]:
 
 
 SPECS = {
-    "ingest": StageSpec(GROUP, raw_metadata, (Check("raw_schema", raw_table_valid, "pandera: the raw table's schema holds for every row"),)),
-    "clean": StageSpec(GROUP, clean_metadata, (Check("clean_schema", clean_table_valid, "pandera: the clean table's schema holds, doc_ids are unique"),)),
-    "tokenizer": StageSpec(GROUP, tokenizer_metadata, (Check("round_trip", tokenizer_round_trip, "decode(encode(text)) == text on the val documents"),)),
-    "shards": StageSpec(GROUP, shards_metadata, (Check("consistent", shards_consistent, "ids < vocab, no train/val overlap, totals equal the manifest"),)),
+    "ingest": StageSpec(GROUP, raw_metadata, (Check("raw_schema", raw_table_valid,
+                                                    "pandera: the raw table's schema holds for every row"),)),
+    "clean": StageSpec(GROUP, clean_metadata, (Check("clean_schema", clean_table_valid,
+                                                     "pandera: the clean table's schema holds, doc_ids are unique"),)),
+    "tokenizer": StageSpec(GROUP, tokenizer_metadata, (Check("round_trip", tokenizer_round_trip,
+                                                             "decode(encode(text)) == text on the val documents"),)),
+    "shards": StageSpec(GROUP, shards_metadata, (Check("consistent", shards_consistent,
+                                                       "ids < vocab, no train/val overlap, totals equal the "
+                                                       "manifest"),)),
 }

@@ -44,8 +44,8 @@ def data_version(project: Path, stage: str) -> dg.DataVersion | None:
     return dg.DataVersion(hashlib.sha256(blob).hexdigest()[:16])
 
 
-def stream(context: dg.AssetExecutionContext, cmd: list[str], cwd: Path, what: str, extra_env: dict[str, str] | None = None,
-           on_line: Callable[[], None] | None = None) -> list[str]:
+def stream(context: dg.AssetExecutionContext, cmd: list[str], cwd: Path, what: str,
+           extra_env: dict[str, str] | None = None, on_line: Callable[[], None] | None = None) -> list[str]:
     """Run cmd in cwd, each output line into the run log as it comes (then on_line()); a failure
     names `what`."""
     # The stage commands (`llm ...`) come from this environment, as dvc does.
@@ -64,7 +64,8 @@ def stream(context: dg.AssetExecutionContext, cmd: list[str], cwd: Path, what: s
                 on_line()
     if proc.returncode != 0:
         # The error line (ours or DVC's) says what happened; DVC's later lines are advice.
-        headline = next((line for line in lines if line.startswith(("error:", "ERROR:"))), lines[-1] if lines else "no output")
+        headline = next((line for line in lines if line.startswith(("error:", "ERROR:"))),
+                        lines[-1] if lines else "no output")
         raise dg.Failure(description=f"{what} failed (exit {proc.returncode}): {headline}",
                          metadata={"output": ui.fenced("\n".join(lines[-40:]))})
     return lines
@@ -80,7 +81,8 @@ class LiveMetrics:
         messages = self.session.get_custom_messages()
         for message in messages[self.seen:]:
             if isinstance(message, dict) and "step" in message:
-                metadata = {k: float(v) for k, v in message.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                metadata = {k: float(v) for k, v in message.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)}
                 self.context.log_event(dg.AssetObservation(asset_key=self.asset, metadata=metadata,
                                                            description=f"step {message['step']}"))
         self.seen = len(messages)
@@ -102,7 +104,8 @@ def run_stage(context: dg.AssetExecutionContext, project: Path, stage: Stage, sp
         with dg.open_pipes_session(context, context_injector=dg.PipesEnvContextInjector(),
                                    message_reader=dg.PipesTempFileMessageReader()) as session:
             live = LiveMetrics(context, stage.name, session)
-            lines = stream(context, cmd, project, f"dvc repro {stage.name}", session.get_bootstrap_env_vars(), live.drain)
+            lines = stream(context, cmd, project, f"dvc repro {stage.name}", session.get_bootstrap_env_vars(),
+                           live.drain)
         live.drain()
     else:
         lines = stream(context, cmd, project, f"dvc repro {stage.name}")
@@ -134,7 +137,8 @@ def stage_asset(project: Path, stage: Stage, spec: StageSpec | None = None) -> d
         kinds={"dvc"},
         # Dagster marks the asset stale when this differs from the one its last materialization recorded.
         code_version=code_version(project, stage),
-        metadata={"cmd": stage.cmd, "outs": list(stage.outs), "params": list(stage.params), "code": list(code_deps(stage))},
+        metadata={"cmd": stage.cmd, "outs": list(stage.outs), "params": list(stage.params),
+                  "code": list(code_deps(stage))},
     )
     def _asset(context: dg.AssetExecutionContext, config: StageRun) -> dg.MaterializeResult:
         return run_stage(context, project, stage, spec, config.force)

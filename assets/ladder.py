@@ -58,7 +58,8 @@ def ladder_assets(project: Path, rungs: list[str]) -> list[dg.AssetsDefinition]:
             **run_views(run, train, f"rung {rung}: train and val loss"),
         }
         weights = (run.final / "model.safetensors").read_bytes()
-        return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(hashlib.sha256(weights).hexdigest()[:16]))
+        return dg.MaterializeResult(metadata=metadata,
+                                    data_version=dg.DataVersion(hashlib.sha256(weights).hexdigest()[:16]))
 
     @dg.asset(
         name="scaling",
@@ -72,10 +73,12 @@ def ladder_assets(project: Path, rungs: list[str]) -> list[dg.AssetsDefinition]:
     def scaling(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         stream(context, _llm(project, "scaling"), project, "llm scaling")
         summary = read_json(ladder_dir(project) / "scaling.json")
-        rows = [{"rung": p["rung"], "parameters": p["params"], "training FLOPs": float(p["train_flops"]), "val_bpb": p["val_bpb"]}
+        rows = [{"rung": p["rung"], "parameters": p["params"], "training FLOPs": float(p["train_flops"]),
+                 "val_bpb": p["val_bpb"]}
                 for p in summary["points"]]
         metadata = {
-            "plot": ui.image((ladder_dir(project) / "scaling.png").read_bytes(), "val bits per byte against training FLOPs"),
+            "plot": ui.image((ladder_dir(project) / "scaling.png").read_bytes(),
+                             "val bits per byte against training FLOPs"),
             "rungs": ui.table(rows),
             "rungs missing": ", ".join(summary["missing"]) or "none",
             "path": dg.MetadataValue.path(str(ladder_dir(project) / "scaling.png")),

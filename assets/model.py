@@ -77,7 +77,8 @@ def export_metadata(layout: Layout) -> dict:
         "architecture": ", ".join(config.get("architectures", [])),
         "path": dg.MetadataValue.path(str(layout.hf)),
         "files": ", ".join(sorted(p.name for p in layout.hf.iterdir())),
-        "load it": ui.fenced(f'AutoModelForCausalLM.from_pretrained("{layout.hf}")\nAutoTokenizer.from_pretrained("{layout.hf}")'),
+        "load it": ui.fenced(f'AutoModelForCausalLM.from_pretrained("{layout.hf}")\n'
+                             f'AutoTokenizer.from_pretrained("{layout.hf}")'),
     }
 
 
@@ -90,7 +91,8 @@ def training_sane(layout: Layout) -> tuple[bool, dict]:
     losses = [r[k] for r in read_history(layout.loss_csv) for k in ("train_loss", "val_loss")]
     finite = all(math.isfinite(v) for v in losses)
     improved = summary["final_val_loss"] < summary["initial_val_loss"]
-    return finite and improved, {"final val loss": summary["final_val_loss"], "initial val loss": summary["initial_val_loss"],
+    return finite and improved, {"final val loss": summary["final_val_loss"],
+                                 "initial val loss": summary["initial_val_loss"],
                                  "all losses finite": finite}
 
 
@@ -101,9 +103,11 @@ def beats_bz2(layout: Layout) -> tuple[bool, dict]:
 
 
 SPECS = {
-    "train": StageSpec(GROUP, train_metadata, (Check("loss_sane", training_sane, "losses finite, final val loss below the initial one"),),
+    "train": StageSpec(GROUP, train_metadata, (Check("loss_sane", training_sane,
+                                                     "losses finite, final val loss below the initial one"),),
                        live=True),
-    "evaluate": StageSpec(GROUP, evaluate_metadata, (Check("beats_bz2", beats_bz2, "val bits per byte below bz2 -9 on the same text"),)),
+    "evaluate": StageSpec(GROUP, evaluate_metadata, (Check("beats_bz2", beats_bz2,
+                                                           "val bits per byte below bz2 -9 on the same text"),)),
     "report": StageSpec(GROUP, report_metadata),
     "export": StageSpec(GROUP, export_metadata),
 }

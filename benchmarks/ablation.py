@@ -6,7 +6,8 @@ themselves then depend on steps only, not on the machine's load.
 
     python benchmarks/ablation.py --steps 600                  # every variant, seed 1337
     python benchmarks/ablation.py --steps 1500 --variants baseline,all --seeds 1337,7
-    python benchmarks/ablation.py --steps 1500 --variants defaults --same-steps --set '{"train": {"decay_fraction": 0.5}}'
+    python benchmarks/ablation.py --steps 1500 --variants defaults --same-steps \
+--set '{"train": {"decay_fraction": 0.5}}'
 
 Every variant but `defaults` starts from the classic (2022) recipe, whatever params.yaml says.
 
@@ -72,7 +73,8 @@ def step_speeds(base: dict, names: list[str]) -> dict[str, float]:
         options = {k: v for k, v in model.items()
                    if k in ("position", "norm", "qk_norm", "mlp", "zero_init", "bias", "rope_theta")}
         optimizer = t["optimizer"] if variant is None else {**CLASSIC["train"], **variant.get("train", {})}["optimizer"]
-        speeds[name] = measure(shape, base["tokenizer"]["vocab_size"], 12, 3, device, peak, (options, optimizer))["tokens_per_s"]
+        speeds[name] = measure(shape, base["tokenizer"]["vocab_size"], 12, 3, device, peak,
+                               (options, optimizer))["tokens_per_s"]
     return speeds
 
 
@@ -86,7 +88,8 @@ def variant_params(base: dict, name: str, steps: int, seed: int, extra: dict) ->
     for group, values in extra.items():
         data[group].update(values)
     warmup = max(1, round(steps * 0.05))
-    data["train"].update(max_steps=steps, warmup_steps=warmup, time_budget_minutes=0, eval_interval=steps, checkpoint_interval=steps)
+    data["train"].update(max_steps=steps, warmup_steps=warmup, time_budget_minutes=0, eval_interval=steps,
+                         checkpoint_interval=steps)
     data["tracking"].update(experiment="llm-ablation")
     return parse_params(data, source=f"ablation {name}")
 
@@ -96,9 +99,11 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--seeds", default="1337")
-    ap.add_argument("--label", default="", help="suffix of the run directories, so that sweeps do not overwrite each other")
+    ap.add_argument("--label", default="",
+                    help="suffix of the run directories, so that sweeps do not overwrite each other")
     ap.add_argument("--same-steps", action="store_true", help="no speed calibration: every variant trains --steps")
-    ap.add_argument("--set", default="{}", help='JSON overrides for every variant, e.g. {"train": {"muon_learning_rate": 0.01}}')
+    ap.add_argument("--set", default="{}",
+                    help='JSON overrides for every variant, e.g. {"train": {"muon_learning_rate": 0.01}}')
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "ablation.json"))
     args = ap.parse_args()
     setup_logging("WARNING")
@@ -111,18 +116,22 @@ def main() -> int:
         print("tokens/s: " + ", ".join(f"{n} {v:,}" for n, v in speeds.items()), flush=True)
     rows = []
     for name in names:
-        steps = args.steps if args.same_steps else round(args.steps * speeds[name] / speeds["baseline"])  # same wall clock
+        # same wall clock
+        steps = args.steps if args.same_steps else round(args.steps * speeds[name] / speeds["baseline"])
         for seed in (int(s) for s in args.seeds.split(",")):
             params = variant_params(base, name, steps, seed, json.loads(args.set))
-            layout = Layout.of(REPO, REPO / "benchmarks" / "out" / "ablation" / f"{name}-{seed}{args.label and '-' + args.label}")
+            layout = Layout.of(REPO, REPO / "benchmarks" / "out" / "ablation"
+                               / f"{name}-{seed}{args.label and '-' + args.label}")
             t0 = time.perf_counter()
             summary = train(params, layout, resume="never", tags={"ablation": name})
             seconds = time.perf_counter() - t0
             result = evaluate(params, layout, register=False)
             rows.append({"variant": name, "seed": seed, "steps": steps, "val_bpb": result["val_bpb"],
-                         "val_loss": result["val_loss"], "tokens_per_s": speeds[name], "wall_seconds": round(seconds, 1),
+                         "val_loss": result["val_loss"], "tokens_per_s": speeds[name],
+                         "wall_seconds": round(seconds, 1),
                          "params": summary["params"]})
-            print(f"{name:>10}{args.label and ' ' + args.label} seed {seed}: {steps} steps, val_bpb {result['val_bpb']:.4f} ({seconds:.0f} s here)", flush=True)
+            print(f"{name:>10}{args.label and ' ' + args.label} seed {seed}: {steps} steps, val_bpb "
+                  f"{result['val_bpb']:.4f} ({seconds:.0f} s here)", flush=True)
     print("\n| variant | seed | steps (same wall clock) | tokens/s | val bpb |\n| --- | --- | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['variant']} | {r['seed']} | {r['steps']} | {r['tokens_per_s']:,} | {r['val_bpb']:.4f} |")

@@ -129,20 +129,24 @@ def run_size(work: Path, source: Path, megabytes: float, llm_bin: str, engine: s
         if proc.returncode != 0:
             sys.exit(f"{stage} failed, see {work / f'{stage}.log'}")
         rows.append(
-            {"engine": engine, "size_mb": megabytes, "stage": stage, "seconds": round(seconds, 2), "mb_per_s": round(megabytes / seconds, 2),
+            {"engine": engine, "size_mb": megabytes, "stage": stage, "seconds": round(seconds, 2),
+             "mb_per_s": round(megabytes / seconds, 2),
              "peak_rss_tree_mb": round(tree / 2**20), "peak_rss_main_mb": round(main / 2**20)}
         )
         print(f"  {stage:<10} {seconds:7.1f} s", flush=True)
     total = sum(r["seconds"] for r in rows)
     rows.append(
-        {"engine": engine, "size_mb": megabytes, "stage": "end-to-end", "seconds": round(total, 2), "mb_per_s": round(megabytes / total, 2),
-         "peak_rss_tree_mb": max(r["peak_rss_tree_mb"] for r in rows), "peak_rss_main_mb": max(r["peak_rss_main_mb"] for r in rows)}
+        {"engine": engine, "size_mb": megabytes, "stage": "end-to-end", "seconds": round(total, 2),
+         "mb_per_s": round(megabytes / total, 2),
+         "peak_rss_tree_mb": max(r["peak_rss_tree_mb"] for r in rows),
+         "peak_rss_main_mb": max(r["peak_rss_main_mb"] for r in rows)}
     )
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
-    head = f"{'engine':<7} {'size MB':>8} {'stage':<11} {'seconds':>8} {'MB/s':>7} {'peak RSS tree MB':>17} {'peak RSS main MB':>17}"
+    head = (f"{'engine':<7} {'size MB':>8} {'stage':<11} {'seconds':>8} {'MB/s':>7} "
+            f"{'peak RSS tree MB':>17} {'peak RSS main MB':>17}")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -154,10 +158,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="50,200", help="comma-separated corpus sizes in MB (default 50,200)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--engine", default="local", help="compute.data_engine: local, ray, or both one after the other: local,ray")
-    ap.add_argument("--ray-address", default="", help='compute.ray_address with --engine ray ("" = a local cluster per stage)')
+    ap.add_argument("--engine", default="local",
+                    help="compute.data_engine: local, ray, or both one after the other: local,ray")
+    ap.add_argument("--ray-address", default="",
+                    help='compute.ray_address with --engine ray ("" = a local cluster per stage)')
     ap.add_argument("--work", default=None, help="scratch directory (default benchmarks/out/data)")
-    ap.add_argument("--out", default=None, help="results file (default benchmarks/out/data.json, data-ray.json for --engine ray)")
+    ap.add_argument("--out", default=None,
+                    help="results file (default benchmarks/out/data.json, data-ray.json for --engine ray)")
     args = ap.parse_args()
     engines = args.engine.split(",")
     if not set(engines) <= {"local", "ray"}:

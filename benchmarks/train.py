@@ -40,9 +40,11 @@ from llm.train import TrainState, deterministic_on_cpu, train_step  # noqa: E402
 
 # A recipe: model options and the optimizer ("preset" is whatever params.yaml says).
 RECIPES = {
-    "classic": ({"position": "learned", "norm": "layernorm", "qk_norm": False, "mlp": "gelu", "zero_init": False, "bias": True},
+    "classic": ({"position": "learned", "norm": "layernorm", "qk_norm": False, "mlp": "gelu", "zero_init": False,
+                 "bias": True},
                 "adamw"),
-    "modern": ({"position": "rope", "norm": "rmsnorm", "qk_norm": True, "mlp": "swiglu", "zero_init": True, "bias": False}, "muon"),
+    "modern": ({"position": "rope", "norm": "rmsnorm", "qk_norm": True, "mlp": "swiglu", "zero_init": True,
+                "bias": False}, "muon"),
 }
 
 
@@ -53,13 +55,15 @@ def parse_shape(text: str) -> tuple[int, int, int, int, int, int]:
 
 
 def measure(shape: tuple[int, int, int, int, int, int], vocab: int, steps: int, warmup: int, device, peak: float,
-            recipe: tuple[dict, str] = RECIPES["classic"], compile_model: bool = False, muon: str = "grouped", rounds: int = 3) -> dict:
+            recipe: tuple[dict, str] = RECIPES["classic"], compile_model: bool = False, muon: str = "grouped",
+            rounds: int = 3) -> dict:
     """Tokens/s of the best of `rounds` windows of `steps` steps (the peak is a best-of too: on a
     shared host, noise only ever slows a window down), and of the median window."""
     layers, width, heads, block, batch, accum = shape
     options, optimizer = recipe
     torch.manual_seed(0)
-    model = GPT(GPTConfig.from_params(ModelParams(block_size=block, n_layer=layers, n_head=heads, n_embd=width, **options), vocab))
+    model = GPT(GPTConfig.from_params(ModelParams(block_size=block, n_layer=layers, n_head=heads, n_embd=width,
+                                                  **options), vocab))
     model = model.to(device.torch_device)
     tp = TrainParams(optimizer=optimizer)
     state = TrainState(model, build_optimizer(model, tp, device), data=None, fingerprint="benchmark")
@@ -107,21 +111,27 @@ def measure(shape: tuple[int, int, int, int, int, int], vocab: int, steps: int, 
 def main() -> None:
     params = load_params(REPO / "params.yaml")
     m, t = params.model, params.train
-    default = f"{m.n_layer}x{m.n_embd}x{m.n_head}:{m.block_size}:{t.batch_size}:{max(1, t.tokens_per_step // (t.batch_size * m.block_size))}"
+    default = (f"{m.n_layer}x{m.n_embd}x{m.n_head}:{m.block_size}:{t.batch_size}:"
+               f"{max(1, t.tokens_per_step // (t.batch_size * m.block_size))}")
     preset = ({k: getattr(m, k) for k in ("position", "norm", "qk_norm", "mlp", "zero_init", "bias")}, t.optimizer)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", default=f"{default},4x128x4:64:12:1", help=f"comma-separated shapes (default: preset {default} and nanoGPT's CPU example)")
+    ap.add_argument("--shapes", default=f"{default},4x128x4:64:12:1",
+                    help=f"comma-separated shapes (default: preset {default} and nanoGPT's CPU example)")
     ap.add_argument("--recipes", default="preset", help=f"comma-separated: preset (params.yaml), {', '.join(RECIPES)}")
-    ap.add_argument("--compile", choices=["no", "yes", "both"], default="both", help="torch.compile the model (default: both ways)")
+    ap.add_argument("--compile", choices=["no", "yes", "both"], default="both",
+                    help="torch.compile the model (default: both ways)")
     ap.add_argument("--muon", default="grouped",
-                    help="comma-separated: grouped (llm/optim.py's GroupedMuon, what llm train uses), torch (torch.optim.Muon)")
+                    help="comma-separated: grouped (llm/optim.py's GroupedMuon, what llm train uses), torch "
+                         "(torch.optim.Muon)")
     ap.add_argument("--vocab", type=int, default=params.tokenizer.vocab_size)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=3, help="timed windows of --steps steps; the best one is reported, and the median")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="timed windows of --steps steps; the best one is reported, and the median")
     ap.add_argument("--device", default=t.device)
     ap.add_argument("--precision", default=t.precision,
-                    help="comma-separated CPU training precisions: auto, fp32, bf16 (default: params.yaml's); each against its own peak")
+                    help="comma-separated CPU training precisions: auto, fp32, bf16 (default: params.yaml's); each "
+                         "against its own peak")
     args = ap.parse_args()
     rows, peaks = [], {}
     compiles = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
@@ -133,17 +143,21 @@ def main() -> None:
         peaks[dtype] = peak
         print(f"device: {device.name}, {threads} threads; measured {dtype} matmul peak {peak / 1e9:.1f} GFLOP/s")
         with deterministic_on_cpu(device):  # as llm train runs
-            rows += [{**measure(parse_shape(s), args.vocab, args.steps, args.warmup, device, peak, preset if r == "preset" else RECIPES[r], c, mu,
+            rows += [{**measure(parse_shape(s), args.vocab, args.steps, args.warmup, device, peak,
+                                preset if r == "preset" else RECIPES[r], c, mu,
                                      args.rounds),
                       "dtype": dtype} for s in args.shapes.split(",") for r in args.recipes.split(",") for c in compiles
                      for mu in args.muon.split(",")]
-    head = (f"{'shape L x W x H : block : batch : accum':<40} {'recipe':<8} {'optimizer':<15} {'dtype':>8} {'compile':>7} {'params M':>9} {'tokens/s':>9} "
+    head = (f"{'shape L x W x H : block : batch : accum':<40} {'recipe':<8} {'optimizer':<15} {'dtype':>8} "
+            f"{'compile':>7} {'params M':>9} {'tokens/s':>9} "
             f"{'GFLOP/s':>8} {'MFU':>6} {'median MFU':>10} {'warmup s':>8}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        name = "classic" if r["recipe"] == "classic" and r["optimizer"] == "adamw" else ("modern" if r["optimizer"] != "adamw" else "custom")
-        print(f"{r['shape']:<40} {name:<8} {r['optimizer']:<15} {r['dtype']:>8} {'yes' if r['compile'] else 'no':>7} {r['params_m']:>9} {r['tokens_per_s']:>9} "
+        name = ("classic" if r["recipe"] == "classic" and r["optimizer"] == "adamw"
+                else ("modern" if r["optimizer"] != "adamw" else "custom"))
+        print(f"{r['shape']:<40} {name:<8} {r['optimizer']:<15} {r['dtype']:>8} {'yes' if r['compile'] else 'no':>7} "
+              f"{r['params_m']:>9} {r['tokens_per_s']:>9} "
               f"{r['gflops_per_s']:>8} {r['mfu']:>6.1%} {r['mfu_median']:>10.1%} {r['warmup_seconds']:>8}")
     out = REPO / "benchmarks" / "out" / "train.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,7 @@ def load_final(directory: str | Path, device: str | torch.device = "cpu") -> tup
     try:
         load_model(model, str(directory / WEIGHTS), device=str(device))
     except (SafetensorError, OSError, RuntimeError) as e:
-        raise UserError(f"{directory / WEIGHTS}: unreadable weights ({str(e).splitlines()[0][:160]}); rerun `llm train` "
-                        "or restore them with `dvc checkout models/final`") from None
+        raise UserError(f"{directory / WEIGHTS}: unreadable weights ({str(e).splitlines()[0][:160]}); "
+                        "rerun `llm train` or restore them with `dvc checkout models/final`") from None
     model.to(device).eval()
     return model, Tokenizer(directory / MODEL_FILE), info

@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
     for name, stage in STAGES.items():
         p = sub.add_parser(name, help=stage.description, description=stage.description)
-        p.add_argument("--params", default="params.yaml", help="params file; outputs go beside it (default params.yaml)")
+        p.add_argument("--params", default="params.yaml",
+                       help="params file; outputs go beside it (default params.yaml)")
         if name == "train":
             g = p.add_mutually_exclusive_group()
             g.add_argument("--resume", dest="resume", action="store_const", const="always",

@@ -100,9 +100,11 @@ def pick_device(requested: str = "auto", local_rank: int = 0, precision: str = "
         return Device("mps", torch.device("mps"), torch.float32, "Apple MPS")
     if requested == "cpu":
         if precision == "bf16" and not cpu_has_bf16():
-            raise UserError("train.precision: bf16 needs a CPU with bf16 instructions (AVX512-BF16 or AMX); use auto or fp32")
+            raise UserError("train.precision: bf16 needs a CPU with bf16 instructions (AVX512-BF16 or AMX); use auto "
+                            "or fp32")
         bf16 = precision == "bf16" or (precision == "auto" and cpu_has_bf16())
-        return Device("cpu", torch.device("cpu"), torch.bfloat16 if bf16 else torch.float32, f"CPU ({torch.get_num_threads()} threads)")
+        return Device("cpu", torch.device("cpu"), torch.bfloat16 if bf16 else torch.float32,
+                      f"CPU ({torch.get_num_threads()} threads)")
     raise UserError(f"train.device: unknown device {requested!r} (auto, cpu, cuda, mps)")
 
 

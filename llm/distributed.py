@@ -133,7 +133,8 @@ def describe_failure(err, world_size: int) -> str:
     message = failure.message if isinstance(failure.message, str) else ""
     if failure.exitcode > 0 and message and "To enable traceback" not in message:  # the worker's own line
         others = len(err.failures) - 1
-        together = f"all {world_size} processes stopped together" if others + 1 == world_size else f"process {rank}; the others were stopped"
+        together = (f"all {world_size} processes stopped together" if others + 1 == world_size
+                    else f"process {rank}; the others were stopped")
         return f"{message} ({together})"
     code = failure.exitcode
     how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"

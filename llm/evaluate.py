@@ -224,7 +224,8 @@ def _per_source(nll: np.ndarray, docs: ValDocs) -> dict:
         entry["nats"] += float(s)
         entry["bytes"] += nb
         entry["documents"] += 1
-    return {k: {"val_bpb": round(bits_per_byte(v["nats"], v["bytes"]), 5), "bytes": v["bytes"], "documents": v["documents"]}
+    return {k: {"val_bpb": round(bits_per_byte(v["nats"], v["bytes"]), 5), "bytes": v["bytes"],
+                "documents": v["documents"]}
             for k, v in sorted(out.items())}
 
 

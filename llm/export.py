@@ -42,7 +42,8 @@ def architecture(cfg: GPTConfig) -> str:
         if not cfg.bias:
             return "qwen3"
     raise UserError(f"export: no Hugging Face architecture computes this model exactly ({recipe}); exportable: "
-                    "learned+layernorm+gelu|relu2 (GPT-2), rope+rmsnorm+swiglu (Llama), and with qk_norm and no bias (Qwen3)")
+                    "learned+layernorm+gelu|relu2 (GPT-2), rope+rmsnorm+swiglu (Llama), and with qk_norm and no bias "
+                    "(Qwen3)")
 
 
 def _gpt2(model: GPT, tok: Tokenizer) -> tuple[object, dict[str, torch.Tensor]]:
@@ -50,7 +51,8 @@ def _gpt2(model: GPT, tok: Tokenizer) -> tuple[object, dict[str, torch.Tensor]]:
 
     cfg = model.config
     hf = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-                    n_head=cfg.n_head, n_inner=cfg.mlp_hidden, activation_function=cfg.mlp, resid_pdrop=0.0, embd_pdrop=0.0,
+                    n_head=cfg.n_head, n_inner=cfg.mlp_hidden, activation_function=cfg.mlp, resid_pdrop=0.0,
+                    embd_pdrop=0.0,
                     attn_pdrop=0.0, layer_norm_epsilon=1e-5, tie_word_embeddings=True, **_ids(tok))
     sd = model.state_dict()
 
@@ -79,7 +81,8 @@ def _llama_family(model: GPT, tok: Tokenizer, arch: str) -> tuple[object, dict[s
     cfg = model.config
     common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden,
                   num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head,
-                  head_dim=cfg.head_dim, max_position_embeddings=cfg.block_size, rms_norm_eps=NORM_EPS, hidden_act="silu",
+                  head_dim=cfg.head_dim, max_position_embeddings=cfg.block_size, rms_norm_eps=NORM_EPS,
+                  hidden_act="silu",
                   rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, attention_bias=cfg.bias,
                   attention_dropout=0.0, tie_word_embeddings=True, **_ids(tok))
     hf = Qwen3Config(**common) if arch == "qwen3" else LlamaConfig(**common, mlp_bias=cfg.bias)
@@ -90,9 +93,11 @@ def _llama_family(model: GPT, tok: Tokenizer, arch: str) -> tuple[object, dict[s
         src, dst = f"blocks.{i}", f"model.layers.{i}"
         for p in ("weight", "bias") if cfg.bias else ("weight",):
             q, k, v = sd[f"{src}.attn.qkv.{p}"].split(C, dim=0)
-            out |= {f"{dst}.self_attn.q_proj.{p}": q, f"{dst}.self_attn.k_proj.{p}": k, f"{dst}.self_attn.v_proj.{p}": v,
+            out |= {f"{dst}.self_attn.q_proj.{p}": q, f"{dst}.self_attn.k_proj.{p}": k,
+                    f"{dst}.self_attn.v_proj.{p}": v,
                     f"{dst}.self_attn.o_proj.{p}": sd[f"{src}.attn.proj.{p}"],
-                    f"{dst}.mlp.gate_proj.{p}": sd[f"{src}.mlp.gate.{p}"], f"{dst}.mlp.up_proj.{p}": sd[f"{src}.mlp.fc.{p}"],
+                    f"{dst}.mlp.gate_proj.{p}": sd[f"{src}.mlp.gate.{p}"],
+                    f"{dst}.mlp.up_proj.{p}": sd[f"{src}.mlp.fc.{p}"],
                     f"{dst}.mlp.down_proj.{p}": sd[f"{src}.mlp.proj.{p}"]}
         out[f"{dst}.input_layernorm.weight"] = sd[f"{src}.ln1.weight"]
         out[f"{dst}.post_attention_layernorm.weight"] = sd[f"{src}.ln2.weight"]
@@ -124,7 +129,8 @@ def hf_tokenizer(tok: Tokenizer):
     skip = {pieces[i] for i in special + atomic} | {p for i, p in enumerate(pieces) if sp.is_byte(i)}
     vocab = {p: i for i, p in enumerate(pieces)}
     merges = generate_merges(vocab, [(p, sp.get_score(i)) for i, p in enumerate(pieces)], skip_tokens=skip)
-    bpe = HFTokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token=pieces[sp.unk_id()], fuse_unk=True))
+    bpe = HFTokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token=pieces[sp.unk_id()],
+                                 fuse_unk=True))
     bpe.normalizer = normalizers.Replace(" ", "▁")
     bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("▁", behavior="merged_with_next"),
                                                  pre_tokenizers.Digits(individual_digits=True)])
@@ -151,7 +157,8 @@ def export(params: Params, layout: Layout) -> dict:
     missing, unexpected = hf_model.load_state_dict({k: v.clone() for k, v in state.items()}, strict=False)
     missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embedding
     if missing or unexpected:
-        raise RuntimeError(f"export: weights do not map onto {arch}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise RuntimeError(f"export: weights do not map onto {arch}: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
     hf_model.tie_weights()
     with atomic_dir(layout.hf) as tmp:
         hf_model.save_pretrained(tmp, safe_serialization=True)

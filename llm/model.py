@@ -103,10 +103,12 @@ class Rotary(nn.Module):
         return x * cos + rotate_half(x) * sin
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, mask: torch.Tensor | None, dropout: float) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, mask: torch.Tensor | None,
+           dropout: float) -> torch.Tensor:
     """F.scaled_dot_product_attention. Under bf16 autocast on a CPU it runs in fp32: torch's CPU
     flash-attention backward is 3-4x slower in bf16 than in fp32 (benchmarks/attention.py)."""
-    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
+    if (q.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16):
         with torch.autocast("cpu", enabled=False):
             q, k, v = q.float(), k.float(), v.float()
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
@@ -149,7 +151,8 @@ class CausalSelfAttention(nn.Module):
         if self.use_sdpa and not need_weights:
             # Query i (at absolute position S-T+i) may see keys 0..S-T+i. With no past, that
             # is the plain causal mask; with a past, T == 1 in generation and it sees everything.
-            mask = None if past is None or T == 1 else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+            mask = (None if past is None or T == 1
+                    else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T))
             y = attend(q, k, v, past is None, mask, dropout)
         else:
             att = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)

@@ -24,7 +24,8 @@ from llm.device import Device
 from llm.model import GPT
 
 
-def orthogonalize(updates: list[Tensor], coefficients: tuple[float, float, float], steps: int, eps: float) -> list[Tensor]:
+def orthogonalize(updates: list[Tensor], coefficients: tuple[float, float, float], steps: int,
+                  eps: float) -> list[Tensor]:
     """torch.optim.Muon's quintic Newton-Schulz iteration (`_zeropower_via_newtonschulz`), for a
     list of matrices: the ones of the same shape (tall ones transposed to wide first, as torch
     does) go through it together, stacked."""
@@ -115,8 +116,10 @@ def build_optimizer(model: GPT, tp: TrainParams, device: Device) -> Optimizers:
     hidden = model.hidden_matrices()
     ids = {id(p) for p in hidden}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
-    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": tp.weight_decay, "base_lr": tp.learning_rate},
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": tp.weight_decay,
+               "base_lr": tp.learning_rate},
               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "base_lr": tp.learning_rate}]
     muon = GroupedMuon([{"params": hidden, "base_lr": tp.muon_learning_rate}], lr=tp.muon_learning_rate,
-                       weight_decay=tp.weight_decay, momentum=tp.muon_momentum, nesterov=True, adjust_lr_fn="match_rms_adamw")
+                       weight_decay=tp.weight_decay, momentum=tp.muon_momentum, nesterov=True,
+                       adjust_lr_fn="match_rms_adamw")
     return Optimizers(adamw=torch.optim.AdamW(groups, lr=tp.learning_rate, **adamw), muon=muon)

@@ -189,7 +189,8 @@ def _ray_result(item: T, ref: Any, compute: ComputeParams, stage: str, unit_name
     except ray.exceptions.RayError as e:  # the worker or its node died, more times than max_retries
         raise UserError(
             f"{stage}: {unit_name(item)}: the Ray worker died ({type(e).__name__}) and compute.max_retries "
-            f"({compute.max_retries}) reruns did not finish it; nothing was written (a previous output is kept), run the stage again"
+            f"({compute.max_retries}) reruns did not finish it; nothing was written (a previous output is kept), run "
+            "the stage again"
         ) from None
 
 

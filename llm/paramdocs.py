@@ -31,7 +31,8 @@ def default_text(value: typing.Any) -> str:
     if value is PydanticUndefined:
         return "required"
     if isinstance(value, dict) and all(isinstance(v, BaseModel) for v in value.values()):
-        return "; ".join(f"`{k}`: " + ", ".join(f"{f} {x}" for f, x in m.model_dump().items()) for k, m in value.items())
+        return "; ".join(f"`{k}`: " + ", ".join(f"{f} {x}" for f, x in m.model_dump().items())
+                         for k, m in value.items())
     return f"`{value!r}`"
 
 
@@ -50,7 +51,8 @@ def group_tables(prefix: str, model: BaseModel, out: list[str]) -> None:
             subgroups.append((key, value))
             continue
         meaning = " ".join((field.description or "").split()).replace("|", "\\|")
-        out.append(f"| `{key}` | {type_name(field.annotation)} | {default_text(value).replace('|', chr(92) + '|')} | {meaning} |")
+        out.append(f"| `{key}` | {type_name(field.annotation)} | {default_text(value).replace('|', chr(92) + '|')} | "
+                   f"{meaning} |")
     out.append("")
     for key, value in subgroups:
         group_tables(key, value, out)

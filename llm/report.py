@@ -139,10 +139,12 @@ def report(params: Params, layout: Layout) -> dict:
         "data": f"{splits['train']['documents']} train / {splits['val']['documents']} val documents; "
                 f"{splits['train']['tokens']:,} train / {splits['val']['tokens']:,} val tokens",
         "training": f"{train['steps']} steps, {train['tokens_seen']:,} tokens, {train['train_seconds']:.0f} s "
-                    f"({train['tokens_per_sec']:,} tokens/s, MFU {100 * train['mfu']:.1f}%), stopped by {train['stopped_by']}",
-        "hyperparameters": f"peak lr {params.train.learning_rate:g} ({params.train.warmup_steps} warmup steps, cosine to "
-                           f"{params.train.learning_rate * params.train.min_lr_ratio:g}), {params.train.tokens_per_step:,} tokens/step "
-                           f"(batch {params.train.batch_size}), weight decay {params.train.weight_decay:g}, "
+                    f"({train['tokens_per_sec']:,} tokens/s, MFU {100 * train['mfu']:.1f}%), stopped by "
+                    f"{train['stopped_by']}",
+        "hyperparameters": f"peak lr {params.train.learning_rate:g} ({params.train.warmup_steps} warmup steps, cosine "
+                           f"to {params.train.learning_rate * params.train.min_lr_ratio:g}), "
+                           f"{params.train.tokens_per_step:,} tokens/step (batch {params.train.batch_size}), "
+                           f"weight decay {params.train.weight_decay:g}, "
                            f"dropout {cfg['dropout']:g}, grad clip {params.train.grad_clip:g}, seed {params.seed}",
         "device": f"{train['device']} x {train['processes']}",
         "FLOPs per token": f"{train['flops_per_token'] / 1e6:.1f} M",
@@ -152,9 +154,11 @@ def report(params: Params, layout: Layout) -> dict:
         (tmp / "loss.png").write_bytes(loss_png)
         (tmp / "attention.png").write_bytes(attn_png)
         (tmp / "report.html").write_text(
-            render_html(card, evaluation, samples, sinks, pieces, loss_png, attn_png, rp.attention_prompt), encoding="utf-8"
+            render_html(card, evaluation, samples, sinks, pieces, loss_png, attn_png, rp.attention_prompt),
+            encoding="utf-8"
         )
-        (tmp / "report.md").write_text(render_markdown(card, evaluation, samples, sinks, rp.attention_prompt), encoding="utf-8")
+        (tmp / "report.md").write_text(render_markdown(card, evaluation, samples, sinks, rp.attention_prompt),
+                                       encoding="utf-8")
         if params.tracking.enabled:
             _track(params, lay, tmp)
     log.info("report: %s (%d samples)", lay.reports / "report.html", len(samples))
@@ -183,24 +187,28 @@ def render_html(card, evaluation, samples, sinks, pieces, loss_png, attn_png, at
     L, H = sinks.shape
     sink_head = "".join(f"<th>head {h}</th>" for h in range(H))
     sink_rows = "".join(
-        f"<tr><th>layer {layer}</th>" + "".join(f"<td>{sinks[layer, h]:.2f}</td>" for h in range(H)) + "</tr>" for layer in range(L)
+        f"<tr><th>layer {layer}</th>" + "".join(f"<td>{sinks[layer, h]:.2f}</td>" for h in range(H)) + "</tr>"
+        for layer in range(L)
     )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Model report</title>
 <style>
 body {{ font: 15px/1.45 system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem; color: #222 }}
-table {{ border-collapse: collapse; margin: .5rem 0 1.5rem }} th, td {{ border: 1px solid #ccc; padding: .3rem .6rem; text-align: left; vertical-align: top }}
+table {{ border-collapse: collapse; margin: .5rem 0 1.5rem }} \
+th, td {{ border: 1px solid #ccc; padding: .3rem .6rem; text-align: left; vertical-align: top }}
 pre {{ white-space: pre-wrap; margin: 0; font-size: 13px }} img {{ max-width: 100% }}
 </style></head><body>
 <h1>Model report</h1>
 <h2>Model card</h2><table>{card_rows}</table>
 <h2>Held-out bits per byte</h2>
-<p>val loss {evaluation['val_loss']:.4f} nats/token, perplexity {evaluation['val_ppl']:.1f}, on {evaluation['val_bytes']:,} bytes of val text.
+<p>val loss {evaluation['val_loss']:.4f} nats/token, perplexity {evaluation['val_ppl']:.1f}, \
+on {evaluation['val_bytes']:,} bytes of val text.
 Lower is better; the baselines compress the same text.</p>
 <table><tr><th>model</th><th>bits per byte</th><th></th></tr>{metric_rows}</table>
 <h2>Loss curve</h2>{img(loss_png, "train and val loss per step")}
 <h2>Samples</h2>
-<table><tr><th>temperature</th><th>top-k</th><th>top-p</th><th>prompt (bold) and continuation</th></tr>{sample_rows}</table>
+<table><tr><th>temperature</th><th>top-k</th><th>top-p</th><th>prompt (bold) and continuation</th></tr>\
+{sample_rows}</table>
 <h2>Attention</h2>
 <p>Attention-sink score per layer and head: the mean attention that tokens after the first put on the first token,
 for the prompt <code>{e(attention_prompt)}</code> ({len(pieces)} tokens).</p>
@@ -216,17 +224,21 @@ def render_markdown(card, evaluation, samples, sinks, attention_prompt) -> str:
     lines += [f"| {k} | {e(str(v))} |" for k, v in card.items()]
     lines += ["", "## Held-out bits per byte", "",
               f"val loss {evaluation['val_loss']:.4f} nats/token, perplexity {evaluation['val_ppl']:.1f}, "
-              f"on {evaluation['val_bytes']:,} bytes of val text.", "", "| model | bits per byte | |", "| --- | ---: | --- |"]
+              f"on {evaluation['val_bytes']:,} bytes of val text.", "", "| model | bits per byte | |",
+              "| --- | ---: | --- |"]
     lines += [f"| {n} | {v:.4f} | {s} |" for n, v, s in _baseline_rows(evaluation)]
     lines += ["", "## Loss curve", "", "![train and val loss per step](loss.png)", "", "## Samples", ""]
     for s in samples:
         body = s.prompt + s.text
         fence = code_fence(body)
-        lines += [f"temperature {s.temperature}, top-k {s.top_k}, top-p {s.top_p}:", "", f"{fence}text", body, fence, ""]
+        lines += [f"temperature {s.temperature}, top-k {s.top_k}, top-p {s.top_p}:", "", f"{fence}text", body, fence,
+                  ""]
     L, H = sinks.shape
-    lines += ["## Attention", "", f"Attention-sink score (mean attention on the first token) for `{e(attention_prompt)}`:", "",
+    lines += ["## Attention", "",
+              f"Attention-sink score (mean attention on the first token) for `{e(attention_prompt)}`:", "",
               "| | " + " | ".join(f"head {h}" for h in range(H)) + " |", "| --- |" + " ---: |" * H]
-    lines += [f"| layer {layer} | " + " | ".join(f"{sinks[layer, h]:.2f}" for h in range(H)) + " |" for layer in range(L)]
+    lines += [f"| layer {layer} | " + " | ".join(f"{sinks[layer, h]:.2f}" for h in range(H)) + " |"
+              for layer in range(L)]
     lines += ["", "![attention heat maps per layer and head](attention.png)", ""]
     return "\n".join(lines)
 

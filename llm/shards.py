@@ -71,11 +71,13 @@ def _encode_row_group(task: tuple[str, int]) -> tuple[int, list[tuple[str, str, 
     eos = [tok.eos_id] if _STATE["append_eos"] and tok.eos_id >= 0 else []
     dtype = _STATE["dtype"]
     out = []
-    for doc_id, source, text, n_bytes in zip(*(table.column(c).to_pylist() for c in ("doc_id", "source", "text", "n_bytes"))):
+    for doc_id, source, text, n_bytes in zip(*(table.column(c).to_pylist()
+                                               for c in ("doc_id", "source", "text", "n_bytes"))):
         if holdout.pieces_of(n_bytes) == 1:
             units = [(holdout.side(doc_id), doc_id, text, n_bytes)]
         else:
-            units = [(side, uid, piece, len(piece.encode("utf-8"))) for side, uid, piece in holdout.units(doc_id, text, n_bytes)]
+            units = [(side, uid, piece, len(piece.encode("utf-8")))
+                     for side, uid, piece in holdout.units(doc_id, text, n_bytes)]
         for side, unit_id, unit_text, unit_bytes in units:
             out.append((side, unit_id, source, unit_bytes, np.asarray(tok.encode_words(unit_text) + eos, dtype=dtype)))
     return table.num_rows, out
@@ -119,7 +121,8 @@ class _Split:
         offsets = np.zeros(len(arrays) + 1, dtype=np.int32)  # RECORD_BATCH_DOCS documents stay far below 2**31 tokens
         np.cumsum([len(a) for a in arrays], out=offsets[1:])
         tokens = pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(arrays)))
-        columns = [pa.array(doc_ids, pa.string()), pa.array(sources, pa.string()), pa.array(n_bytes, pa.int64()), tokens]
+        columns = [pa.array(doc_ids, pa.string()), pa.array(sources, pa.string()), pa.array(n_bytes, pa.int64()),
+                   tokens]
         self._writer.write_batch(pa.record_batch(columns, schema=self.schema))
 
     def _open(self) -> None:
@@ -153,7 +156,8 @@ class _Split:
 def write_shards(params: Params, layout: Layout) -> dict:
     """Tokenize the clean table into Arrow shards per split, with a manifest of their hashes."""
     params, split, compute = params.shards, params.split, params.compute
-    clean_dir, tokenizer_dir, out_dir, metrics_path = layout.clean, layout.tokenizer, layout.shards, layout.metrics("shards")
+    clean_dir, tokenizer_dir, out_dir, metrics_path = (layout.clean, layout.tokenizer, layout.shards,
+                                                       layout.metrics("shards"))
     tok = Tokenizer.load(tokenizer_dir)
     dtype = token_dtype(tok.vocab_size)
     workers = resolve_workers(params.num_workers)

@@ -218,9 +218,9 @@ def vocabulary_fits(params: TokenizerParams, train_bytes: int, preset: str = "")
         return
     fitting = max(64, train_bytes // params.min_bytes_per_piece // 64 * 64)
     who = f"preset {preset!r} asks for " if preset else ""
-    raise UserError(f"tokenizer: {who}vocab_size {params.vocab_size}, which needs at least {needed / 1e6:.1f} MB of train text "
-                    f"(tokenizer.min_bytes_per_piece: {params.min_bytes_per_piece}); this corpus has {train_bytes / 1e6:.1f} MB: "
-                    f"use tokenizer.vocab_size: {fitting}, or a larger corpus")
+    raise UserError(f"tokenizer: {who}vocab_size {params.vocab_size}, which needs at least {needed / 1e6:.1f} MB of "
+                    f"train text (tokenizer.min_bytes_per_piece: {params.min_bytes_per_piece}); this corpus has "
+                    f"{train_bytes / 1e6:.1f} MB: use tokenizer.vocab_size: {fitting}, or a larger corpus")
 
 
 def _room(params: TokenizerParams) -> int:
@@ -259,15 +259,17 @@ def choose_coverage(params: TokenizerParams, counts: Counter) -> tuple[float, di
         coverage = 1.0
     elif not params.byte_fallback:
         raise UserError(f"tokenizer: the train text has {len(ranked)} distinct characters, more than vocab_size "
-                        f"{params.vocab_size} has room for without byte pieces ({budget}); set tokenizer.byte_fallback: true "
-                        f"(rare characters become bytes) or tokenizer.vocab_size: {_vocab_for(params, len(ranked))}")
+                        f"{params.vocab_size} has room for without byte pieces ({budget}); "
+                        f"set tokenizer.byte_fallback: true (rare characters become bytes) "
+                        f"or tokenizer.vocab_size: {_vocab_for(params, len(ranked))}")
     else:  # the `budget` most frequent characters, rounded down so that no more are required
         coverage = max(MIN_COVERAGE, math.floor(sum(c for _, c in ranked[:budget]) / total * 1e6) / 1e6)
     if (need := characters_required(ranked, total, coverage)) > room:
-        what = f"character_coverage {coverage:g}" + (" (auto, the least sentencepiece accepts)" if params.character_coverage == "auto" else "")
-        raise UserError(f"tokenizer: {what} needs {need} of the text's {len(ranked)} distinct characters in the vocabulary, "
-                        f"more than vocab_size {params.vocab_size} has room for ({room}); use tokenizer.vocab_size: "
-                        f"{_vocab_for(params, need)}")
+        what = f"character_coverage {coverage:g}" + (" (auto, the least sentencepiece accepts)"
+                                                     if params.character_coverage == "auto" else "")
+        raise UserError(f"tokenizer: {what} needs {need} of the text's {len(ranked)} distinct characters in the "
+                        f"vocabulary, more than vocab_size {params.vocab_size} has room for ({room}); "
+                        f"use tokenizer.vocab_size: {_vocab_for(params, need)}")
     return coverage, {"character_coverage": coverage, "alphabet": len(ranked), "characters_in_vocab": need}
 
 
@@ -303,8 +305,10 @@ def train_tokenizer(params: Params, layout: Layout) -> dict:
         counts.update(line)  # counted in C
     coverage, alphabet = choose_coverage(params, counts)
     log.info("tokenizer: %d distinct characters; character_coverage %s: %d of them get pieces%s", alphabet["alphabet"],
-             f"{coverage:g}" + (" (auto)" if params.character_coverage == "auto" else ""), alphabet["characters_in_vocab"],
-             ", the rest become bytes" if alphabet["characters_in_vocab"] < alphabet["alphabet"] and params.byte_fallback else "")
+             f"{coverage:g}" + (" (auto)" if params.character_coverage == "auto" else ""),
+             alphabet["characters_in_vocab"],
+             ", the rest become bytes"
+             if alphabet["characters_in_vocab"] < alphabet["alphabet"] and params.byte_fallback else "")
     used = _TrainInput()
     lines = _train_lines(clean_dir, holdout, keep, seed, used)
     bar = tqdm(lines, desc="tokenizer input", unit="line", disable=not progress_enabled(), mininterval=1.0)
@@ -339,7 +343,8 @@ def train_tokenizer(params: Params, layout: Layout) -> dict:
             minloglevel=2,
         )
     except RuntimeError as e:
-        raise UserError(f"tokenizer: sentencepiece could not train with these params: {str(e).splitlines()[-1]}") from None
+        raise UserError(f"tokenizer: sentencepiece could not train with these params: "
+                        f"{str(e).splitlines()[-1]}") from None
     finally:
         bar.close()
     train_seconds = time.perf_counter() - t0
@@ -362,7 +367,8 @@ def train_tokenizer(params: Params, layout: Layout) -> dict:
         write_json(tmp / STATS_FILE, {"params": group_dict(params), **stats})
     write_json(stats_path, stats)
     log.info(
-        "tokenizer: trained in %.1f s; vocab %d, %.2f bytes/token on val, %.1f%% of the vocab used on val, round trip %s",
+        "tokenizer: trained in %.1f s; vocab %d, %.2f bytes/token on val, %.1f%% of the vocab used on val, "
+        "round trip %s",
         train_seconds, stats["vocab_size"], stats["val_bytes_per_token"], 100 * stats["val_vocab_coverage"],
         "exact" if stats["val_roundtrip_failures"] == 0 else f"FAILED on {stats['val_roundtrip_failures']} documents",
     )
@@ -383,7 +389,8 @@ def tokenizer_stats(tok: Tokenizer, clean_dir: Path, holdout: Holdout, max_bytes
             texts = [t for _, t, _ in chunk]
             encoded = tok.encode_batch(texts)
             failures += sum(a != b for a, b in zip(tok.sp.decode(encoded), texts))
-            counts += np.bincount(np.concatenate([np.asarray(ids, dtype=np.int64) for ids in encoded]), minlength=tok.vocab_size)
+            counts += np.bincount(np.concatenate([np.asarray(ids, dtype=np.int64) for ids in encoded]),
+                                  minlength=tok.vocab_size)
             n_docs += len(chunk)
             n_bytes += sum(n for _, _, n in chunk)
             if n_bytes >= max_bytes:

@@ -60,7 +60,8 @@ def git_commit(root: Path) -> str:
     try:
         proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
         sha = proc.stdout.strip() if proc.returncode == 0 else ""  # no git, or no commit yet
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return f"{sha}{'-dirty' if dirty else ''}" if sha else "unknown"
@@ -156,7 +157,8 @@ def start_run(params: Params, root: Path, tags: dict[str, str]) -> Iterator[Any]
     with mlflow.start_run(experiment_id=exp, run_name=name, log_system_metrics=params.tracking.system_metrics) as run:
         mlflow.set_tags(all_tags)
         mlflow.log_params(flatten(params.model_dump(mode="json")))
-        log.info("mlflow: run %s in experiment %r at %s", run.info.run_id, params.tracking.experiment, tracking_uri(root))
+        log.info("mlflow: run %s in experiment %r at %s", run.info.run_id, params.tracking.experiment,
+                 tracking_uri(root))
         yield run
 
 
@@ -196,7 +198,8 @@ def register_and_gate(root: Path, name: str, run: Any, artifact_path: str, val_b
     run = client.get_run(run.info.run_id)  # with the tags set since it started
     data = {k: v for k, v in run.data.tags.items() if k.startswith("dvc.")}
     version = client.create_model_version(
-        name, source, run_id=run.info.run_id, tags={"val_bpb": f"{val_bpb:.6f}", **data, "git.commit": run.data.tags.get("git.commit", "")},
+        name, source, run_id=run.info.run_id, tags={"val_bpb": f"{val_bpb:.6f}", **data,
+                                                    "git.commit": run.data.tags.get("git.commit", "")},
         description=f"{run.info.run_name}: val_bpb {val_bpb:.4f} on the held-out split",
     )
     champion_bpb = None
@@ -210,11 +213,13 @@ def register_and_gate(root: Path, name: str, run: Any, artifact_path: str, val_b
         client.set_registered_model_alias(name, CHAMPION, version.version)
         why = "the first model" if champion_bpb is None else f"beats version {current.version}'s {champion_bpb:.4f}"
         client.update_registered_model(name, description=f"GPT models trained by llm-pipeline. `champion` is version "
-                                                         f"{version.version} ({run.info.run_name}): val_bpb {val_bpb:.4f}, {why}.")
+                                                         f"{version.version} ({run.info.run_name}): val_bpb "
+                                                         f"{val_bpb:.4f}, {why}.")
         verdict = f"champion: {why}"
     else:
         verdict = f"not champion: version {current.version} has val_bpb {champion_bpb:.4f}"
-    client.update_model_version(name, version.version, description=f"{run.info.run_name}: val_bpb {val_bpb:.4f}; {verdict}")
+    client.update_model_version(name, version.version,
+                                description=f"{run.info.run_name}: val_bpb {val_bpb:.4f}; {verdict}")
     decision = {
         "model": name,
         "version": int(version.version),
@@ -226,7 +231,8 @@ def register_and_gate(root: Path, name: str, run: Any, artifact_path: str, val_b
     log.info(
         "mlflow: registered %s version %s (val_bpb %.4f); %s",
         name, version.version, val_bpb,
-        "now champion" if promoted else f"champion stays version {decision['previous_champion_version']} ({champion_bpb:.4f})",
+        "now champion" if promoted else f"champion stays version {decision['previous_champion_version']} "
+                                        f"({champion_bpb:.4f})",
     )
     return decision
 
@@ -270,7 +276,8 @@ class Tracker:
         import mlflow
 
         self.flush()
-        mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        mlflow.log_metrics({k: float(v) for k, v in summary.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
         mlflow.log_artifacts(str(final_dir), artifact_path="model")
         return {"mlflow_run_id": self.run.info.run_id, "mlflow_experiment_id": self.run.info.experiment_id}
 

@@ -53,8 +53,8 @@ from llm.tokenizer import MODEL_FILE
 log = logging.getLogger(__name__)
 CHECKPOINT = "last.pt"
 # Params that do not change the numbers a run computes: changing them keeps its checkpoint.
-_NOT_IN_FINGERPRINT = {"time_budget_minutes", "checkpoint_interval", "log_interval", "eval_interval", "eval_tokens", "threads",
-                       "compile", "device", "rdzv_endpoint", "max_epochs"}
+_NOT_IN_FINGERPRINT = {"time_budget_minutes", "checkpoint_interval", "log_interval", "eval_interval", "eval_tokens",
+                       "threads", "compile", "device", "rdzv_endpoint", "max_epochs"}
 HISTORY_FIELDS = ["step", "tokens", "train_loss", "val_loss", "lr"]
 
 
@@ -205,8 +205,8 @@ class StepResult:
     grad_norm: float
 
 
-def train_step(model: torch.nn.Module, state: TrainState, batches: Iterator, accum: int, lr_factor: float, grad_clip: float,
-               device: Device, dist: Dist) -> StepResult:
+def train_step(model: torch.nn.Module, state: TrainState, batches: Iterator, accum: int, lr_factor: float,
+               grad_clip: float, device: Device, dist: Dist) -> StepResult:
     """One optimizer step over `accum` micro-batches (already on the device). `model` is what runs
     the batches (the compiled or DDP-wrapped model); gradients are synchronised on the last
     micro-batch only. The finite-loss decision is taken on the all-reduced loss, before the
@@ -257,7 +257,8 @@ class Checkpointer:
             self.saved_step = state.step
 
     def diverged(self, err: NonFiniteLoss, step: int) -> TrainingDiverged:
-        where = f"; the last good checkpoint is {self.path} (step {self.saved_step})" if self.saved_step is not None else ""
+        where = (f"; the last good checkpoint is {self.path} (step {self.saved_step})"
+                 if self.saved_step is not None else "")
         return TrainingDiverged(f"train: loss is {err.loss} at step {step}{where}; "
                                 "lower train.learning_rate or raise train.warmup_steps")
 
@@ -302,7 +303,8 @@ class Meter:
         self.evaluator = evaluator
         self.start_step, self.elapsed_before = state.step, state.elapsed
         self.t_start = self.t_window = time.perf_counter()
-        self.eval_before = self.window_eval = evaluator.seconds  # the evaluation before the first step is not in a window
+        # the evaluation before the first step is not in a window
+        self.eval_before = self.window_eval = evaluator.seconds
         self.window_steps = 0
         self.step_times: list[float] = []
         self.t_last = self.t_start
@@ -333,8 +335,8 @@ class Meter:
         self.bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{metrics['tokens_per_sec']:,.0f}",
                              mfu=f"{metrics['mfu']:.0%}")
         if self.bar.disable and self.dist.main:  # no bar (not a terminal): a log line instead
-            log.info("step %d/%d loss %.4f lr %.2e grad %.2f %.0f tok/s (%.0f per device) mfu %.1f%% eta %.0fs", state.step,
-                     self.tp.max_steps, result.loss, lr, result.grad_norm, metrics["tokens_per_sec"],
+            log.info("step %d/%d loss %.4f lr %.2e grad %.2f %.0f tok/s (%.0f per device) mfu %.1f%% eta %.0fs",
+                     state.step, self.tp.max_steps, result.loss, lr, result.grad_norm, metrics["tokens_per_sec"],
                      metrics["tokens_per_sec_per_device"], 100 * metrics["mfu"], metrics["eta_seconds"])
         return metrics
 
@@ -349,7 +351,8 @@ class Meter:
             peak_memory = torch.cuda.max_memory_allocated(self.device.torch_device)
         else:  # the process's peak resident memory (Linux reports KiB)
             peak_memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return {"tokens_per_sec": round(rates["tokens_per_sec"]), "tokens_per_sec_per_device": round(rates["tokens_per_sec_per_device"]),
+        return {"tokens_per_sec": round(rates["tokens_per_sec"]),
+                "tokens_per_sec_per_device": round(rates["tokens_per_sec_per_device"]),
                 "mfu": round(rates["mfu"], 6), "throughput_counts": "step time incl. compile, excl. evaluation",
                 "compile_seconds": round(max(0.0, compile_s), 1), "eval_seconds": round(eval_seconds, 1),
                 "peak_memory_bytes": int(peak_memory)}
@@ -375,7 +378,8 @@ class StopRule:
     def _decide(self, state: TrainState) -> str | None:
         if state.step >= self.tp.max_steps:
             return "max_steps"
-        if self.budget < math.inf and state.step % self.tp.log_interval == 0 and self.dist.any(state.elapsed > self.budget):
+        if (self.budget < math.inf and state.step % self.tp.log_interval == 0
+                and self.dist.any(state.elapsed > self.budget)):
             log.warning("train: time budget of %.1f min reached at step %d of %d", self.tp.time_budget_minutes,
                         state.step, self.tp.max_steps)
             return "time_budget"
@@ -390,8 +394,8 @@ def plan_fits_data(params: Params, n_params: int, manifest: dict) -> None:
     train = manifest["splits"]["train"]
     planned = tp.max_steps * tp.tokens_per_step
     epochs = planned / max(1, train["tokens"])
-    log.info("train: %.2f M parameters; %s train tokens (%.1f MB of text); %s planned tokens = %.1f passes over the data; "
-             "%.1f tokens per parameter (compute-optimal is about 20)", n_params / 1e6, f"{train['tokens']:,}",
+    log.info("train: %.2f M parameters; %s train tokens (%.1f MB of text); %s planned tokens = %.1f passes over the "
+             "data; %.1f tokens per parameter (compute-optimal is about 20)", n_params / 1e6, f"{train['tokens']:,}",
              train["bytes"] / 1e6, f"{planned:,}", epochs, planned / n_params)
     if epochs <= tp.max_epochs:
         return
@@ -399,8 +403,9 @@ def plan_fits_data(params: Params, n_params: int, manifest: dict) -> None:
     needed_mb = planned / tp.max_epochs * bytes_per_token / 1e6
     fitting_steps = max(1, int(tp.max_epochs * train["tokens"] // tp.tokens_per_step))
     name = f"preset {params.preset!r}" if params.preset else "these params"
-    raise UserError(f"train: {name} plan {planned:,} tokens, {epochs:,.0f} passes over this corpus's {train['tokens']:,} "
-                    f"train tokens ({train['bytes'] / 1e6:.1f} MB); they need about {needed_mb:,.0f} MB of train text "
+    raise UserError(f"train: {name} plan {planned:,} tokens, {epochs:,.0f} passes over this corpus's "
+                    f"{train['tokens']:,} train tokens ({train['bytes'] / 1e6:.1f} MB); "
+                    f"they need about {needed_mb:,.0f} MB of train text "
                     f"for train.max_epochs: {tp.max_epochs:g} (or train.max_steps: {fitting_steps} here)")
 
 
@@ -412,7 +417,8 @@ def build(params: Params, layout: Layout, device: Device, dist: Dist) -> tuple[T
     torch.manual_seed(params.seed)
     model = GPT(GPTConfig.from_params(mp, manifest["tokenizer"]["vocab_size"])).to(device.torch_device)
     plan_fits_data(params, model.num_params(), manifest)
-    train_data = TokenBlocks(layout.shards, "train", mp.block_size, seed=params.seed, rank=dist.rank, world_size=dist.world_size)
+    train_data = TokenBlocks(layout.shards, "train", mp.block_size, seed=params.seed, rank=dist.rank,
+                             world_size=dist.world_size)
     val_data = TokenBlocks(layout.shards, "val", mp.block_size, shuffle=False)
     batches = DeviceBatches(train_data, tp.batch_size, device.torch_device)
     opt = build_optimizer(model, tp, device)
@@ -498,7 +504,8 @@ def wrap_model(model: GPT, tp: TrainParams, device: Device, dist: Dist) -> torch
     return runner
 
 
-def describe_run(model: GPT, tp: TrainParams, device: Device, dist: Dist, accum: int, peak: float, peak_source: str) -> None:
+def describe_run(model: GPT, tp: TrainParams, device: Device, dist: Dist, accum: int, peak: float,
+                 peak_source: str) -> None:
     cfg = model.config
     log.info("train: %d layers x %d wide, block %d, vocab %d on %s (%s); %d tokens/step = %d x %d x %d x %d processes; "
              "peak %.1f GFLOP/s per device (%s)", cfg.n_layer, cfg.n_embd, cfg.block_size, cfg.vocab_size, device.name,
@@ -521,7 +528,8 @@ def can_compile(device: Device) -> bool:
     """torch.compile on CPU builds C++ kernels: without a compiler, train eagerly and say so."""
     if device.type != "cpu" or any(shutil.which(c) for c in ("c++", "g++", "clang++")):
         return True
-    log.warning("train: train.compile is on but no C++ compiler is installed (apt-get install g++); training uncompiled")
+    log.warning("train: train.compile is on but no C++ compiler is installed (apt-get install g++); "
+                "training uncompiled")
     return False
 
 
@@ -561,5 +569,6 @@ def _write_outputs(layout: Layout, state: TrainState, summary: dict, params: Par
     log.info(
         "train: %d steps, %s tokens in %.0f s (%.0f tok/s, %.0f per device, MFU %.1f%%); val loss %.3f -> %.3f",
         summary["steps"], f"{summary['tokens_seen']:,}", summary["train_seconds"], summary["tokens_per_sec"],
-        summary["tokens_per_sec_per_device"], 100 * summary["mfu"], summary["initial_val_loss"], summary["final_val_loss"],
+        summary["tokens_per_sec_per_device"], 100 * summary["mfu"], summary["initial_val_loss"],
+             summary["final_val_loss"],
     )

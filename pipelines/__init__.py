@@ -39,7 +39,8 @@ def build_definitions(project: Path) -> dg.Definitions:
         jobs=build_jobs(stages),
         schedules=[retrain_schedule(params)],
         sensors=[new_raw_files_sensor(project, params.orchestration.sensor_interval_seconds),
-                 dvc_lock_sensor(project, stages, code_versions, upstream, params.orchestration.sensor_interval_seconds),
+                 dvc_lock_sensor(project, stages, code_versions, upstream,
+                                 params.orchestration.sensor_interval_seconds),
                  scaling_automation_sensor(params.orchestration.sensor_interval_seconds)],
     )
 

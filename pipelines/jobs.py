@@ -33,5 +33,6 @@ def retrain_schedule(params: Params) -> dg.ScheduleDefinition:
         cron_schedule=o.retrain_cron,
         execution_timezone=o.timezone,
         default_status=dg.DefaultScheduleStatus.STOPPED,
-        description=f"Retrain on the current shards at `{o.retrain_cron}` ({o.timezone}); orchestration.retrain_cron in params.yaml",
+        description=f"Retrain on the current shards at `{o.retrain_cron}` ({o.timezone}); orchestration.retrain_cron "
+                    "in params.yaml",
     )

@@ -99,7 +99,8 @@ def lock_events(instance: dg.DagsterInstance, project: Path, stages: list[str], 
     for stage in stages:
         version = versions[stage]
         latest = _latest(instance, stage)
-        if version is None or (latest is not None and latest.asset_materialization.tags.get("dagster/data_version") == version.value):
+        if version is None or (latest is not None
+                               and latest.asset_materialization.tags.get("dagster/data_version") == version.value):
             continue
         tags = {"dagster/data_version": version.value, "llm/recorded_from": "dvc.lock"}
         if code_versions.get(stage):
@@ -109,9 +110,11 @@ def lock_events(instance: dg.DagsterInstance, project: Path, stages: list[str], 
                 tags[f"dagster/input_data_version/{parent}"] = versions[parent].value
                 record = _latest(instance, parent)
                 tags[f"dagster/input_event_pointer/{parent}"] = str(record.storage_id) if record else "NULL"
-        metadata = {"recomputed": "outside Dagster (dvc repro)", **stage_metadata(project, stage, STAGE_SPECS.get(stage))}
+        metadata = {"recomputed": "outside Dagster (dvc repro)",
+                    **stage_metadata(project, stage, STAGE_SPECS.get(stage))}
         events.append(dg.AssetMaterialization(asset_key=stage, metadata=metadata, tags=tags,
-                                              description="built by `dvc repro` outside Dagster; recorded from dvc.lock"))
+                                              description="built by `dvc repro` outside Dagster; "
+                                                          "recorded from dvc.lock"))
     return events
 
 

@@ -3,7 +3,8 @@
 A supervisor of two process trees. Each server runs in a session of its own, with SIGINT
 restored (a process started in the background of a non-interactive shell inherits SIGINT as
 ignored, and `dagster dev` would then outlive its parent). Ctrl-C in a terminal, SIGTERM from a
-script or a service manager, its parent (make) going away, or either server dying stops both trees: SIGINT to dagster dev
+script or a service manager, its parent (make) going away, or either server dying stops both trees: \
+SIGINT to dagster dev
 (it shuts its webserver, daemon and code servers down), SIGTERM to MLflow, and after a grace
 period SIGKILL to whatever is left.
 
@@ -78,13 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mlflow-port", type=int, default=5000)
     ap.add_argument("--mlflow-store", required=True, help="MLflow backend store URI")
     ap.add_argument("--workspace", default="workspace.yaml")
-    ap.add_argument("--experiment", default="", help="MLflow experiment to link to (default: tracking.experiment of params.yaml)")
+    ap.add_argument("--experiment", default="",
+                    help="MLflow experiment to link to (default: tracking.experiment of params.yaml)")
     args = ap.parse_args(argv)
     bin_dir = Path(sys.executable).parent
     mlflow_url = ui_url(f"http://127.0.0.1:{args.mlflow_port}", experiment_of(args.mlflow_store, args.experiment))
     servers = {
-        "mlflow": (_start([str(bin_dir / "mlflow"), "ui", "--backend-store-uri", args.mlflow_store, "--host", "127.0.0.1",
-                           "--port", str(args.mlflow_port)]), signal.SIGTERM),
+        "mlflow": (_start([str(bin_dir / "mlflow"), "ui", "--backend-store-uri", args.mlflow_store,
+                           "--host", "127.0.0.1", "--port", str(args.mlflow_port)]), signal.SIGTERM),
         "dagster": (_start([str(bin_dir / "dagster"), "dev", "-w", args.workspace, "-h", "127.0.0.1",
                             "-p", str(args.dagster_port)]), signal.SIGINT),
     }

@@ -15,7 +15,8 @@ from llm.config import Params, parse_params
 
 REPO = Path(__file__).resolve().parents[1]
 # GPT-2's recipe, for tests that pin it (the defaults are the modern one: llm/config.py ModelParams).
-GPT2_RECIPE = {"position": "learned", "norm": "layernorm", "qk_norm": False, "mlp": "gelu", "zero_init": False, "bias": True}
+GPT2_RECIPE = {"position": "learned", "norm": "layernorm", "qk_norm": False, "mlp": "gelu", "zero_init": False,
+               "bias": True}
 
 
 def gpt_config(vocab_size: int, **model: Any):
@@ -71,7 +72,8 @@ def small_params(sources: list[str], **override: Any) -> dict:
         "evaluate": {"max_tokens": 4096},
         "report": {"prompts": ["ROMEO:"], "temperatures": [0.8], "max_new_tokens": 16},
         "tracking": {"system_metrics": False},
-        "ladder": {"rungs": {"a": {"n_layer": 1, "n_head": 2, "n_embd": 16}, "b": {"n_layer": 2, "n_head": 2, "n_embd": 32}},
+        "ladder": {"rungs": {"a": {"n_layer": 1, "n_head": 2, "n_embd": 16},
+                             "b": {"n_layer": 2, "n_head": 2, "n_embd": 32}},
                    "max_steps": 4, "warmup_steps": 1},
     }
     return deep_update(base, override)
@@ -211,5 +213,6 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     if KILL_TRIALS["trials"]:
         k = KILL_TRIALS
-        terminalreporter.write_line(f"kill trials: {k['trials']} ({k['inside']} killed inside the stage's process), partial or "
-                                    f"corrupt artifacts found: {k['partial']}, reruns that failed: {k['rerun_failed']}")
+        terminalreporter.write_line(f"kill trials: {k['trials']} ({k['inside']} killed inside the stage's process), "
+                                    f"partial or corrupt artifacts found: {k['partial']}, "
+                                    f"reruns that failed: {k['rerun_failed']}")

@@ -114,7 +114,8 @@ def test_a_multilingual_corpus_runs_through_dvc_repro_with_the_default_data_para
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for i in range(40):
-        (corpus / f"doc-{i:02d}.txt").write_text(multilingual_document(rnd, rnd.randint(20_000, 80_000)), encoding="utf-8")
+        (corpus / f"doc-{i:02d}.txt").write_text(multilingual_document(rnd, rnd.randint(20_000, 80_000)),
+                                                 encoding="utf-8")
     root = default_data_half_project(tmp_path, ["corpus"])
     out = run([dvc_bin(), "repro"], root)
     assert ran_stages(out) == ALL_STAGES

@@ -23,7 +23,8 @@ from tests.conftest import dvc_bin, make_dvc_project, run
 pytestmark = pytest.mark.slow
 
 ALL_STAGES = ["ingest", "clean", "tokenizer", "shards", "train", "evaluate", "report", "export"]
-MODEL_STAGES = ["train", "evaluate", "report", "export"]  # train persists its checkpoints: DVC's run cache never restores it
+# train persists its checkpoints: DVC's run cache never restores it
+MODEL_STAGES = ["train", "evaluate", "report", "export"]
 QUEUE_TIMEOUT_S = 300
 
 

@@ -42,7 +42,8 @@ def rewrite_first_part(table: Path, change) -> None:
 def test_raw_schema_fails_on_a_byte_count_that_does_not_match_the_text(built, tmp_path: Path):
     layout = copy_of(built, tmp_path)
     rewrite_first_part(layout.raw, lambda t: t.set_column(t.schema.get_field_index("n_bytes"), "n_bytes",
-                                                          pa.array([n + 1 for n in t.column("n_bytes").to_pylist()], pa.int64())))
+                                                          pa.array([n + 1 for n in t.column("n_bytes").to_pylist()],
+                                                                   pa.int64())))
     passed, metadata = raw_table_valid(layout)
     assert not passed and "n_bytes" in str(metadata["failures"].value)
 

@@ -103,7 +103,8 @@ def test_unbalanced_emphasis_in_the_corpus_leaves_no_underscores():
 
 
 def test_markdown_links_code_and_html():
-    text = strip_markdown("See [the play](http://x.org) and `code` <b>bold</b>.\n\n<div>\nblock\n</div>\n\n* item one\n* item two")
+    text = strip_markdown("See [the play](http://x.org) and `code` <b>bold</b>.\n\n<div>\nblock\n</div>\n\n* item "
+                          "one\n* item two")
     assert normalize_whitespace(text) == "See the play and code bold.\n\nitem one\n\nitem two"
 
 
@@ -114,7 +115,8 @@ def test_fix_unicode_repairs_mojibake_and_normalises_to_nfc():
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E, blacklist_characters="&") | st.sampled_from("\n\t")))
+@given(st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E,
+                                      blacklist_characters="&") | st.sampled_from("\n\t")))
 def test_ftfy_is_a_no_op_on_the_text_the_fast_path_skips(text):
     """fix_unicode skips ftfy for printable ASCII without '&': ftfy must leave such text alone."""
     assert ftfy.fix_text(text, normalization="NFC") == text
@@ -125,7 +127,8 @@ def test_normalize_whitespace():
 
 
 def test_pii_redaction_counts_emails_and_ips():
-    text, n = redact_pii("mail me at jo.doe+x@example.co.uk from 192.168.0.1 or 2001:db8::1; 999.1.1.1 stays", "<E>", "<IP>")
+    text, n = redact_pii("mail me at jo.doe+x@example.co.uk from 192.168.0.1 or 2001:db8::1; 999.1.1.1 stays", "<E>",
+                         "<IP>")
     assert text == "mail me at <E> from <IP> or <IP>; 999.1.1.1 stays"
     assert n == 3
 
@@ -166,7 +169,8 @@ def test_alpha_word_count_matches_the_plain_definition(text):
 
 # ASCII letters, digits and punctuation, ASCII and Unicode whitespace, non-ASCII punctuation
 # (the ASCII view's fast path) and non-ASCII letters and digits (the Unicode path).
-_MIXED = st.sampled_from(list("aZ09_#.&- \n\t\r\x0b\x1c\x1f\x85\u00a0\u3000\u2014\u2019\u2026\u00e9\u00bd\u0663\u0130\u4e00\u0301"))
+_MIXED = st.sampled_from(list("aZ09_#.&- "
+                              "\n\t\r\x0b\x1c\x1f\x85\u00a0\u3000\u2014\u2019\u2026\u00e9\u00bd\u0663\u0130\u4e00\u0301"))
 
 
 @settings(max_examples=500, deadline=None)
@@ -196,7 +200,8 @@ def test_fast_word_heuristics_equal_the_regex_definitions(text, n):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.sampled_from(["", "  ", "short", "a line long enough to be a duplicate", " a line long enough to be a duplicate\t", "12 34"]), max_size=40))
+@given(st.lists(st.sampled_from(["", "  ", "short", "a line long enough to be a duplicate",
+                                 " a line long enough to be a duplicate\t", "12 34"]), max_size=40))
 def test_the_duplicate_line_filters_count_like_a_plain_loop(lines):
     text = "\n".join(lines)
     q = QualityParams(min_chars=0, min_words=0, min_alpha_word_fraction=0.0, max_symbol_word_ratio=1e9)
@@ -386,7 +391,8 @@ def test_every_filter_counts_what_it_removed(tmp_path: Path):
         "french.txt": "Le roi est mort, vive le roi. Nous irons demain à la mer avec nos amis et nos enfants. " * 8,
         "email.txt": prose(300, 12) + "\nWrite to someone@example.com today.",
     }
-    report, rows = run_clean(tmp_path, docs, language={"enabled": True, "allowed": ["en"], "min_confidence": 0.5}, pii={"enabled": True})
+    report, rows = run_clean(tmp_path, docs, language={"enabled": True, "allowed": ["en"], "min_confidence": 0.5},
+                             pii={"enabled": True})
     removed = {k: v["documents"] for k, v in report["removed"].items() if v["documents"]}
     assert removed == {"too_short": 1, "low_alpha_words": 1, "symbol_ratio": 1, "duplicate_lines": 1, "language": 1}
     assert report["pii_redactions"] == 1
@@ -401,7 +407,8 @@ def test_clean_in_parallel_gives_the_same_bytes(tmp_path: Path):
     docs = {f"{i:02d}.md": f"# Doc {i}\n\n**SPEAKER**  \n" + prose(300, i) for i in range(12)}
     serial_report, serial = run_clean(tmp_path / "one", docs, batch_docs=3, num_workers=1)
     parallel_report, parallel = run_clean(tmp_path / "two", docs, batch_docs=3, num_workers=2)
-    assert len(pq.ParquetFile(next((tmp_path / "two" / "data" / "raw").iterdir())).metadata.to_dict()["row_groups"]) == 4
+    assert len(pq.ParquetFile(next((tmp_path / "two" / "data" / "raw").iterdir()))
+               .metadata.to_dict()["row_groups"]) == 4
     one, two = Layout(tmp_path / "one"), Layout(tmp_path / "two")
     files = sorted(p.name for p in one.clean.iterdir())
     assert files == sorted(p.name for p in two.clean.iterdir()) and files

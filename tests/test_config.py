@@ -31,9 +31,9 @@ def test_a_vocabulary_the_corpus_cannot_fill_is_refused_with_a_value_that_fits()
     vocabulary_fits(TokenizerParams(vocab_size=2048), train_bytes=2048 * 300)  # exactly enough
     with pytest.raises(UserError) as err:
         vocabulary_fits(TokenizerParams(vocab_size=50304), train_bytes=4_381_346, preset="gpt2-small")
-    assert str(err.value) == ("tokenizer: preset 'gpt2-small' asks for vocab_size 50304, which needs at least 15.1 MB of "
-                              "train text (tokenizer.min_bytes_per_piece: 300); this corpus has 4.4 MB: use "
-                              "tokenizer.vocab_size: 14592, or a larger corpus")
+    assert str(err.value) == ("tokenizer: preset 'gpt2-small' asks for vocab_size 50304, which needs at least 15.1 MB "
+                              "of train text (tokenizer.min_bytes_per_piece: 300); this corpus has 4.4 MB: "
+                              "use tokenizer.vocab_size: 14592, or a larger corpus")
     vocabulary_fits(TokenizerParams(vocab_size=14592), train_bytes=4_381_346)  # the value it names fits
     vocabulary_fits(TokenizerParams(vocab_size=50304, min_bytes_per_piece=0), train_bytes=1000)  # 0: no check
 
@@ -42,8 +42,10 @@ def test_a_vocabulary_the_corpus_cannot_fill_is_refused_with_a_value_that_fits()
     "override, expected",
     [
         ({"clean": {"near_dedup": {"treshold": 0.5}}}, "clean.near_dedup.treshold: unknown key"),
-        ({"tokenizer": {"vocab_size": -5}}, "tokenizer.vocab_size: Input should be greater than or equal to 32 (got -5)"),
-        ({"tokenizer": {"model_type": "wordpiece"}}, "tokenizer.model_type: Input should be 'bpe', 'unigram' or 'char'"),
+        ({"tokenizer": {"vocab_size": -5}},
+         "tokenizer.vocab_size: Input should be greater than or equal to 32 (got -5)"),
+        ({"tokenizer": {"model_type": "wordpiece"}},
+         "tokenizer.model_type: Input should be 'bpe', 'unigram' or 'char'"),
         ({"split": {"val_fraction": 1.5}}, "split.val_fraction: Input should be less than 1"),
         ({"ingest": {"sources": []}}, "ingest.sources: List should have at least 1 item"),
         ({"shardz": {}}, "shardz: unknown key"),
@@ -81,7 +83,8 @@ def test_cli_user_error_is_one_line_and_exit_code_2(tmp_path: Path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert lines == ["error: params.yaml: tokenizer.vocab_size: Input should be a valid integer, unable to parse string as an integer (got 'big')"]
+    assert lines == ["error: params.yaml: tokenizer.vocab_size: Input should be a valid integer, unable to parse "
+                     "string as an integer (got 'big')"]
 
 
 def test_cli_missing_source_exit_code_2(tmp_path: Path):
@@ -98,7 +101,8 @@ def test_llm_params_prints_the_values_in_force_and_what_differs(tmp_path: Path):
     assert full["model"]["n_layer"] == 6 and full["model"]["n_embd"] == 128 and full["ingest"]["sources"]
     changed = yaml.safe_load(run_cli("params", "--changed", cwd=tmp_path).stdout)
     assert changed == {"model": {"n_layer": 6}}
-    assert yaml.safe_load(run_cli("params", "--changed", "--params", str(REPO / "params.yaml"), cwd=tmp_path).stdout) == {}
+    assert yaml.safe_load(run_cli("params", "--changed", "--params", str(REPO / "params.yaml"),
+                                  cwd=tmp_path).stdout) == {}
 
 
 def test_docs_params_md_is_what_llm_params_docs_writes():

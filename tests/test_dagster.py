@@ -39,7 +39,8 @@ def test_every_dvc_stage_is_an_asset_with_dvc_dependencies():
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     assert keys == set(stages) | {"ladder", "scaling"}
-    parents = {k.to_user_string(): {p.to_user_string() for p in graph.get(k).parent_keys} for k in graph.get_all_asset_keys()}
+    parents = {k.to_user_string(): {p.to_user_string() for p in graph.get(k).parent_keys}
+               for k in graph.get_all_asset_keys()}
     assert parents["ingest"] == set()
     assert parents["clean"] == {"ingest"}
     assert parents["shards"] == {"clean", "tokenizer"}
@@ -56,7 +57,8 @@ def test_every_dvc_stage_is_an_asset_with_dvc_dependencies():
 
 def test_a_stage_added_to_dvc_yaml_becomes_an_asset(tmp_path: Path):
     data = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    data["stages"]["onnx"] = {"cmd": "python onnx.py", "deps": ["models/final"], "outs": ["exports/model.onnx"], "desc": "Export the model"}
+    data["stages"]["onnx"] = {"cmd": "python onnx.py", "deps": ["models/final"], "outs": ["exports/model.onnx"],
+                              "desc": "Export the model"}
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     assets = {a.key.to_user_string(): a for a in build_assets(tmp_path)}
     assert "onnx" in assets
@@ -92,7 +94,8 @@ def test_stage_outputs_include_metrics_and_plots():
 def test_dagster_cli_validates_the_workspace(tmp_path: Path):
     env = {**os.environ, "DAGSTER_HOME": str(tmp_path)}
     # Not from the repo root: Dagster would read the checkout's .env there (DAGSTER_HOME=.dagster).
-    proc = subprocess.run([str(Path(sys.executable).parent / "dagster"), "definitions", "validate", "-w", str(REPO / "workspace.yaml")],
+    proc = subprocess.run([str(Path(sys.executable).parent / "dagster"), "definitions", "validate", "-w",
+                           str(REPO / "workspace.yaml")],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -215,7 +218,8 @@ def test_each_asset_page_shows_what_its_stage_produced(materialized):
     assert meta["shards"]["shard files"] >= 2
     train = meta["train"]
     summary = read_json(root / "metrics" / "train.json")
-    assert train["steps"] == 6 and train["tokens seen"] == 6 * 256 and train["final val loss"] == summary["final_val_loss"]
+    assert (train["steps"] == 6 and train["tokens seen"] == 6 * 256
+            and train["final val loss"] == summary["final_val_loss"])
     assert train["loss curve"].startswith("![train and val loss per step](data:image/png;base64,")
     assert train["MLflow run"].endswith(f"/runs/{summary['mlflow_run_id']}?workflowType=machine_learning")
     evaluation = meta["evaluate"]
@@ -251,7 +255,8 @@ def test_dagster_and_dvc_repro_give_the_same_artifacts(materialized, tmp_path: P
         assert list(events) == STAGES  # in DAG order
         for stage in ("ingest", "clean", "tokenizer", "shards"):
             assert events[stage].tags["dagster/data_version"] == dagster_versions[stage], stage
-        assert events["clean"].tags["dagster/input_data_version/ingest"] == events["ingest"].tags["dagster/data_version"]
+        assert (events["clean"].tags["dagster/input_data_version/ingest"]
+                == events["ingest"].tags["dagster/data_version"])
         assert events["evaluate"].metadata["val_bpb"].value == read_json(other / "metrics" / "eval.json")["val_bpb"]
         assert events["train"].metadata["loss curve"].value.startswith("![train and val loss per step](data:image/png")
         for event in result.asset_events:
@@ -259,7 +264,8 @@ def test_dagster_and_dvc_repro_give_the_same_artifacts(materialized, tmp_path: P
         again = sensor(dg.build_sensor_context(instance=instance, definitions=defs))
         assert isinstance(again, dg.SkipReason) and "agrees" in again.skip_message
         latest = instance.fetch_materializations(dg.AssetKey("evaluate"), limit=1).records[0]
-        assert latest.asset_materialization.tags["dagster/data_version"] == events["evaluate"].tags["dagster/data_version"]
+        assert (latest.asset_materialization.tags["dagster/data_version"]
+                == events["evaluate"].tags["dagster/data_version"])
 
 
 @pytest.mark.slow
@@ -356,7 +362,8 @@ def code_versions(project: Path) -> dict[str, str | None]:
 
 
 def test_a_stages_code_version_changes_with_its_code_deps_and_nothing_else(tmp_path: Path):
-    stages = {"prepare": {"cmd": "python prepare.py", "deps": ["prepare.py", "lib.py", "raw.txt"], "outs": ["prepared.txt"]},
+    stages = {"prepare": {"cmd": "python prepare.py", "deps": ["prepare.py", "lib.py", "raw.txt"],
+                          "outs": ["prepared.txt"]},
               "fit": {"cmd": "python fit.py", "deps": ["fit.py", "prepared.txt"], "outs": ["model.txt"]}}
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
     for name in ("prepare.py", "lib.py", "fit.py", "unlisted.py"):
@@ -392,7 +399,8 @@ def test_an_edited_code_dep_marks_the_materialized_asset_stale(tmp_path: Path):
     from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleCauseCategory, StaleStatus
     from dagster._core.loader import LoadingContextForTest
 
-    (tmp_path / "dvc.yaml").write_text("stages:\n  hello:\n    cmd: python hello.py\n    deps: [hello.py]\n    outs: [hello.txt]\n")
+    (tmp_path / "dvc.yaml").write_text("stages:\n  hello:\n    cmd: python hello.py\n    deps: [hello.py]\n    outs: "
+                                       "[hello.txt]\n")
     (tmp_path / "hello.py").write_text("open('hello.txt', 'w').write('hello\\n')\n")
     run(["git", "init", "-q"], tmp_path)
     run([dvc_bin(), "init", "-q"], tmp_path)

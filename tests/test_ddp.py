@@ -59,7 +59,8 @@ def test_dvc_repro_with_two_processes_matches_one_process_with_the_same_global_b
     # Throughput per device and MFU per device, against one device's peak (here a process's thread):
     # the global rate over one device's peak would count both processes as the first one.
     assert two["tokens_per_sec_per_device"] == pytest.approx(two["tokens_per_sec"] / 2, abs=1)
-    assert two["mfu"] == pytest.approx(two["tokens_per_sec_per_device"] * two["flops_per_token"] / two["peak_flops"], rel=0.01)
+    assert two["mfu"] == pytest.approx(two["tokens_per_sec_per_device"] * two["flops_per_token"] / two["peak_flops"],
+                                       rel=0.01)
     assert two["mfu"] < 1.5 * one["mfu"]
 
 

@@ -76,7 +76,8 @@ def test_the_exported_model_loads_in_transformers_and_computes_the_same(built, t
 
 @pytest.mark.parametrize("options", [{"mlp": "relu2", "position": "rope", "norm": "rmsnorm"},
                                      {"position": "rope", "norm": "layernorm"},
-                                     {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": True, "bias": True}])
+                                     {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": True,
+                                      "bias": True}])
 def test_a_recipe_with_no_exact_hugging_face_architecture_fails_with_one_line(options):
     with pytest.raises(UserError, match="export: no Hugging Face architecture computes this model exactly"):
         architecture(gpt_config(64, **{**GPT2_RECIPE, **options}))

@@ -28,7 +28,8 @@ def test_zip_and_tar_members_are_read_in_name_order(tmp_path: Path):
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
     docs, counts = read(tmp_path, ["a.zip", "b.tar.gz"])
-    assert [d.uri for d in docs] == ["a.zip!a.txt", "a.zip!c.jsonl:1", "a.zip!dir/b.txt", "b.tar.gz!x.txt", "b.tar.gz!y.md"]
+    assert [d.uri for d in docs] == ["a.zip!a.txt", "a.zip!c.jsonl:1", "a.zip!dir/b.txt", "b.tar.gz!x.txt",
+                                     "b.tar.gz!y.md"]
     assert [d.text[:3] for d in docs] == ["za ", "zc ", "zb ", "tx ", "ty "]
     assert counts.files == 5
 
@@ -60,7 +61,8 @@ def test_compressed_files_bz2_xz_zst_and_compressed_archives(tmp_path: Path):
         out.write(tar.getvalue())  # a stream that cannot seek: the archive is spooled to a temporary file
     docs, _ = read(tmp_path, ["."])
     assert [(d.uri, d.text.split()[0]) for d in docs] == [
-        ("a.txt.bz2", "bz"), ("b.jsonl.xz:1", "xz"), ("c.txt.zst", "zst"), ("d.tar.bz2!m.txt", "tar"), ("e.tar.zst!m.txt", "tar"),
+        ("a.txt.bz2", "bz"), ("b.jsonl.xz:1", "xz"), ("c.txt.zst", "zst"), ("d.tar.bz2!m.txt", "tar"),
+        ("e.tar.zst!m.txt", "tar"),
     ]
 
 

@@ -37,7 +37,9 @@ def unreadable_files(tmp_path: Path) -> dict[str, str]:
 
 def test_jsonl_missing_field_is_a_clear_error(tmp_path: Path):
     (tmp_path / "d.jsonl").write_text(json.dumps({"content": PROSE}) + "\n")
-    with pytest.raises(UserError, match=r"^d.jsonl:1: record has no field 'text' \(set ingest.text_field\) \(ingest.on_bad_record: fail\)$"):
+    with pytest.raises(UserError,
+                       match=r"^d.jsonl:1: record has no field 'text' \(set ingest.text_field\) "
+                             r"\(ingest.on_bad_record: fail\)$"):
         read(tmp_path, ["d.jsonl"], on_bad_record="fail")
 
 
@@ -71,11 +73,13 @@ def test_missing_and_non_string_fields_are_bad_records(tmp_path: Path):
     ]
     pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "n.parquet")
     _, counts = read(tmp_path, ["n.parquet", "d.jsonl"], max_bad_fraction=0.5)
-    assert counts.bad_record_examples[:2] == ["n.parquet#0: column 'text' is int, not a string", "n.parquet#1: column 'text' is int, not a string"]
+    assert counts.bad_record_examples[:2] == ["n.parquet#0: column 'text' is int, not a string",
+                                              "n.parquet#1: column 'text' is int, not a string"]
 
 
 def test_bad_records_in_a_json_array(tmp_path: Path):
-    (tmp_path / "d.json").write_text('[{"text": "one ' + PROSE.strip() + '"}, {"title": "no text"},\n {"text": "two"}, {oops]')
+    (tmp_path / "d.json").write_text('[{"text": "one ' + PROSE.strip()
+                                     + '"}, {"title": "no text"},\n {"text": "two"}, {oops]')
     docs, counts = read(tmp_path, ["d.json"], max_bad_fraction=1.0)
     assert [d.uri for d in docs] == ["d.json#0", "d.json#2"]
     assert counts.bad_record_examples == [
@@ -105,7 +109,9 @@ def test_unreadable_files_are_bad_records(tmp_path: Path):
     assert counts.bad_record_examples == [f"corpus/{name}: {why}" for name, why in sorted(expected.items())]
     assert counts.bad_records == 4
     assert [d.uri for d in docs] == ["corpus/good.txt"]
-    with pytest.raises(UserError, match=r"^corpus/broken.zip: cannot read: not a readable archive: .* \(ingest.on_bad_record: fail\)$"):
+    with pytest.raises(UserError,
+                       match=r"^corpus/broken.zip: cannot read: not a readable archive: .* \(ingest.on_bad_record: "
+                             r"fail\)$"):
         read(tmp_path, ["corpus"], on_bad_record="fail")
 
 
@@ -121,7 +127,8 @@ def test_a_file_without_read_permission_is_a_bad_record(tmp_path: Path):
         docs, counts = read(tmp_path, ["."], max_bad_fraction=0.5)
         assert [d.uri for d in docs] == ["ok.txt"]
         assert counts.bad_record_examples == ["secret.txt: cannot read: Permission denied"]
-        with pytest.raises(UserError, match=r"^secret.txt: cannot read: Permission denied \(ingest.on_bad_record: fail\)$"):
+        with pytest.raises(UserError,
+                           match=r"^secret.txt: cannot read: Permission denied \(ingest.on_bad_record: fail\)$"):
             read(tmp_path, ["."], on_bad_record="fail")
     finally:
         (tmp_path / "secret.txt").chmod(0o644)
@@ -133,7 +140,8 @@ def test_a_wrong_text_field_fails_with_one_line_and_writes_nothing(tmp_path: Pat
         run_ingest(tmp_path, ["d.jsonl"])
     msg = str(err.value)
     assert "\n" not in msg
-    assert msg.startswith("ingest: 100 of 100 records are bad (100.0%, more than ingest.max_bad_fraction 0.01); 100 in d.jsonl, ")
+    assert msg.startswith("ingest: 100 of 100 records are bad (100.0%, more than ingest.max_bad_fraction 0.01); 100 in "
+                          "d.jsonl, ")
     assert "first d.jsonl:1: record has no field 'text' (set ingest.text_field)" in msg
     assert "check ingest.text_field" in msg and "ingest.on_bad_record" in msg
     assert not (tmp_path / "data" / "raw").exists() and not (tmp_path / "metrics" / "ingest.json").exists()
@@ -143,7 +151,8 @@ def test_bad_records_above_the_fraction_fail_and_name_the_worst_file(tmp_path: P
     (tmp_path / "a.jsonl").write_text("\n".join(jsonl_lines(97)) + "\n")
     (tmp_path / "b.jsonl").write_text("\n".join(jsonl_lines(1) + ["{", "{"]) + "\n")
     (tmp_path / "c.txt.gz").write_bytes(b"corrupt")
-    expected = r"^ingest: 3 of 101 records are bad \(3.0%, more than ingest.max_bad_fraction 0.01\); 2 in b.jsonl, first b.jsonl:2: not valid JSON"
+    expected = (r"^ingest: 3 of 101 records are bad \(3.0%, more than ingest.max_bad_fraction 0.01\); 2 in b.jsonl, "
+                r"first b.jsonl:2: not valid JSON")
     with pytest.raises(UserError, match=expected):
         read(tmp_path, ["."])
     _, counts = read(tmp_path, ["."], max_bad_fraction=0.03)
@@ -155,7 +164,8 @@ def test_on_bad_record_fail_stops_at_the_first_with_file_and_line(tmp_path: Path
     lines[41] = json.dumps({"text": None, "title": 1})  # null text is an empty record, not a bad one
     lines[60] = json.dumps({"text": ["not", "a", "string"]})
     (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
-    with pytest.raises(UserError, match=r"^d.jsonl:61: field 'text' is list, not a string \(ingest.on_bad_record: fail\)$"):
+    with pytest.raises(UserError,
+                       match=r"^d.jsonl:61: field 'text' is list, not a string \(ingest.on_bad_record: fail\)$"):
         run_ingest(tmp_path, ["d.jsonl"], on_bad_record="fail")
     assert not (tmp_path / "data" / "raw").exists()
 

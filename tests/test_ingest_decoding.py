@@ -62,7 +62,8 @@ def test_decoding_in_chunks_equals_decoding_whole(data, cuts):
 
     decoder = Utf8Decoder()
     bounds = [0, *sorted(cuts), len(data)]
-    pieces = [decoder.decode(data[a:b]) for a, b in zip(bounds, bounds[1:]) if a < b] + [decoder.decode(b"", final=True)]
+    pieces = ([decoder.decode(data[a:b]) for a, b in zip(bounds, bounds[1:]) if a < b]
+              + [decoder.decode(b"", final=True)])
     assert ("".join(t for t, _ in pieces), sum(n for _, n in pieces)) == decode_utf8(data)
 
 

@@ -38,7 +38,8 @@ def test_empty_corpus_is_a_clear_error_and_keeps_the_old_output(tmp_path: Path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "e.txt").write_text("")
     (tmp_path / "empty" / "b.bin").write_bytes(b"\x00\x01" * 50)
-    with pytest.raises(UserError, match=r"the sources hold no documents \(2 file\(s\) read: 1 binary, 1 empty, 0 bad\)"):
+    with pytest.raises(UserError,
+                       match=r"the sources hold no documents \(2 file\(s\) read: 1 binary, 1 empty, 0 bad\)"):
         run_ingest(tmp_path, ["empty"])
     assert sorted(p.name for p in raw.iterdir()) == before
     assert pq.read_table(raw).num_rows == 1

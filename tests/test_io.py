@@ -63,7 +63,8 @@ def write_second_and_die_at(out: Path, point: str, exchange: bool) -> subprocess
     env = {**os.environ, "LLM_FAULT_POINT": point}
     if not exchange:
         env["LLM_NO_RENAME_EXCHANGE"] = "1"
-    return subprocess.run([sys.executable, "-c", WRITE_SECOND, str(out)], env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, "-c", WRITE_SECOND, str(out)], env=env, capture_output=True, text=True,
+                          timeout=60)
 
 
 @pytest.mark.parametrize("point, exchange, survivor", [
@@ -72,7 +73,8 @@ def write_second_and_die_at(out: Path, point: str, exchange: bool) -> subprocess
     ("atomic_dir.written", False, "first"),
     ("atomic_dir.between_renames", False, "first"),   # old moved aside, new not yet in place: the window
 ])
-def test_a_kill_at_any_instant_leaves_the_old_output_or_the_new_one(tmp_path: Path, point: str, exchange: bool, survivor: str):
+def test_a_kill_at_any_instant_leaves_the_old_output_or_the_new_one(tmp_path: Path, point: str, exchange: bool,
+                                                                    survivor: str):
     out = tmp_path / "out"
     with atomic_dir(out) as tmp:
         (tmp / "a.txt").write_text("first")
@@ -93,11 +95,13 @@ def test_a_file_killed_before_its_rename_keeps_the_previous_one(tmp_path: Path):
     out = tmp_path / "m.json"
     write_json(out, {"v": 1})
     code = "import sys; from llm.io import write_json; write_json(sys.argv[1], {'v': 2})"
-    proc = subprocess.run([sys.executable, "-c", code, str(out)], env={**os.environ, "LLM_FAULT_POINT": "atomic_file.written"},
+    proc = subprocess.run([sys.executable, "-c", code, str(out)],
+                          env={**os.environ, "LLM_FAULT_POINT": "atomic_file.written"},
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == -9, proc.stderr
     assert read_json(out) == {"v": 1}
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".m.json.tmp-")]  # the finished new file, never renamed
+    # the finished new file, never renamed
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".m.json.tmp-")]
     remove_stale_siblings(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
 
@@ -106,7 +110,8 @@ def test_the_next_stage_removes_what_any_killed_stage_left(tmp_path: Path):
     """A killed `clean` leaves data/.clean.tmp-PID; the next command is `llm shards`, not clean."""
     layout = Layout(tmp_path)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    leftovers = [layout.data / f".clean.tmp-{int(dead.stdout)}", layout.checkpoints / f".last.pt.tmp-{int(dead.stdout)}",
+    leftovers = [layout.data / f".clean.tmp-{int(dead.stdout)}",
+                 layout.checkpoints / f".last.pt.tmp-{int(dead.stdout)}",
                  layout.metrics_dir / f".train.json.tmp-{int(dead.stdout)}"]
     for p in leftovers:
         p.parent.mkdir(parents=True, exist_ok=True)

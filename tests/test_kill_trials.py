@@ -68,7 +68,8 @@ def reference(tmp_path_factory) -> tuple[Path, dict[str, str], dict[str, float]]
     stage` line to the stage's `done in` line: the range the timed kills fall in."""
     root = make_dvc_project(tmp_path_factory.mktemp("kill_reference"), n_plays=4, max_chars=10_000)
     run([dvc_bin(), "config", "core.analytics", "false"], root)
-    proc = subprocess.Popen([dvc_bin(), "repro"], cwd=root, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([dvc_bin(), "repro"], cwd=root, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     lines = [(time.monotonic(), line) for line in proc.stdout]  # type: ignore[union-attr]
     assert proc.wait(timeout=600) == 0, "".join(line for _, line in lines)[-3000:]
     begun = {m[1]: t for t, line in lines if (m := re.search(r"Running stage '(\w+)'", line))}
@@ -118,7 +119,8 @@ def kill_during(cmd: list[str], cwd: Path, stage: str, delay: float, extra_env: 
     it), then SIGKILL everything in the project after `delay` seconds: nothing gets to clean up.
     Returns the output and whether the stage's process was still running when the kill came."""
     _become_subreaper()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env(**extra_env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env(**extra_env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True,
                             start_new_session=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)  # type: ignore[arg-type]
@@ -207,7 +209,8 @@ def downstream_assets(root: Path, stage: str) -> list[str]:
 
 
 @pytest.mark.parametrize("trial", trial_plan(21), ids=lambda t: f"{t['trial']}-{t['via']}-{t['stage']}")
-def test_a_kill_inside_a_stage_loses_nothing_and_the_rerun_is_identical(reference, tmp_path: Path, trial: dict, record_property):
+def test_a_kill_inside_a_stage_loses_nothing_and_the_rerun_is_identical(reference, tmp_path: Path, trial: dict,
+                                                                        record_property):
     ref_root, ref_hashes, seconds = reference
     root = tmp_path / "project"
     shutil.copytree(ref_root, root, symlinks=True)
@@ -233,7 +236,8 @@ def test_a_kill_inside_a_stage_loses_nothing_and_the_rerun_is_identical(referenc
         assert inside, f"{trial['point']} never came in {stage}:\n{out[-3000:]}"
     assert started(out, stage), out[-3000:]  # a run that failed before the stage would make the trial vacuous
     found = partial_artifacts(root)
-    rerun = subprocess.run([dvc_bin(), "repro", "--no-run-cache"], cwd=root, env=env(), capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run([dvc_bin(), "repro", "--no-run-cache"], cwd=root, env=env(), capture_output=True, text=True,
+                           timeout=600)
     # Counted by conftest.py over all trials (across pytest-xdist workers) and printed at the end.
     record_property("kill_trial", {"partial": len(found), "rerun_failed": rerun.returncode != 0,
                                    "inside": inside})

@@ -25,7 +25,8 @@ def test_a_rung_takes_its_shape_and_the_ladders_budget():
 
 @pytest.mark.parametrize("rung, message", [
     ({"bad name": {"n_layer": 1, "n_head": 2, "n_embd": 16}}, "rung name 'bad name' must be letters"),
-    ({"a": {"n_layer": 1, "n_head": 3, "n_embd": 16}}, "ladder.rungs.a: Value error, n_embd (16) must be a multiple of n_head (3)"),
+    ({"a": {"n_layer": 1, "n_head": 3, "n_embd": 16}},
+     "ladder.rungs.a: Value error, n_embd (16) must be a multiple of n_head (3)"),
 ])
 def test_bad_rungs_are_named(rung, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):

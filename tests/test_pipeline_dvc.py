@@ -58,7 +58,8 @@ def repo(template: Template, tmp_path: Path) -> Path:
 def test_repro_builds_every_stage(template: Template, repo: Path):
     assert ran_stages(template.first_repro) == ALL_STAGES
     for path in ("data/raw", "data/clean", "data/tokenizer/tokenizer.model", "data/shards/manifest.json",
-                 "models/checkpoints/last.pt", "models/final/model.safetensors", "metrics/eval.json", "reports/report.html"):
+                 "models/checkpoints/last.pt", "models/final/model.safetensors", "metrics/eval.json",
+                 "reports/report.html"):
         assert (repo / path).exists(), path
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert set(lock["stages"]) == set(ALL_STAGES)
@@ -142,7 +143,8 @@ def test_each_dvc_experiment_is_one_mlflow_run_named_after_it(repo: Path):
         assert runs[0].info.run_name == name
         assert runs[0].data.params["train.learning_rate"] == str(lr)
         assert runs[0].data.metrics["val_bpb"] == pytest.approx(val_bpb, abs=1e-5)
-    assert exps["lr3e-3"]["metrics"]["metrics/eval.json"]["data"]["val_bpb"] != exps["lr1e-3"]["metrics"]["metrics/eval.json"]["data"]["val_bpb"]
+    assert (exps["lr3e-3"]["metrics"]["metrics/eval.json"]["data"]["val_bpb"]
+            != exps["lr1e-3"]["metrics"]["metrics/eval.json"]["data"]["val_bpb"])
     diff = json.loads(run([dvc_bin(), "metrics", "diff", "HEAD", "lr3e-3", "--json"], repo))
     assert "val_bpb" in diff["metrics/eval.json"]
     plots = json.dumps(json.loads(run([dvc_bin(), "plots", "show", "--json"], repo)))

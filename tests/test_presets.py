@@ -60,7 +60,8 @@ def test_a_params_file_repeats_no_default_without_saying_why(path):
         if value != default_of(key):
             continue
         assert key in SHOWN_ON_PURPOSE, f"{path.name}: {key} = {value!r} is the default; drop it"
-        assert "#" in own_or_group_line(lines, key), f"{path.name}: {key} repeats the default without a comment saying why"
+        assert "#" in own_or_group_line(lines, key), (f"{path.name}: {key} repeats the default "
+                                                      "without a comment saying why")
 
 
 @pytest.mark.parametrize("path", [REPO / "params.yaml", *PRESETS], ids=lambda p: p.name)

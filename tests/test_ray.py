@@ -49,7 +49,8 @@ def write_mixed_corpus(corpus: Path) -> None:
 
 def params_for(engine: str, max_retries: int = 1, **override) -> Params:
     override = {"ingest": {"sources": ["corpus"], "batch_docs": 3, "max_bad_fraction": 0.5}, **override}
-    return parse_params(small_params(["corpus"], compute={"data_engine": engine, "max_retries": max_retries}, **override))
+    return parse_params(small_params(["corpus"], compute={"data_engine": engine, "max_retries": max_retries},
+                                     **override))
 
 
 def build(root: Path, params: Params, stages: list[str] = DATA_STAGES) -> None:
@@ -108,7 +109,8 @@ def _probe(i: int) -> tuple[int, int]:
 def test_results_come_in_order_and_the_init_runs_once_per_worker(tmp_path: Path, ray_cluster):
     log = tmp_path / "inits"
     compute = params_for("ray").compute
-    results = list(llm.parallel.ordered_map(_probe, range(40), 1, _init_probe, (str(log),), window_per_worker=3, compute=compute))
+    results = list(llm.parallel.ordered_map(_probe, range(40), 1, _init_probe, (str(log),), window_per_worker=3,
+                                            compute=compute))
     assert [i for i, _ in results] == list(range(40))
     inits = log.read_text().split()
     assert sorted(inits) == sorted({str(pid) for _, pid in results})  # one init per process that ran units
@@ -139,7 +141,8 @@ def test_an_error_in_a_unit_is_the_same_one_line_on_ray(tmp_path: Path, ray_clus
     assert "records.jsonl:2: not valid JSON" in messages["ray"] and "\n" not in messages["ray"]
 
 
-def test_a_killed_worker_is_retried_and_the_output_is_the_same(reference: Path, tmp_path: Path, ray_cluster, monkeypatch):
+def test_a_killed_worker_is_retried_and_the_output_is_the_same(reference: Path, tmp_path: Path, ray_cluster,
+                                                               monkeypatch):
     root = copy_outputs(reference, tmp_path, "data/raw")
     marker = tmp_path / "killed-once"
     monkeypatch.setenv("LLM_FAULT_POINT", "ray.task")  # the first unit to start SIGKILLs its worker...

@@ -14,7 +14,8 @@ from tests.test_train import project_from
 
 def test_report_renders_and_escapes_what_the_model_wrote(built, tmp_path: Path):
     hostile = "<script>alert('x')</script> ROMEO:"
-    root, params = project_from(built, tmp_path, report={"prompts": [hostile, "```\nJULIET:"], "temperatures": [0.8, 1.2]})
+    root, params = project_from(built, tmp_path, report={"prompts": [hostile, "```\nJULIET:"],
+                                                         "temperatures": [0.8, 1.2]})
     train(params, Layout(root))
     evaluate(params, Layout(root))
     report(params, Layout(root))
@@ -28,7 +29,8 @@ def test_report_renders_and_escapes_what_the_model_wrote(built, tmp_path: Path):
     assert "bz2" in html and "this model" in html
     assert f"peak lr {params.train.learning_rate:g}" in html and "tokens/step" in md
     assert "````text\n```\nJULIET:" in md  # a fence longer than the backticks the text holds
-    assert sorted(p.name for p in Layout(root).reports.iterdir()) == ["attention.png", "loss.png", "report.html", "report.md"]
+    assert sorted(p.name for p in Layout(root).reports.iterdir()) == ["attention.png", "loss.png", "report.html",
+                                                                      "report.md"]
 
 
 def test_what_the_model_writes_is_escaped_too(built, tmp_path: Path, monkeypatch):

@@ -9,7 +9,8 @@ from tests.test_model import tiny
 
 def test_kv_cache_gives_the_same_tokens_as_recomputing():
     model = tiny()  # block_size 32: generation runs past it, where the window slides
-    for sp in (SamplingParams(max_new_tokens=50, temperature=0.0), SamplingParams(max_new_tokens=50, temperature=1.0, top_k=20, seed=3)):
+    for sp in (SamplingParams(max_new_tokens=50, temperature=0.0),
+               SamplingParams(max_new_tokens=50, temperature=1.0, top_k=20, seed=3)):
         with_cache = generate(model, [1, 2, 3], sp, use_cache=True)
         without = generate(model, [1, 2, 3], sp, use_cache=False)
         assert with_cache == without and len(with_cache) == 50
@@ -59,10 +60,13 @@ def test_sample_cli_is_seeded_and_has_an_interactive_mode(built, tmp_path):
     root, params = project_from(built, tmp_path)
     train(params, Layout(root))
     cmd = [sys.executable, "-m", "llm.cli", "sample", "--max-new-tokens", "12", "--temperature", "1.0"]
-    runs = [subprocess.run(cmd + ["--prompt", "ROMEO:", "--seed", str(s)], cwd=root, capture_output=True, text=True, timeout=120)
+    runs = [subprocess.run(cmd + ["--prompt", "ROMEO:", "--seed", str(s)], cwd=root, capture_output=True, text=True,
+                           timeout=120)
             for s in (1, 1, 2)]
     assert all(r.returncode == 0 for r in runs), runs[0].stderr
     assert runs[0].stdout.startswith("ROMEO:") and runs[0].stdout == runs[1].stdout != runs[2].stdout
-    interactive = subprocess.run(cmd + ["--seed", "1"], cwd=root, input="ROMEO:\nJULIET:\n\n", capture_output=True, text=True, timeout=120)
+    interactive = subprocess.run(cmd + ["--seed", "1"], cwd=root, input="ROMEO:\nJULIET:\n\n", capture_output=True,
+                                 text=True, timeout=120)
     assert interactive.returncode == 0
-    assert interactive.stdout.count("> ") == 3 and runs[0].stdout.strip() in interactive.stdout and "JULIET:" in interactive.stdout
+    assert (interactive.stdout.count("> ") == 3 and runs[0].stdout.strip() in interactive.stdout
+            and "JULIET:" in interactive.stdout)

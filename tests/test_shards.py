@@ -77,7 +77,8 @@ def test_small_shard_size_rolls_several_shards(built):
 def test_every_document_ends_with_eos_and_decodes_to_its_text(built):
     root, params = built
     tok = Tokenizer.load(Layout(root).tokenizer)
-    texts = {d: t for b in iter_batches(Layout(root).clean, ["doc_id", "text"]) for d, t in zip(b.column(0).to_pylist(), b.column(1).to_pylist())}
+    texts = {d: t for b in iter_batches(Layout(root).clean, ["doc_id", "text"]) for d,
+             t in zip(b.column(0).to_pylist(), b.column(1).to_pylist())}
     table = shard_tables(root, "val")[0]
     for doc_id, tokens in zip(table.column("doc_id").to_pylist(), table.column("tokens").to_pylist()):
         assert tokens[-1] == tok.eos_id

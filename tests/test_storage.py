@@ -31,7 +31,8 @@ SERVER_START_TIMEOUT_S = 120
 
 def digests(root: Path) -> dict[str, str]:
     """sha256 of every file under root, by relative path."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def bucket_keys(endpoint: str, bucket: str) -> list[str]:
@@ -41,7 +42,8 @@ def bucket_keys(endpoint: str, bucket: str) -> list[str]:
 
 def sample(project: Path) -> str:
     """What `llm sample` prints for a fixed prompt and seed (stdout only: logs name paths)."""
-    cmd = ["llm", "sample", "--prompt", "ROMEO:", "--seed", "1", "--max-new-tokens", "20", "--params", str(project / "params.yaml")]
+    cmd = ["llm", "sample", "--prompt", "ROMEO:", "--seed", "1", "--max-new-tokens", "20", "--params",
+           str(project / "params.yaml")]
     env = {**os.environ, "PATH": f"{REPO / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}", "LLM_PROGRESS": "0"}
     proc = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -108,10 +110,12 @@ def mlflow_server(moto_s3: str, tmp_path: Path):
     s3_client(moto_s3).create_bucket(Bucket=bucket)
     port = free_port()
     # Only the server holds bucket credentials. Its job runner (GenAI jobs) is off: two cores here.
-    env = {**os.environ, **FAKE_AWS_ENV, "MLFLOW_S3_ENDPOINT_URL": moto_s3, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env = {**os.environ, **FAKE_AWS_ENV, "MLFLOW_S3_ENDPOINT_URL": moto_s3,
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     cmd = ["make", "-C", str(REPO), "--no-print-directory",
            "-o", "setup",  # the environment is set up already: do not re-check (or re-install) it
-           "mlflow-server", f"MLFLOW_SERVER_PORT={port}", f"MLFLOW_SERVER_STORE=sqlite:///{tmp_path / 'mlflow-server.db'}",
+           "mlflow-server", f"MLFLOW_SERVER_PORT={port}",
+           f"MLFLOW_SERVER_STORE=sqlite:///{tmp_path / 'mlflow-server.db'}",
            f"MLFLOW_ARTIFACTS=s3://{bucket}/mlartifacts"]
     log = tmp_path / "mlflow-server.log"
     with log.open("wb") as out:
@@ -129,7 +133,8 @@ def mlflow_server(moto_s3: str, tmp_path: Path):
             proc.wait(timeout=30)
 
 
-def test_training_tracks_into_an_mlflow_server_with_artifacts_in_s3(mlflow_server, moto_s3: str, built, tmp_path: Path, monkeypatch):
+def test_training_tracks_into_an_mlflow_server_with_artifacts_in_s3(mlflow_server, moto_s3: str, built, tmp_path: Path,
+                                                                    monkeypatch):
     from mlflow import MlflowClient
     from mlflow.artifacts import download_artifacts
 
@@ -157,8 +162,10 @@ def test_training_tracks_into_an_mlflow_server_with_artifacts_in_s3(mlflow_serve
 
     model_keys = [k for k in bucket_keys(moto_s3, bucket) if k.startswith("mlartifacts/") and run_id in k]
     assert any(k.endswith("/model/model.safetensors") for k in model_keys), model_keys
-    pulled = download_artifacts(run_id=run_id, artifact_path="model/model.safetensors", dst_path=str(tmp_path / "pulled"), tracking_uri=url)
-    assert Path(pulled).read_bytes() == (Layout(root).final / "model.safetensors").read_bytes()  # back through the server
+    pulled = download_artifacts(run_id=run_id, artifact_path="model/model.safetensors",
+                                dst_path=str(tmp_path / "pulled"), tracking_uri=url)
+    # back through the server
+    assert Path(pulled).read_bytes() == (Layout(root).final / "model.safetensors").read_bytes()
 
     champion = client.get_model_version_by_alias("llm-gpt", "champion")
     assert champion.run_id == run_id and str(champion.version) == "1"

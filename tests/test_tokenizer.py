@@ -63,7 +63,9 @@ def test_roundtrip_on_cleaned_like_text(built, text):
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.lists(st.sampled_from(["HAMLET", "To be", ", or not", " to be:", "\n", "  ", "\t", "é", "—", "’", "漢", "😀"]), max_size=60))
+@given(st.lists(st.sampled_from(["HAMLET", "To be", ", or not", " to be:", "\n", "  ", "\t", "é", "—", "’", "漢",
+                                 "😀"]),
+                max_size=60))
 def test_roundtrip_on_play_like_fragments(built, parts):
     tok = Tokenizer.load(Layout(built[0]).tokenizer)
     text = cleaned_like("".join(parts))
@@ -91,7 +93,8 @@ def test_pieces_do_not_depend_on_the_thread_count(built, tmp_path: Path, model_t
         d = tmp_path / f"t{threads}"
         (d / "data").mkdir(parents=True)
         (d / "data" / "clean").symlink_to(Layout(root).clean)
-        write_params(d, deep_update(load(root).model_dump(mode="json"), {"tokenizer": {"num_threads": threads, "model_type": model_type}}))
+        write_params(d, deep_update(load(root).model_dump(mode="json"),
+                                    {"tokenizer": {"num_threads": threads, "model_type": model_type}}))
         train_tokenizer(load(d), Layout(d))
         vocabs.append((Layout(d).tokenizer / "tokenizer.vocab").read_text(encoding="utf-8"))
         models.append((Layout(d).tokenizer / "tokenizer.model").read_bytes())
@@ -111,7 +114,8 @@ def test_other_model_types_round_trip(built, tmp_path: Path, model_type: str):
     root, _ = built
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "clean").symlink_to(Layout(root).clean)
-    write_params(tmp_path, deep_update(load(root).model_dump(mode="json"), {"tokenizer": {"model_type": model_type, "vocab_size": 400}}))
+    write_params(tmp_path, deep_update(load(root).model_dump(mode="json"),
+                                       {"tokenizer": {"model_type": model_type, "vocab_size": 400}}))
     stats = train_tokenizer(load(tmp_path), Layout(tmp_path))
     assert stats["val_roundtrip_failures"] == 0
     tok = Tokenizer.load(Layout(tmp_path).tokenizer)
@@ -129,7 +133,8 @@ def test_unreachable_vocab_size_is_a_user_error(built, tmp_path: Path):
     params = load(root).model_dump(mode="json")
     # The vocabulary check refuses it first, naming a vocab_size that fits ...
     write_params(tmp_path, deep_update(params, {"tokenizer": {"vocab_size": 200_000}}))
-    with pytest.raises(UserError, match=r"tokenizer: vocab_size 200000, which needs at least .* use tokenizer.vocab_size: \d+"):
+    with pytest.raises(UserError,
+                       match=r"tokenizer: vocab_size 200000, which needs at least .* use tokenizer.vocab_size: \d+"):
         train_tokenizer(load(tmp_path), Layout(tmp_path))
     # ... and without it sentencepiece's own refusal is one line too.
     write_params(tmp_path, deep_update(params, {"tokenizer": {"vocab_size": 200_000, "min_bytes_per_piece": 0}}))
@@ -145,7 +150,8 @@ def test_clean_defaults_keep_text_cleaned_like():
 
 
 @settings(max_examples=500, deadline=None)
-@given(st.text(alphabet=st.sampled_from(list("ab e1 2.,'\n\t  éЖ漢😀\u00a0-_")) | st.characters(blacklist_categories=("Cs",)), max_size=200))
+@given(st.text(alphabet=st.sampled_from(list("ab e1 2.,'\n\t  éЖ漢😀\u00a0-_"))
+               | st.characters(blacklist_categories=("Cs",)), max_size=200))
 def test_word_cached_encoding_equals_sentencepiece(built, text):
     tok = Tokenizer.load(Layout(built[0]).tokenizer)
     assert tok.encode_words(text) == tok.encode(text)

@@ -48,8 +48,10 @@ def test_two_seeded_runs_give_identical_weights(built, tmp_path: Path):
     wa, wb = weights(a), weights(b)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     files = sorted(p.name for p in Layout(a).final.iterdir())
-    assert all((Layout(a).final / f).read_bytes() == (Layout(b).final / f).read_bytes() for f in files)  # the whole artifact
-    assert read_json(Layout(a).metrics("train"))["final_val_loss"] == read_json(Layout(b).metrics("train"))["final_val_loss"]
+    # the whole artifact
+    assert all((Layout(a).final / f).read_bytes() == (Layout(b).final / f).read_bytes() for f in files)
+    assert (read_json(Layout(a).metrics("train"))["final_val_loss"]
+            == read_json(Layout(b).metrics("train"))["final_val_loss"])
 
 
 @pytest.mark.slow
@@ -59,7 +61,8 @@ def test_compiled_training_on_two_threads_gives_the_same_weights_in_two_processe
     hashes = []
     for name in ("a", "b"):
         root, _ = project_from(built, tmp_path / name, train={"compile": True, "threads": 2, "max_steps": 8})
-        proc = subprocess.run([sys.executable, "-m", "llm.cli", "train"], cwd=root, capture_output=True, text=True, timeout=600,
+        proc = subprocess.run([sys.executable, "-m", "llm.cli", "train"], cwd=root, capture_output=True, text=True,
+                              timeout=600,
                               env={**os.environ, "LLM_PROGRESS": "0"})
         assert proc.returncode == 0, proc.stderr[-3000:]
         hashes.append((Layout(root).final / "model.safetensors").read_bytes())
@@ -92,9 +95,11 @@ def test_bf16_on_a_cpu_without_it_is_a_one_line_error(monkeypatch):
     assert device_module.pick_device("cpu", 0, "auto").dtype == torch.float32
 
 
-CLASSIC = {"model": {"position": "learned", "norm": "layernorm", "qk_norm": False, "mlp": "gelu", "zero_init": False, "bias": True},
+CLASSIC = {"model": {"position": "learned", "norm": "layernorm", "qk_norm": False, "mlp": "gelu", "zero_init": False,
+                     "bias": True},
            "train": {"optimizer": "adamw", "schedule": "cosine"}}
-MODERN = {"model": {"position": "rope", "norm": "rmsnorm", "qk_norm": True, "mlp": "swiglu", "zero_init": True, "bias": False},
+MODERN = {"model": {"position": "rope", "norm": "rmsnorm", "qk_norm": True, "mlp": "swiglu", "zero_init": True,
+                    "bias": False},
           "train": {"optimizer": "muon", "schedule": "wsd"}}
 
 
@@ -159,7 +164,8 @@ def test_a_checkpoint_written_by_other_code_is_not_resumed(built, tmp_path: Path
 def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(built, tmp_path: Path, monkeypatch):
     root, params = project_from(built, tmp_path)
     monkeypatch.setenv("LLM_FAULT_NAN", "train.rank0.step4")  # after step 4, rank 0 diverges: NaN at step 5
-    with pytest.raises(TrainingDiverged, match=r"train: loss is nan at step 5; the last good checkpoint is .*last.pt \(step 3\)"):
+    with pytest.raises(TrainingDiverged,
+                       match=r"train: loss is nan at step 5; the last good checkpoint is .*last.pt \(step 3\)"):
         train(params, Layout(root))
     ckpt = torch.load(Layout(root).checkpoints / "last.pt", weights_only=True)
     assert ckpt["step"] == 3
@@ -193,7 +199,9 @@ def test_mlflow_run_has_params_tags_per_step_metrics_and_the_model(built, tmp_pa
 
 def test_tokens_per_step_must_divide(built, tmp_path: Path):
     root, params = project_from(built, tmp_path, train={"tokens_per_step": 300})
-    with pytest.raises(UserError, match=r"train.tokens_per_step \(300\) must be a multiple of batch_size \* block_size \* processes \(4 \* 32 \* 1 = 128\)"):
+    with pytest.raises(UserError,
+                       match=r"train.tokens_per_step \(300\) must be a multiple of batch_size \* block_size \* "
+                             r"processes \(4 \* 32 \* 1 = 128\)"):
         train(params, Layout(root))
 
 
@@ -207,7 +215,8 @@ def test_learning_rate_schedule():
 
 
 def test_warmup_stable_decay_schedule():
-    tp = TrainParams(learning_rate=1.0, min_lr_ratio=0.1, warmup_steps=10, max_steps=110, schedule="wsd", decay_fraction=0.2)
+    tp = TrainParams(learning_rate=1.0, min_lr_ratio=0.1, warmup_steps=10, max_steps=110, schedule="wsd",
+                     decay_fraction=0.2)
     assert lr_at(0, tp) == pytest.approx(0.1) and lr_at(9, tp) == pytest.approx(1.0)
     assert all(lr_at(s, tp) == 1.0 for s in range(10, 88))  # stable until the last 22 steps
     assert lr_at(99, tp) == pytest.approx(1.0 - 0.9 * 11 / 22)  # linear on the way down
@@ -224,11 +233,13 @@ def test_train_outputs(built, tmp_path: Path):
     # Throughput over the steps' own time: not more than the tokens over the time left after evaluating.
     step_seconds = summary["train_seconds"] - summary["eval_seconds"]
     rate = summary["tokens_per_sec"]  # (the bounds allow for the rounding of seconds to 0.1)
-    assert 0.9 * summary["tokens_seen"] / summary["train_seconds"] <= rate <= 1.25 * summary["tokens_seen"] / step_seconds
+    assert (0.9 * summary["tokens_seen"] / summary["train_seconds"] <= rate
+            <= 1.25 * summary["tokens_seen"] / step_seconds)
     assert 0 < summary["mfu"] < 1 and summary["tokens_per_sec_per_device"] == summary["tokens_per_sec"]
     # The initial val loss is measured on the untrained model: near ln(vocab), not equal to it.
     assert summary["final_val_loss"] < summary["initial_val_loss"]
-    assert abs(summary["initial_val_loss"] - math.log(512)) < 0.2 and summary["initial_val_loss"] != round(math.log(512), 5)
+    assert (abs(summary["initial_val_loss"] - math.log(512)) < 0.2
+            and summary["initial_val_loss"] != round(math.log(512), 5))
     rows = lay.loss_csv.read_text().splitlines()
     assert rows[0] == "step,tokens,train_loss,val_loss,lr" and [r.split(",")[0] for r in rows[1:]] == ["3", "6"]
 

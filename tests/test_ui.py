@@ -88,7 +88,8 @@ def stop(*procs: subprocess.Popen, grace: float = 10.0) -> None:
 
 def node_status(page, name: str, seconds: float = 60) -> str:
     """The text of an asset's node in the graph, once its status has loaded."""
-    node = page.locator("foreignObject").filter(has=page.locator(f'[data-tooltip="{name}"]')).filter(has_text="Latest event").first
+    node = page.locator("foreignObject").filter(has=page.locator(f'[data-tooltip="{name}"]')).filter(has_text="Latest "
+                                                                                                              "event").first
     node.wait_for(timeout=seconds * 1000)
     deadline = time.monotonic() + seconds
     text = node.text_content() or ""
@@ -110,7 +111,8 @@ def served(tmp_path_factory):
 
     browser_bin = chromium()
     tmp = tmp_path_factory.mktemp("ui")
-    project = make_dvc_project(tmp / "project", n_plays=6, max_chars=15_000, orchestration={"sensor_interval_seconds": 5})
+    project = make_dvc_project(tmp / "project", n_plays=6, max_chars=15_000,
+                               orchestration={"sensor_interval_seconds": 5})
     run([dvc_bin(), "repro"], project)  # in a terminal, outside Dagster
     home = tmp / "dagster_home"
     home.mkdir()
@@ -214,7 +216,8 @@ def test_the_report_renders_with_its_images_loaded(served, artifacts: Path):
     page.goto((project / "reports" / "report.html").as_uri())
     images = page.locator("img")
     assert images.count() >= 2
-    broken = page.evaluate("() => [...document.images].filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt)")
+    broken = page.evaluate("() => [...document.images].filter(i => !(i.complete && i.naturalWidth > 0))"
+                           ".map(i => i.alt)")
     page.screenshot(path=str(artifacts / "report.png"), full_page=True)
     assert broken == []
 
@@ -229,19 +232,23 @@ def test_make_ui_started_from_a_script_stops_every_process_on_a_signal_to_make(t
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "LLM_PROGRESS": "0"}
     log = tmp_path / "make_ui.log"
     with open(log, "w") as out:
-        make = subprocess.Popen(["make", "-s", "ui", f"DAGSTER_HOME={home}", f"DAGSTER_PORT={dagster_port}", f"MLFLOW_PORT={mlflow_port}"],
-                                cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        make = subprocess.Popen(["make", "-s", "ui", f"DAGSTER_HOME={home}", f"DAGSTER_PORT={dagster_port}",
+                                 f"MLFLOW_PORT={mlflow_port}"],
+                                cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     tree: list = []
     try:
         wait_for(f"http://127.0.0.1:{dagster_port}/server_info", make, log)
         wait_for(f"http://127.0.0.1:{mlflow_port}/health", make, log)
         tree = psutil.Process(make.pid).children(recursive=True)
-        assert any("dagster" in " ".join(p.cmdline()) for p in tree) and any("mlflow" in " ".join(p.cmdline()) for p in tree)
+        assert (any("dagster" in " ".join(p.cmdline()) for p in tree)
+                and any("mlflow" in " ".join(p.cmdline()) for p in tree))
         os.kill(make.pid, sig)
         gone, alive = psutil.wait_procs(tree, timeout=15)
         assert not alive, f"still running 15 s after {sig.name} to make: {[' '.join(p.cmdline())[:120] for p in alive]}"
         assert "stopping the UIs" in log.read_text()
-        assert f"MLflow UI:  http://127.0.0.1:{mlflow_port}/#/experiments?workflowType=machine_learning" in log.read_text()
+        assert (f"MLflow UI:  http://127.0.0.1:{mlflow_port}/#/experiments?workflowType=machine_learning"
+                in log.read_text())
     finally:  # a failed test leaves nothing running either
         for p in tree:
             with contextlib.suppress(psutil.NoSuchProcess):

@@ -70,7 +70,8 @@ def fix_unicode(text: str) -> str:
     return text.replace("\u2581", "_")
 
 
-_BLOCKS = {"paragraph", "heading", "lheading", "code_block", "fence", "blockquote", "list_item", "table", "thematic_break"}
+_BLOCKS = {"paragraph", "heading", "lheading", "code_block", "fence", "blockquote", "list_item", "table",
+           "thematic_break"}
 _SKIP = {"html_block", "html_inline", "image_reference"}
 _MD = None
 
@@ -314,7 +315,8 @@ def clean(params: Params, layout: Layout) -> dict:
         bar.close()
         if report.documents_out == 0:
             raise UserError(
-                f"clean: every document was removed ({_top_reasons(report)}); loosen clean.quality or the dedup thresholds"
+                f"clean: every document was removed ({_top_reasons(report)}); loosen clean.quality "
+                "or the dedup thresholds"
             )
     result = report.as_dict()
     write_json(report_path, result)

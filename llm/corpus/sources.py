@@ -134,7 +134,8 @@ class ReadCounts:
         raise UserError(
             f"ingest: {self.bad_records} of {total} records are bad ({self.bad_records / total:.1%}, more than "
             f"ingest.max_bad_fraction {max_fraction:g}); {n} in {worst}, first {first}; "
-            f"check ingest.text_field, or raise ingest.max_bad_fraction to skip them (ingest.on_bad_record: fail stops at the first)"
+            "check ingest.text_field, or raise ingest.max_bad_fraction to skip them "
+            "(ingest.on_bad_record: fail stops at the first)"
         )
 
 
@@ -553,7 +554,8 @@ def iter_documents(
         resolved.append((params.inbox, entries))
     units = [(source, entry) for source, entries in resolved for entry in entries]
     if compute is not None and compute.data_engine == "ray":
-        files = ordered_map(_read_unit, units, 1, _init_reader, (params,), compute=compute, stage="ingest", unit_name=_unit_name)
+        files = ordered_map(_read_unit, units, 1, _init_reader, (params,), compute=compute, stage="ingest",
+                            unit_name=_unit_name)
     else:
         files = ((source, Reader(source, params, counts).read(entry), None) for source, entry in units)
     for source, docs, read_apart in files:

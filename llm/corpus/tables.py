@@ -66,7 +66,8 @@ def _schemas():
             "doc_id": pdx.Column(str, pdx.Check.str_matches(r"^[0-9a-f]{32}$"), nullable=False),
             "source": pdx.Column(str, pdx.Check.str_length(min_value=1), nullable=False),
             "uri": pdx.Column(str, pdx.Check.str_length(min_value=1), nullable=False),
-            "text": pdx.Column(str, pdx.Check(not_blank, element_wise=False, error="text is not blank"), nullable=False),
+            "text": pdx.Column(str, pdx.Check(not_blank, element_wise=False, error="text is not blank"),
+                               nullable=False),
             "n_bytes": pdx.Column("int64", pdx.Check.gt(0), nullable=False),
         }
 
