@@ -59,7 +59,8 @@ def small_params(sources: list[str], **override: Any) -> dict:
         "seed": 7,
         "ingest": {"sources": sources, "batch_docs": 3},  # several row groups: parallel work units
         "clean": {"num_workers": 1},
-        "split": {"val_fraction": 0.25},
+        # min_units 2: these slices are a few equal documents, which stay whole (tests/test_split.py cuts them)
+        "split": {"val_fraction": 0.25, "min_units": 2},
         # min_bytes_per_piece: these corpora are far smaller than any a user would train a tokenizer on.
         "tokenizer": {"vocab_size": 512, "num_threads": 1, "min_bytes_per_piece": 20},
         "shards": {"num_workers": 1, "shard_tokens": 20_000},

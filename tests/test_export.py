@@ -11,7 +11,7 @@ import torch
 
 from llm.artifacts import load_final
 from llm.errors import UserError
-from llm.evaluate import ValDocs
+from llm.evaluate import cover_val
 from llm.export import architecture, export
 from llm.layout import Layout
 from llm.sample import SamplingParams, generate
@@ -49,7 +49,7 @@ def test_the_exported_model_loads_in_transformers_and_computes_the_same(built, t
     ours, sp, _ = load_final(layout.final)
 
     # Logits on val blocks: within 1e-4 in fp32.
-    docs = ValDocs(layout.shards, 4096)
+    docs = cover_val(layout.shards, 4096)
     block = ours.config.block_size
     x = torch.from_numpy(docs.stream[: 4 * block].reshape(4, block))
     with torch.no_grad():
