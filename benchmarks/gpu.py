@@ -1091,9 +1091,9 @@ def worker_parity(args: dict) -> dict:
     hf_tok = AutoTokenizer.from_pretrained(run_dir / "models" / "hf")
     block, vocab = ours.config.block_size, ours.config.vocab_size
     try:
-        from llm.evaluate import ValDocs
+        from llm.evaluate import cover_val
 
-        stream = ValDocs(run_dir / "data" / "shards", 4 * block).stream
+        stream = cover_val(run_dir / "data" / "shards", 4 * block).stream
         rows = max(1, min(4, len(stream) // block))
         x = torch.as_tensor(stream[: rows * block].astype("int64")).reshape(rows, block)
         source = "val tokens"
