@@ -18,13 +18,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from functools import cache, cached_property, partial
 from itertools import compress
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 from pydantic import Field
 from pydantic.fields import FieldInfo
 
-if TYPE_CHECKING:
-    from llm.config import CleanParams
+# The `params` of from_params is llm.config.CleanParams, not imported: llm/config.py imports this module.
+CleanParams = Any
 
 # A whitespace-delimited word none of whose characters is a letter ([^\W\d_] is a letter).
 _WORD_WITHOUT_LETTER = re.compile(r"(?<!\S)(?:(?![^\W\d_])\S)+(?!\S)")
