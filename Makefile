@@ -16,7 +16,7 @@ export PIP_CONSTRAINT := constraints.txt
 # Dagster keeps its runs and event logs here (sqlite); unset, it would use a temporary instance.
 export DAGSTER_HOME := $(CURDIR)/.dagster
 
-.PHONY: setup run test lint bench bench-pipeline ui mlflow-server clean-env gpu-check gpu-prep
+.PHONY: setup run test lint bench bench-pipeline ui mlflow-server clean-env gpu-check gpu-prep llama-cpp
 
 setup: $(VENV)/.installed $(BIN)/dvc .dvc/config data/inbox $(DAGSTER_HOME)/dagster.yaml .env
 
@@ -65,6 +65,36 @@ else
 	PATH=$(CURDIR)/$(BIN):$$PATH dvc repro
 endif
 
+# llama.cpp, the client the GGUF tests run (tests/test_gguf.py): llama-cpp-python built from its
+# source package (it ships llama.cpp; PyPI has no binary wheel), and from the same build llama.cpp's
+# llama-completion and its converter (convert_hf_to_gguf.py). Built once per machine into
+# LLAMA_CPP_HOME (cmake and a C++ compiler; minutes on 2 cores), then reused by every checkout.
+# Portable CPU flags: -march=native turns on AMX kernels, which die with SIGILL where the CPU lists
+# AMX but the kernel or sandbox does not grant it.
+LLAMA_CPP_VERSION := 0.3.36
+export LLAMA_CPP_HOME ?= $(HOME)/.cache/llm-pipeline/llama-cpp-python-$(LLAMA_CPP_VERSION)
+LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+NPROC := $(shell nproc 2>/dev/null || echo 2)
+
+$(LLAMA_CPP_HOME)/.built:
+	rm -rf $(LLAMA_CPP_HOME) && mkdir -p $(LLAMA_CPP_HOME)
+	$(PIP) download --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_VERSION) -d $(LLAMA_CPP_HOME)
+	tar -xzf $(LLAMA_CPP_HOME)/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C $(LLAMA_CPP_HOME)
+	mv $(LLAMA_CPP_HOME)/llama_cpp_python-$(LLAMA_CPP_VERSION) $(LLAMA_CPP_HOME)/src
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$(NPROC) $(PIP) wheel --no-deps $(LLAMA_CPP_HOME)/src \
+		-w $(LLAMA_CPP_HOME)/wheels --config-settings=build-dir=$(LLAMA_CPP_HOME)/build
+	cmake -S $(LLAMA_CPP_HOME)/src -B $(LLAMA_CPP_HOME)/build -DLLAMA_BUILD_TOOLS=ON > /dev/null
+	cmake --build $(LLAMA_CPP_HOME)/build --target llama-completion -j $(NPROC) > /dev/null
+	ln -sf $$(find $(LLAMA_CPP_HOME)/build -name llama-completion -type f -perm -u+x | head -1) $(LLAMA_CPP_HOME)/llama-completion
+	touch $@
+
+$(VENV)/.llama-cpp: $(LLAMA_CPP_HOME)/.built | $(VENV)/.installed
+	$(PIP) install --force-reinstall --no-deps $(LLAMA_CPP_HOME)/wheels/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
+	$(PIP) install $(LLAMA_CPP_HOME)/wheels/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
+	touch $@
+
+llama-cpp: $(VENV)/.llama-cpp
+
 # pytest-xdist runs the test files on TEST_WORKERS processes, a file on one worker (--dist loadfile):
 # a module's fixtures (a built project, the Ray cluster, the S3 server) are made once. Most of a
 # test waits on the subprocesses it starts (DVC, the stages, servers), so 2 workers on 2 cores take
@@ -73,7 +103,7 @@ TEST_WORKERS ?= 2
 
 # The browser tests' screenshots go to test-artifacts/ (gitignored); pytest alone puts them in a
 # temporary directory unless TEST_ARTIFACTS is set.
-test: setup lint
+test: setup lint llama-cpp
 	PATH=$(CURDIR)/$(BIN):$$PATH TEST_ARTIFACTS=$${TEST_ARTIFACTS:-$(CURDIR)/test-artifacts} $(BIN)/python -m pytest -q --durations=20 \
 		-n $(TEST_WORKERS) --dist loadfile
 

@@ -70,16 +70,26 @@ def report_metadata(layout: Layout) -> dict:
 
 
 def export_metadata(layout: Layout) -> dict:
+    from llm.gguf_export import MANIFEST, file_name
     from llm.io import read_json
 
     config = read_json(layout.hf / "config.json")
-    return {
+    gguf = read_json(layout.gguf / MANIFEST)
+    out = {
         "architecture": ", ".join(config.get("architectures", [])),
         "path": dg.MetadataValue.path(str(layout.hf)),
         "files": ", ".join(sorted(p.name for p in layout.hf.iterdir())),
         "load it": ui.fenced(f'AutoModelForCausalLM.from_pretrained("{layout.hf}")\n'
                              f'AutoTokenizer.from_pretrained("{layout.hf}")'),
+        "GGUF files": ui.table([{"file": f"{layout.gguf.name}/{name}", "size": f"{size / 1e6:.2f} MB", "bytes": size}
+                                for name, size in gguf["files"].items()]),
     }
+    if gguf["architecture"]:
+        out["run it in llama.cpp"] = ui.fenced(f'llama-completion -m {layout.gguf / file_name("f32")} -p "ROMEO:" '
+                                               f"-n 64 -no-cnv")
+    else:
+        out["no GGUF"] = gguf["reason"]
+    return out
 
 
 # ----------------------------------------------------------------------------- checks

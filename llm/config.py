@@ -365,6 +365,12 @@ class ReportParams(_Group):
     seed: int = 1337
 
 
+class ExportParams(_Group):
+    license: str = "other"
+    """The weights' license, written into the GGUF (general.license): an SPDX id as Hugging Face
+    model cards write it (mit, apache-2.0, cc-by-4.0), or other."""
+
+
 class TrackingParams(_Group):
     enabled: bool = True
     """Record runs in MLflow. Off, training needs no MLflow (a bare GPU node) and logs only."""
@@ -440,6 +446,7 @@ class Params(BaseModel):
     evaluate: EvaluateParams = EvaluateParams()
     sample: SampleParams = SampleParams()
     report: ReportParams = ReportParams()
+    export: ExportParams = ExportParams()
     tracking: TrackingParams = TrackingParams()
     ladder: LadderParams = LadderParams(rungs={
         "xs": RungParams(n_layer=1, n_head=2, n_embd=32),

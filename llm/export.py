@@ -1,4 +1,5 @@
-"""Stage `export`: models/final -> models/hf/, a Hugging Face model and tokenizer.
+"""Stage `export`: models/final -> models/hf/, a Hugging Face model and tokenizer, and
+models/gguf/, the same model for llama.cpp (llm/gguf_export.py).
 
 `transformers.AutoModelForCausalLM.from_pretrained("models/hf")` and
 `AutoTokenizer.from_pretrained("models/hf")` load it offline with no custom code. Every recipe is
@@ -22,8 +23,11 @@ import torch
 
 from llm.artifacts import load_final
 from llm.config import Params
+from llm.dvclock import training_data_hashes
 from llm.errors import UserError
-from llm.io import atomic_dir
+from llm.gguf_export import MANIFEST as GGUF_MANIFEST
+from llm.gguf_export import export_gguf
+from llm.io import atomic_dir, write_json
 from llm.layout import Layout
 from llm.model import GPT, NORM_EPS, GPTConfig
 from llm.tokenizer import Tokenizer
@@ -163,11 +167,14 @@ def export(params: Params, layout: Layout) -> dict:
     with atomic_dir(layout.hf) as tmp:
         hf_model.save_pretrained(tmp, safe_serialization=True)
         hf_tokenizer(tok).save_pretrained(tmp)
-    if params.tracking.enabled:
-        _track(params, layout)
     files = sorted(p.name for p in layout.hf.iterdir())
     log.info("export: %s model in %s (%s)", arch, layout.hf, ", ".join(files))
-    return {"architecture": arch, "path": str(layout.hf), "files": files}
+    with atomic_dir(layout.gguf) as tmp:
+        gguf = export_gguf(params, tmp, arch, model.config, tok, state, training_data_hashes(layout.root))
+        write_json(tmp / GGUF_MANIFEST, gguf)
+    if params.tracking.enabled:
+        _track(params, layout)
+    return {"architecture": arch, "path": str(layout.hf), "files": files, "gguf": gguf}
 
 
 def _track(params: Params, layout: Layout) -> None:
@@ -177,5 +184,6 @@ def _track(params: Params, layout: Layout) -> None:
 
     with resume_run(layout.metrics("train"), layout.root, params) as run:
         mlflow.log_artifacts(str(layout.hf), artifact_path="hf")
+        mlflow.log_artifacts(str(layout.gguf), artifact_path="gguf")
         log.info("export: logged to MLflow run %s", run.info.run_id)
 

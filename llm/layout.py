@@ -60,6 +60,11 @@ class Layout:
         return self.models / "hf"
 
     @property
+    def gguf(self) -> Path:
+        """The model in llama.cpp's format (llm export)."""
+        return self.models / "gguf"
+
+    @property
     def reports(self) -> Path:
         return self.run_dir or self.root / "reports"
 

@@ -41,8 +41,8 @@ STAGES: dict[str, Stage] = {
     "report": Stage("llm.report:report",
                     "Model card, metrics against baselines, loss curve, samples and attention diagnostics."),
     "export": Stage("llm.export:export",
-                    "The final model and tokenizer in Hugging Face's format (transformers loads them with no "
-                    "custom code)."),
+                    "The final model in Hugging Face's format (models/hf, for transformers) and llama.cpp's "
+                    "(models/gguf, for llama.cpp and ollama)."),
 }
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from llm.config import Params
-from llm.dvclock import locked_outs
+from llm.dvclock import training_data_hashes
 from llm.io import read_json
 
 log = logging.getLogger(__name__)
@@ -69,9 +69,7 @@ def git_commit(root: Path) -> str:
 
 def dvc_hashes(root: Path) -> dict[str, str]:
     """DVC's hashes of the data outputs, from dvc.lock (absent outside `dvc repro`)."""
-    locked = locked_outs(root)
-    data = {"tokenizer": "data/tokenizer", "shards": "data/shards"}
-    return {f"dvc.{stage}.md5": locked[stage][out] for stage, out in data.items() if out in locked.get(stage, {})}
+    return {f"dvc.{stage}.md5": md5 for stage, md5 in training_data_hashes(root).items()}
 
 
 # MLflow 3 opens an experiment in its GenAI view (traces) unless it is marked as model training.

@@ -228,6 +228,9 @@ def test_each_asset_page_shows_what_its_stage_produced(materialized):
     assert [r.data["model"] for r in evaluation["against baselines"].records][0] == "this model"
     assert meta["report"]["path"] == str(root / "reports" / "report.html")
     assert "ROMEO:" in meta["report"]["samples"]
+    gguf = {r.data["file"]: r.data["bytes"] for r in meta["export"]["GGUF files"].records}
+    assert set(gguf) == {"gguf/model-f32.gguf", "gguf/model-q8_0.gguf", "gguf/Modelfile"}
+    assert all(size == (root / "models" / name).stat().st_size for name, size in gguf.items())
 
 
 @pytest.mark.slow

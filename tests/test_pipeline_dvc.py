@@ -69,6 +69,18 @@ def test_repro_builds_every_stage(template: Template, repo: Path):
     assert "val_bytes_per_token" in metrics and "documents_out" in metrics and "val_bpb" in metrics
 
 
+def test_repro_exports_a_gguf_that_names_its_training_data(repo: Path):
+    import gguf
+
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    assert {o["path"] for o in lock["export"]["outs"]} == {"models/hf", "models/gguf"}
+    assert {"model-f32.gguf", "model-q8_0.gguf", "Modelfile", "export.json"} <= {p.name for p in
+                                                                                 (repo / "models/gguf").iterdir()}
+    fields = gguf.GGUFReader(repo / "models/gguf/model-f32.gguf").fields
+    shards = next(o["md5"] for o in lock["shards"]["outs"] if o["path"] == "data/shards")
+    assert fields["llm_pipeline.dvc.shards.md5"].contents() == shards
+
+
 def test_second_repro_does_nothing(repo: Path):
     out = run([dvc_bin(), "repro"], repo)
     assert ran_stages(out) == []
