@@ -14,6 +14,12 @@ a plain matmul in the training dtype (fp32, or bf16 autocast: --precision) measu
 same process, the best of repeated runs. Tokens/s likewise: the best of --rounds timed windows
 (the median window's MFU is printed beside it). Prints a table and writes
 benchmarks/out/train.json.
+
+    python benchmarks/train.py --against 07e8c6c     # this tree against a commit, tokens/s ratios
+
+--against REF checks REF out into a temporary git worktree and runs its benchmarks/train.py and
+this one alternately (--repeats times each, same arguments, one process at a time), then prints
+each row's best tokens/s of both and their ratio: a regression check on a shared, noisy machine.
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ import argparse
 import itertools
 import json
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -132,7 +140,11 @@ def main() -> None:
     ap.add_argument("--precision", default=t.precision,
                     help="comma-separated CPU training precisions: auto, fp32, bf16 (default: params.yaml's); each "
                          "against its own peak")
+    ap.add_argument("--against", metavar="REF", help="compare with this git commit (see above)")
+    ap.add_argument("--repeats", type=int, default=2, help="with --against: runs of each tree, alternating")
     args = ap.parse_args()
+    if args.against:
+        return against(args)
     rows, peaks = [], {}
     compiles = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
     for precision in args.precision.split(","):
@@ -163,6 +175,37 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": device.name, "peak_flops": peaks, "rows": rows}, indent=2))
     print(f"\nwrote {out.relative_to(REPO)}")
+
+
+def against(args: argparse.Namespace) -> None:
+    """Run REF's benchmark and this one alternately; print best tokens/s of each and the ratio."""
+    passed = [f"--{k}={v}" for k, v in vars(args).items()
+              if k in ("shapes", "recipes", "compile", "muon", "vocab", "steps", "warmup", "rounds", "device",
+                       "precision")]
+    best: dict[tuple, dict[str, int]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        ref = Path(tmp) / "ref"
+        subprocess.run(["git", "worktree", "add", "--detach", "-q", str(ref), args.against], cwd=REPO, check=True)
+        try:
+            for i in range(args.repeats):
+                for name, tree in ((args.against, ref), ("this tree", REPO)):
+                    print(f"run {i + 1}/{args.repeats}: {name}", flush=True)
+                    subprocess.run([sys.executable, str(tree / "benchmarks" / "train.py"), *passed], check=True,
+                                   cwd=tree, stdout=subprocess.DEVNULL)
+                    for r in json.loads((tree / "benchmarks" / "out" / "train.json").read_text())["rows"]:
+                        key = (r["shape"], r["optimizer"], r["dtype"], r["compile"])
+                        slot = best.setdefault(key, {})
+                        slot[name] = max(slot.get(name, 0), r["tokens_per_s"])
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(ref)], cwd=REPO, check=False)
+    head = (f"{'shape':<28} {'optimizer':<18} {'dtype':>8} {'compile':>7} {args.against:>12} {'this tree':>10} "
+            f"{'ratio':>6}")
+    print(head)
+    print("-" * len(head))
+    for (shape, optimizer, dtype, compiled), v in best.items():
+        old, new = v.get(args.against, 0), v.get("this tree", 0)
+        print(f"{shape:<28} {optimizer:<18} {dtype:>8} {'yes' if compiled else 'no':>7} {old:>12} {new:>10} "
+              f"{new / old if old else float('nan'):>6.2f}")
 
 
 if __name__ == "__main__":
