@@ -128,10 +128,18 @@ def launch(tp: TrainParams, worker_argv: list[str], run_id: str = "llm-train") -
 
 def describe_failure(err, world_size: int) -> str:
     """One line for a failed launch. A worker's own error line (it hands it over in torch
-    elastic's error file) is the message; otherwise how the first failed process ended."""
-    rank, failure = err.get_first_failure()
-    message = failure.message if isinstance(failure.message, str) else ""
-    if failure.exitcode > 0 and message and "To enable traceback" not in message:  # the worker's own line
+    elastic's error file) is the message, whichever process wrote it: the launcher may have
+    stopped another before it wrote its own, and that one can look first by timestamp.
+    Otherwise how the first failed process ended."""
+
+    def own_line(failure) -> bool:
+        message = failure.message if isinstance(failure.message, str) else ""
+        return failure.exitcode > 0 and bool(message) and "To enable traceback" not in message
+
+    own = sorted((f.timestamp, r, f) for r, f in err.failures.items() if own_line(f))
+    rank, failure = (own[0][1], own[0][2]) if own else err.get_first_failure()
+    if own:
+        message = failure.message
         others = len(err.failures) - 1
         together = (f"all {world_size} processes stopped together" if others + 1 == world_size
                     else f"process {rank}; the others were stopped")

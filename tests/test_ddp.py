@@ -3,6 +3,7 @@ elastic launcher and trains with DDP (gloo on CPU), through `dvc repro` like any
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -160,3 +161,22 @@ def test_a_killed_rank_ends_the_launch_with_one_line(built, tmp_path: Path):
     assert "train: process 1 of 2 was killed by signal 9" in lines[0]
     assert not Layout(root).final.exists()
     assert seconds < 200
+
+
+@pytest.mark.parametrize("order", [(0, 1), (1, 0)])
+def test_the_launch_reports_the_workers_own_line_whichever_process_the_launcher_stopped(tmp_path: Path, order):
+    """Rank 1 writes its error line and exits 2; the launcher stops rank 0 (SIGTERM) in the same
+    second. Whatever order torch elastic lists them in, the line is the worker's."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from llm.distributed import describe_failure
+
+    error_file = tmp_path / "error.json"
+    error_file.write_text(json.dumps({"message": "train: loss is nan at step 4", "timestamp": 0}))
+    failed = {1: ProcessFailure(local_rank=1, pid=11, exitcode=2, error_file=str(error_file)),
+              0: ProcessFailure(local_rank=0, pid=10, exitcode=-15, error_file=str(tmp_path / "none.json"))}
+    failed[0].timestamp = 0  # the same second as the line
+    err = ChildFailedError("llm.cli", {rank: failed[rank] for rank in order})
+    assert describe_failure(err, 2) == "train: loss is nan at step 4 (all 2 processes stopped together)"
+    only_killed = ChildFailedError("llm.cli", {0: failed[0]})
+    assert describe_failure(only_killed, 2).startswith("train: process 0 of 2 was killed by signal 15")
