@@ -160,7 +160,7 @@ def export_gguf(params: Params, out: Path, hf_arch: str, cfg: GPTConfig, tok: To
         log.warning("%s", e)
         return {"architecture": None, "reason": str(e), "files": {}}
     tensors = gguf_tensors(arch, cfg, hf_state)
-    n_params = sum(int(t.size) for name, t in tensors.items())
+    n_params = sum(int(t.size) for t in tensors.values())
     meta = {"name": f"llm-pipeline {arch} {n_params / 1e6:.2f}M", "license": params.export.license,
             "description": "A GPT-style language model trained from scratch with llm-pipeline",
             **{f"llm_pipeline.dvc.{k}.md5": v for k, v in sorted(data_hashes.items())}}

@@ -73,12 +73,7 @@ def _encode_row_group(task: tuple[str, int]) -> tuple[int, list[tuple[str, str, 
     out = []
     for doc_id, source, text, n_bytes in zip(*(table.column(c).to_pylist()
                                                for c in ("doc_id", "source", "text", "n_bytes"))):
-        if holdout.pieces_of(n_bytes) == 1:
-            units = [(holdout.side(doc_id), doc_id, text, n_bytes)]
-        else:
-            units = [(side, uid, piece, len(piece.encode("utf-8")))
-                     for side, uid, piece in holdout.units(doc_id, text, n_bytes)]
-        for side, unit_id, unit_text, unit_bytes in units:
+        for side, unit_id, unit_text, unit_bytes in holdout.units(doc_id, text, n_bytes):
             out.append((side, unit_id, source, unit_bytes, np.asarray(tok.encode_words(unit_text) + eos, dtype=dtype)))
     return table.num_rows, out
 

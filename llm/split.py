@@ -68,11 +68,15 @@ class Holdout:
     def side(self, unit_id: str) -> str:
         return "val" if unit_hash(self.salt, unit_id) < self.threshold else "train"
 
-    def units(self, doc_id: str, text: str, n_bytes: int) -> Iterator[tuple[str, str, str]]:
-        """(side, unit id, text) of each unit of a document."""
+    def units(self, doc_id: str, text: str, n_bytes: int) -> Iterator[tuple[str, str, str, int]]:
+        """(side, unit id, text, UTF-8 bytes) of each unit of a document (most are one unit: the
+        document itself, its byte count as given)."""
         ids = self.unit_ids(doc_id, n_bytes)
+        if len(ids) == 1:
+            yield self.side(doc_id), doc_id, text, n_bytes
+            return
         for unit_id, piece in zip(ids, cut_lines(text, len(ids))):
-            yield self.side(unit_id), unit_id, piece
+            yield self.side(unit_id), unit_id, piece, len(piece.encode("utf-8"))
 
 
 def plan_holdout(documents: Iterable[tuple[str, int]], params: SplitParams) -> Holdout:

@@ -188,13 +188,9 @@ def units_of(clean_dir: Path, holdout: Holdout, side: str) -> Iterator[tuple[str
     """(unit id, text, UTF-8 bytes) of the clean table's units on one side of the split, in order."""
     for batch in iter_batches(clean_dir, ["doc_id", "text", "n_bytes"], batch_size=256):
         for doc_id, text, n_bytes in zip(*(batch.column(i).to_pylist() for i in range(3))):
-            if holdout.pieces_of(n_bytes) == 1:
-                if holdout.side(doc_id) == side:
-                    yield doc_id, text, n_bytes
-                continue
-            for unit_side, unit_id, piece in holdout.units(doc_id, text, n_bytes):
+            for unit_side, unit_id, piece, piece_bytes in holdout.units(doc_id, text, n_bytes):
                 if unit_side == side:
-                    yield unit_id, piece, len(piece.encode("utf-8"))
+                    yield unit_id, piece, piece_bytes
 
 
 def _train_lines(clean_dir: Path, holdout: Holdout, keep: float, seed: int, stats: _TrainInput) -> Iterator[str]:

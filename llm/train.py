@@ -570,5 +570,5 @@ def _write_outputs(layout: Layout, state: TrainState, summary: dict, params: Par
         "train: %d steps, %s tokens in %.0f s (%.0f tok/s, %.0f per device, MFU %.1f%%); val loss %.3f -> %.3f",
         summary["steps"], f"{summary['tokens_seen']:,}", summary["train_seconds"], summary["tokens_per_sec"],
         summary["tokens_per_sec_per_device"], 100 * summary["mfu"], summary["initial_val_loss"],
-             summary["final_val_loss"],
+        summary["final_val_loss"],
     )

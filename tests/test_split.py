@@ -33,7 +33,7 @@ def val_share(docs: list[tuple[str, str]], params: SplitParams) -> tuple[float, 
     holdout = plan_holdout(sizes, params)
     held = total = n_val = n_train = 0
     for (doc_id, text), (_, n_bytes) in zip(docs, sizes):
-        for side, _, piece in holdout.units(doc_id, text, n_bytes):
+        for side, _, piece, _ in holdout.units(doc_id, text, n_bytes):
             total += len(piece.encode())
             held += len(piece.encode()) if side == "val" else 0
             n_val, n_train = n_val + (side == "val"), n_train + (side == "train")
