@@ -1,6 +1,8 @@
 """A PyTorch dataset over the token shards.
 
-The shards are memory-mapped: only the blocks handed out are read and copied. A split's token
+Only the blocks handed out are read, each with one `os.pread` per shard extent it spans: the
+shards are not kept memory-mapped, so the process's resident memory does not grow with the
+corpus or with the number of blocks read (a map's touched pages stay resident). A split's token
 stream is cut into non-overlapping blocks of `block_size + 1` tokens (x = block[:-1],
 y = block[1:]); each epoch visits the blocks in a seeded permutation. The position (epoch and
 index) is the dataset's state, so training resumes exactly where it stopped.
@@ -8,6 +10,7 @@ index) is the dataset's state, so training resumes exactly where it stopped.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llm.shards import open_split, token_stream
+from llm.shards import token_extents
 
 
 class TokenBlocks(torch.utils.data.IterableDataset):
@@ -35,9 +38,11 @@ class TokenBlocks(torch.utils.data.IterableDataset):
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        self.tables = open_split(shards_dir, split)  # keeps the memory maps alive
-        self.pieces = [arr for t in self.tables for arr in token_stream(t) if len(arr)]
-        self.starts = np.cumsum([0] + [len(a) for a in self.pieces])
+        extents, self.dtype = token_extents(shards_dir, split)
+        # kept open for the dataset's life (closed when it is collected), one per shard file
+        self._files = {path: open(path, "rb", buffering=0) for path in {e.path for e in extents}}  # noqa: SIM115
+        self.extents = [(self._files[e.path].fileno(), e.offset, e.n_tokens) for e in extents]
+        self.starts = np.cumsum([0] + [e.n_tokens for e in extents])
         self.n_tokens = int(self.starts[-1])
         self.block_size = block_size
         self.n_blocks = (self.n_tokens - 1) // block_size
@@ -57,10 +62,15 @@ class TokenBlocks(torch.utils.data.IterableDataset):
         first = int(np.searchsorted(self.starts, start, side="right")) - 1
         parts = []
         i = first
+        size = self.dtype.itemsize
         while start < stop:
+            fd, at, n = self.extents[i]
             offset = start - int(self.starts[i])
-            take = min(stop - start, len(self.pieces[i]) - offset)
-            parts.append(self.pieces[i][offset : offset + take])
+            take = min(stop - start, n - offset)
+            data = os.pread(fd, take * size, at + offset * size)
+            if len(data) != take * size:
+                raise OSError(f"short read from a shard ({len(data)} of {take * size} bytes): was it changed?")
+            parts.append(np.frombuffer(data, dtype=self.dtype))
             start += take
             i += 1
         return parts[0] if len(parts) == 1 else np.concatenate(parts)

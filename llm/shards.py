@@ -252,6 +252,56 @@ def verify_shards(shards_dir: str | Path, splits: tuple[str, ...] = SPLITS) -> N
                 raise UserError(f"{path}: sha256 differs from manifest.json (changed or corrupt); {_RESTORE}")
 
 
+@dataclass(frozen=True)
+class Extent:
+    """A run of token ids stored contiguously in a shard file: where its bytes start and how many
+    ids it holds."""
+
+    path: Path
+    offset: int
+    n_tokens: int
+
+
+def token_extents(shards_dir: str | Path, split: str) -> tuple[list[Extent], np.dtype]:
+    """Where each record batch's token ids lie in the split's shard files, and their dtype.
+
+    The files are memory-mapped only to read this layout, then unmapped, so a reader that takes
+    blocks with `os.pread` (TokenBlocks) holds no mapped pages: its memory does not grow with the
+    corpus or with the number of blocks read, as a long-lived memory map's resident pages do."""
+    manifest = read_manifest(shards_dir)
+    if split not in manifest["splits"]:
+        raise UserError(f"{shards_dir}: no split {split!r} (have: {', '.join(manifest['splits'])})")
+    extents: list[Extent] = []
+    dtype = None
+    for shard in manifest["splits"][split]["shards"]:
+        path = Path(shards_dir) / shard["path"]
+        try:
+            found, dtype = _extents_of(path)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise UserError(f"{path}: unreadable shard ({str(e).splitlines()[0][:200]}); {_RESTORE}") from None
+        extents += found
+    return extents, np.dtype(dtype if dtype is not None else np.uint32)
+
+
+def _extents_of(path: Path) -> tuple[list[Extent], np.dtype]:
+    """One shard's extents; every view into the map dies with this frame, so it is unmapped."""
+    with pa.memory_map(str(path), "r") as mm:
+        base = mm.read_buffer(1).address
+        mm.seek(0)
+        size = mm.size()
+        reader = pa.ipc.open_file(mm)
+        dtype = np.dtype(reader.schema.field("tokens").type.value_type.to_pandas_dtype())
+        arrays = token_stream(reader.read_all())
+        out = []
+        for arr in arrays:
+            start = arr.__array_interface__["data"][0] - base
+            if len(arr) and not 0 <= start <= size - arr.nbytes:  # not plain bytes of the file
+                raise pa.ArrowInvalid("token ids are not stored uncompressed")
+            if len(arr):
+                out.append(Extent(path, start, len(arr)))
+        return out, dtype
+
+
 def token_stream(table: pa.Table) -> list[np.ndarray]:
     """The token ids of a shard as zero-copy numpy views, one per record batch."""
     out = []

@@ -4,6 +4,7 @@ text however the bytes are cut into chunks."""
 from __future__ import annotations
 
 import gzip
+import unicodedata
 from pathlib import Path
 
 from hypothesis import given, settings
@@ -44,6 +45,28 @@ def test_binary_files_are_skipped_and_counted(tmp_path: Path):
 def test_looks_binary_tolerates_a_few_bad_bytes():
     assert not looks_binary(PROSE.encode() * 20 + b"\xff", 0.1)
     assert looks_binary(b"text\x00more", 0.1)
+
+
+def _looks_binary_by_category(data: bytes, max_control_fraction: float) -> bool:
+    """looks_binary's rule written out character by character (the reference)."""
+    head = data[:8192]
+    if b"\x00" in head or not head:
+        return b"\x00" in head
+    text = head.decode("utf-8", errors="replace")
+    bad = sum(1 for ch in text if ch == "\ufffd" or (ch not in "\t\n\r\f\v\b" and unicodedata.category(ch) == "Cc"))
+    return bad / max(1, len(text)) > max_control_fraction
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.one_of(st.binary(max_size=40), st.text(max_size=40).map(str.encode),
+                       st.sampled_from([bytes([c]) for c in range(1, 0x20)] + ["\x85\x9f\u00a0\ufffd".encode()])),
+             max_size=400),
+    st.sampled_from([0.0, 0.01, 0.05, 0.3]),
+)
+def test_looks_binary_counts_what_the_category_rule_counts(parts, fraction):
+    data = b"".join(parts)
+    assert looks_binary(data, fraction) == _looks_binary_by_category(data, fraction)
 
 
 def test_empty_files_are_dropped_and_counted(tmp_path: Path):

@@ -98,24 +98,42 @@ def test_parallel_tokenization_gives_identical_shards(built, tmp_path: Path):
 
 
 # ----------------------------------------------------------------------------- dataset
-def test_blocks_are_shifted_pairs_read_without_copying(built):
+def split_stream(shards_dir, split: str) -> np.ndarray:
+    """The split's whole token stream, read through Arrow (the reference for TokenBlocks's preads)."""
+    return np.concatenate([a for t in open_split(shards_dir, split) for a in token_stream(t)])
+
+
+def test_blocks_are_shifted_pairs_read_without_a_memory_map(built):
     root, _ = built
+    mapped = lambda: {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
+                      if str(Layout(root).shards) in line}
+    before = mapped()
     ds = TokenBlocks(Layout(root).shards, "train", block_size=32, seed=1, shuffle=False)
-    assert all(not piece.flags.owndata for piece in ds.pieces)  # views into the memory map
     x, y = next(iter(ds))
     assert x.dtype == torch.int64 and x.shape == (32,)
     assert torch.equal(x[1:], y[:-1])
-    stream = np.concatenate(ds.pieces)
+    for _ in zip(ds, range(50)):
+        pass
+    # no shard stays mapped: resident memory cannot grow with the corpus or the blocks read
+    assert mapped() == before
+    stream = split_stream(Layout(root).shards, "train")
     assert torch.equal(x, torch.from_numpy(stream[:32].astype(np.int64)))
-    assert ds.n_tokens == read_manifest(Layout(root).shards)["splits"]["train"]["tokens"]
+    assert ds.n_tokens == len(stream) == read_manifest(Layout(root).shards)["splits"]["train"]["tokens"]
 
 
-def test_blocks_cross_shard_boundaries(built):
+def test_any_token_range_matches_the_stream(built):
     root, _ = built
-    ds = TokenBlocks(Layout(root).shards, "train", block_size=64, shuffle=False)
-    boundary = int(ds.starts[1])
-    stream = np.concatenate(ds.pieces)
-    assert np.array_equal(ds.tokens(boundary - 5, boundary + 5), stream[boundary - 5 : boundary + 5])
+    for split in ("train", "val"):
+        ds = TokenBlocks(Layout(root).shards, split, block_size=64, shuffle=False)
+        stream = split_stream(Layout(root).shards, split)
+        rng = np.random.default_rng(7)
+        ranges = [(int(b) - 5, int(b) + 5) for b in ds.starts[1:-1]]  # across every extent boundary
+        for _ in range(200):
+            a = int(rng.integers(0, len(stream) - 1))
+            ranges.append((a, int(rng.integers(a + 1, min(len(stream), a + 5000) + 1))))
+        ranges.append((0, len(stream)))
+        for a, b in ranges:
+            assert np.array_equal(ds.tokens(a, b), stream[a:b]), (split, a, b)
 
 
 def test_shuffling_is_seeded(built):

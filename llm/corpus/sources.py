@@ -30,7 +30,6 @@ import re
 import shutil
 import tarfile
 import tempfile
-import unicodedata
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -62,6 +61,10 @@ MAX_RECORD_BYTES = 64 << 20
 MAX_BAD_EXAMPLES = 10
 MAX_SKIPPED_EXAMPLES = 20
 _ALLOWED_CONTROLS = set("\t\n\r\f\v\b")
+# What looks_binary counts: U+FFFD (an undecodable byte) and the control characters (category Cc:
+# U+0000-001F and U+007F-009F) other than the allowed ones.
+_CONTROLS = [chr(c) for c in [*range(0x20), *range(0x7F, 0xA0)] if chr(c) not in _ALLOWED_CONTROLS]
+_BAD_CHARS = re.compile("[\ufffd" + "".join(map(re.escape, _CONTROLS)) + "]")
 
 
 @dataclass(frozen=True)
@@ -149,12 +152,7 @@ def looks_binary(data: bytes, max_control_fraction: float) -> bool:
         return False
     text = head.decode("utf-8", errors="replace")
     # A multi-byte character cut at the 8 KiB boundary is not evidence of binary.
-    bad = sum(
-        1
-        for ch in text
-        if ch == "\ufffd" or (ch not in _ALLOWED_CONTROLS and unicodedata.category(ch) == "Cc")
-    )
-    return bad / max(1, len(text)) > max_control_fraction
+    return len(_BAD_CHARS.findall(text)) / max(1, len(text)) > max_control_fraction
 
 
 # ----------------------------------------------------------------------------- entries
