@@ -70,12 +70,14 @@ def _encode_row_group(task: tuple[str, int]) -> tuple[int, list[tuple[str, str, 
     holdout: Holdout = _STATE["holdout"]
     eos = [tok.eos_id] if _STATE["append_eos"] and tok.eos_id >= 0 else []
     dtype = _STATE["dtype"]
-    out = []
+    units, texts = [], []
     for doc_id, source, text, n_bytes in zip(*(table.column(c).to_pylist()
                                                for c in ("doc_id", "source", "text", "n_bytes"))):
         for side, unit_id, unit_text, unit_bytes in holdout.units(doc_id, text, n_bytes):
-            out.append((side, unit_id, source, unit_bytes, np.asarray(tok.encode_words(unit_text) + eos, dtype=dtype)))
-    return table.num_rows, out
+            units.append((side, unit_id, source, unit_bytes))
+            texts.append(unit_text)
+    ids = tok.encode_texts(texts)
+    return table.num_rows, [(*unit, np.concatenate([i, eos]).astype(dtype)) for unit, i in zip(units, ids)]
 
 
 # ----------------------------------------------------------------------------- writer

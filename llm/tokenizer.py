@@ -12,13 +12,15 @@ import io
 import itertools
 import logging
 import math
-import re
 import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from tqdm import tqdm
 
 from llm.config import Params, TokenizerParams, group_dict
@@ -35,7 +37,19 @@ MODEL_FILE = "tokenizer.model"
 VOCAB_FILE = "tokenizer.vocab"
 STATS_FILE = "stats.json"
 WORD_CACHE_SIZE = 200_000
-_WORDS = re.compile(r"\n| ?[^ \n]+| +")
+
+
+def split_words(texts: list[str]) -> tuple[pa.Array, pa.Array]:
+    """What re.findall(r"\\n| ?[^ \\n]+| +", text) finds in each text (newlines, space-led words, the
+    spaces before a newline or the end), done by Arrow: the words of all the texts in order, and the
+    index of the text each word is from. For texts without a NUL byte or a run of spaces: a NUL
+    goes before every space and around every newline, and the texts are split at the NULs."""
+    marked = pc.replace_substring(pc.replace_substring(pa.array(texts, pa.large_string()), " ", "\x00 "),
+                                  "\n", "\x00\n\x00")
+    lists = pc.split_pattern(marked, "\x00")
+    words, owner = pc.list_flatten(lists), pc.list_parent_indices(lists)
+    keep = pc.not_equal(pc.binary_length(words), 0)
+    return words.filter(keep), owner.filter(keep)
 
 
 class Tokenizer:
@@ -53,7 +67,7 @@ class Tokenizer:
         self.bos_id = self.sp.bos_id()
         self.pad_id = self.sp.pad_id()
         self.unk_id = self.sp.unk_id()
-        self._word_cache: dict[str, list[int]] = {}
+        self._forget_words()
 
     @classmethod
     def load(cls, directory: str | Path) -> Tokenizer:
@@ -67,25 +81,59 @@ class Tokenizer:
         return self.sp.encode(texts, out_type=int, num_threads=num_threads)
 
     def encode_words(self, text: str) -> list[int]:
-        """encode(text), 2-3x faster on natural text: each space-led word is encoded once and
-        looked up after that.
+        """encode(text) through encode_texts's word cache."""
+        return self.encode_texts([text])[0].tolist()
+
+    def encode_texts(self, texts: list[str]) -> list[np.ndarray]:
+        """encode(text) of each text, as int64 arrays; several times faster on natural text: the
+        texts are split into words and the words counted by Arrow, each distinct space-led word
+        is encoded once (and cached across calls), and the ids are gathered with numpy.
 
         Exact because the tokenizer is trained with split_by_whitespace, so no piece spans a
         word boundary and BPE never merges across one; the newline is a piece of its own. A
         run of spaces can be merged either way, so texts with one go to sentencepiece whole.
         """
-        if "  " in text:
-            return self.encode(text)
-        cache = self._word_cache
-        if len(cache) > WORD_CACHE_SIZE:
-            cache.clear()
-        out: list[int] = []
-        for word in _WORDS.findall(text):
-            ids = cache.get(word)
-            if ids is None:
-                ids = cache[word] = self.sp.encode(word, out_type=int)
-            out += ids
+        out: list[np.ndarray] = [np.empty(0, np.int64)] * len(texts)
+        where = []
+        for i, text in enumerate(texts):
+            if "  " in text or "\x00" in text:
+                out[i] = np.asarray(self.encode(text), dtype=np.int64)
+            else:
+                where.append(i)
+        if not where:
+            return out
+        words, owner = split_words([texts[i] for i in where])
+        distinct = pc.dictionary_encode(words)
+        if len(self._words) > WORD_CACHE_SIZE:
+            self._forget_words()
+        known = pc.fill_null(pc.index_in(distinct.dictionary, value_set=self._words), -1).to_numpy().astype(np.int64)
+        missing = known < 0
+        if missing.any():
+            new_words = distinct.dictionary.filter(pa.array(missing))
+            encoded = self.sp.encode(new_words.to_pylist(), out_type=int, num_threads=1)
+            lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
+            known[missing] = np.arange(len(self._words), len(self._words) + len(encoded))
+            self._words = pa.concat_arrays([self._words, new_words])
+            self._word_ids = np.concatenate([self._word_ids, np.fromiter(itertools.chain.from_iterable(encoded),
+                                                                         np.int64, int(lengths.sum()))])
+            self._word_starts = np.concatenate([self._word_starts, self._word_starts[-1] + np.cumsum(lengths)])
+        word = known[distinct.indices.to_numpy()]  # each word of the texts, in order, as a cache row
+        first = self._word_starts[word]  # where its ids start in _word_ids
+        n = self._word_starts[word + 1] - first
+        ends = np.cumsum(n)
+        total = int(ends[-1]) if len(ends) else 0
+        stream = self._word_ids[np.repeat(first - (ends - n), n) + np.arange(total)]
+        counts = np.bincount(owner.to_numpy(), minlength=len(where))
+        bounds = np.concatenate([[0], ends])[np.concatenate([[0], np.cumsum(counts)])]  # each text's ids in stream
+        for k, i in enumerate(where):
+            out[i] = stream[bounds[k] : bounds[k + 1]]
         return out
+
+    def _forget_words(self) -> None:
+        """The word cache: distinct words, and their ids as one array cut at _word_starts."""
+        self._words = pa.array([], pa.large_string())
+        self._word_ids = np.empty(0, np.int64)
+        self._word_starts = np.zeros(1, np.int64)
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(list(ids))

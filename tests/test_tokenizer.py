@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from llm.errors import UserError
 from llm.io import file_sha256, read_json
 from llm.layout import Layout
 from llm.split import holdout_of
-from llm.tokenizer import Tokenizer, train_tokenizer, units_of
+from llm.tokenizer import Tokenizer, split_words, train_tokenizer, units_of
 from tests.conftest import deep_update, load, write_params
 
 
@@ -158,8 +159,30 @@ def test_word_cached_encoding_equals_sentencepiece(built, text):
     assert tok.encode_words(text) == tok.encode(text)  # second time from the cache
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.text(alphabet=st.sampled_from(list("ab e1 2.,'\n\t  éЖ漢😀\u00a0-_")), max_size=80), max_size=12))
+def test_batch_encoding_equals_sentencepiece_text_by_text(built, texts):
+    tok = Tokenizer.load(Layout(built[0]).tokenizer)
+    got = tok.encode_texts(texts)
+    assert len(got) == len(texts)
+    assert [g.tolist() for g in got] == [tok.encode(t) for t in texts]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(alphabet=st.sampled_from(list("ab .\n\t\réЖ漢😀\u00a0")), max_size=60)
+                .filter(lambda t: "  " not in t), min_size=1, max_size=8))
+def test_arrow_word_split_equals_the_regex(texts):
+    words, owner = split_words(texts)
+    got: list[list[str]] = [[] for _ in texts]
+    for word, i in zip(words.to_pylist(), owner.to_pylist()):
+        got[i].append(word)
+    assert got == [re.findall(r"\n| ?[^ \n]+| +", t) for t in texts]
+
+
 def test_word_cached_encoding_equals_sentencepiece_on_the_corpus(built):
     tok = Tokenizer.load(Layout(built[0]).tokenizer)
     for batch in iter_batches(Layout(built[0]).clean, ["text"]):
-        for text in batch.column(0).to_pylist():
+        texts = batch.column(0).to_pylist()
+        assert [g.tolist() for g in tok.encode_texts(texts)] == [tok.encode(t) for t in texts]
+        for text in texts[:5]:
             assert tok.encode_words(text) == tok.encode(text)
