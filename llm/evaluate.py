@@ -18,6 +18,7 @@ import bz2
 import logging
 import lzma
 import math
+import time
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -178,15 +179,21 @@ def evaluate(params: Params, layout: Layout, register: bool = True) -> dict:
     log.info("evaluate: %d of %d val documents (%s of %s tokens, %s bytes)%s", len(docs.spans), docs.split["documents"],
              f"{len(docs.stream):,}", f"{docs.split['tokens']:,}", f"{n_bytes:,}",
              f"; capped at evaluate.max_tokens={params.evaluate.max_tokens:,}" if docs.capped else "")
+    started = time.perf_counter()
     nll = token_nll(model, docs.stream, model.config.block_size, params.evaluate.batch_size, device)
     total = float(nll.sum())
     val_loss = total / len(nll)
+    seconds = time.perf_counter() - started
+    log.info("evaluate: the model's loss in %.1f s (%s tokens/s); now the baselines", seconds,
+             f"{len(nll) / max(seconds, 1e-9):,.0f}")
 
+    started = time.perf_counter()
     n_text, sizes = compressed_sizes(text.encode("utf-8") for text in docs.texts(tok, tok.eos_id))
     assert n_text == n_bytes, "decoded val text differs from the shards' byte count"
     baselines = {name: 8 * size / n_bytes for name, size in sizes.items()}
     train_counts = train_token_counts(lay.shards, tok.vocab_size)
     baselines["unigram"] = bits_per_byte(unigram_nats(train_counts, docs.stream[1:]), n_bytes)
+    log.info("evaluate: gzip, bz2, xz and unigram baselines in %.1f s", time.perf_counter() - started)
     result = {
         "val_loss": round(val_loss, 5),
         "val_ppl": round(math.exp(val_loss), 3),
