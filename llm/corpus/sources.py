@@ -188,10 +188,16 @@ def resolve_source(source: str, root: Path, key: str) -> list[Entry]:
     if "://" in source:
         return _fsspec_entries(source, key)
 
+    resolved_root = root.resolve()
+    resolved_dirs: dict[Path, Path] = {}  # a folder of many files is resolved once
+
     def uri_of(p: Path) -> str:
         # The file's own name, not a symlink's target: a dangling link names itself.
+        folder = resolved_dirs.get(p.parent)
+        if folder is None:
+            folder = resolved_dirs[p.parent] = p.parent.resolve()
         try:
-            return (p.parent.resolve() / p.name).relative_to(root.resolve()).as_posix()
+            return (folder / p.name).relative_to(resolved_root).as_posix()
         except ValueError:
             return p.as_posix()
 
