@@ -9,9 +9,10 @@ documents of a split, concatenated in order, are its token stream.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 RECORD_BATCH_DOCS = 64
+T = TypeVar("T")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -223,19 +225,25 @@ def read_manifest(shards_dir: str | Path) -> dict:
     return read_json(path)
 
 
-def open_split(shards_dir: str | Path, split: str) -> list[pa.Table]:
-    """The shards of a split as memory-mapped Arrow tables (no data is copied into memory)."""
+def _each_shard(shards_dir: str | Path, split: str, read: Callable[[Path], T]) -> list[T]:
+    """read(path) of each shard of a split, in order; a missing split or an unreadable shard is
+    one line naming it and how to restore it."""
     manifest = read_manifest(shards_dir)
     if split not in manifest["splits"]:
         raise UserError(f"{shards_dir}: no split {split!r} (have: {', '.join(manifest['splits'])})")
-    tables = []
+    out = []
     for shard in manifest["splits"][split]["shards"]:
         path = Path(shards_dir) / shard["path"]
         try:
-            tables.append(pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all())
+            out.append(read(path))
         except (pa.ArrowInvalid, OSError) as e:
             raise UserError(f"{path}: unreadable shard ({str(e).splitlines()[0][:200]}); {_RESTORE}") from None
-    return tables
+    return out
+
+
+def open_split(shards_dir: str | Path, split: str) -> list[pa.Table]:
+    """The shards of a split as memory-mapped Arrow tables (no data is copied into memory)."""
+    return _each_shard(shards_dir, split, lambda path: pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all())
 
 
 _RESTORE = "rerun `llm shards` (dvc repro --force shards) or restore it with `dvc checkout data/shards`"
@@ -270,19 +278,9 @@ def token_extents(shards_dir: str | Path, split: str) -> tuple[list[Extent], np.
     The files are memory-mapped only to read this layout, then unmapped, so a reader that takes
     blocks with `os.pread` (TokenBlocks) holds no mapped pages: its memory does not grow with the
     corpus or with the number of blocks read, as a long-lived memory map's resident pages do."""
-    manifest = read_manifest(shards_dir)
-    if split not in manifest["splits"]:
-        raise UserError(f"{shards_dir}: no split {split!r} (have: {', '.join(manifest['splits'])})")
-    extents: list[Extent] = []
-    dtype = None
-    for shard in manifest["splits"][split]["shards"]:
-        path = Path(shards_dir) / shard["path"]
-        try:
-            found, dtype = _extents_of(path)
-        except (pa.ArrowInvalid, OSError) as e:
-            raise UserError(f"{path}: unreadable shard ({str(e).splitlines()[0][:200]}); {_RESTORE}") from None
-        extents += found
-    return extents, np.dtype(dtype if dtype is not None else np.uint32)
+    per_shard = _each_shard(shards_dir, split, _extents_of)
+    dtype = per_shard[-1][1] if per_shard else np.dtype(np.uint32)
+    return [e for extents, _ in per_shard for e in extents], dtype
 
 
 def _extents_of(path: Path) -> tuple[list[Extent], np.dtype]:
