@@ -2,7 +2,9 @@
 
 Train opens the run and records its id in its summary (metrics/train.json, `mlflow_run_id`);
 evaluate and report log into that run. The store is a sqlite file in the project (mlflow.db,
-artifacts in mlartifacts/) unless MLFLOW_TRACKING_URI points elsewhere.
+artifacts in mlartifacts/) unless MLFLOW_TRACKING_URI points elsewhere. "The project" is the
+workspace even inside a temporary or queued DVC experiment, which runs in a copy under
+.dvc/tmp/exps/ that DVC deletes: DVC names the workspace in DVC_ROOT.
 """
 
 from __future__ import annotations
@@ -25,8 +27,21 @@ log = logging.getLogger(__name__)
 CHAMPION = "champion"
 
 
+def store_root(root: Path) -> Path:
+    """The folder of the project's own store (mlflow.db, mlartifacts/): root, or under DVC the same
+    folder of the workspace. DVC_ROOT names the workspace's repository even when the stage runs in
+    an experiment's copy of it; root's place in the repository it runs in (the nearest folder with
+    .dvc/) is its place in the workspace."""
+    root = Path(root).resolve()
+    workspace = os.environ.get("DVC_ROOT")
+    repo = next((p for p in (root, *root.parents) if (p / ".dvc").is_dir()), None)
+    if not workspace or repo is None:
+        return root
+    return Path(workspace).resolve() / root.relative_to(repo)
+
+
 def tracking_uri(root: Path) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(Path(root) / 'mlflow.db').resolve()}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store_root(root) / 'mlflow.db'}"
 
 
 def _mlflow(root: Path):
@@ -118,7 +133,7 @@ def experiment_id(mlflow, root: Path, name: str) -> str:
     if exp is None:
         location = None
         if tracking_uri(root).startswith("sqlite:"):
-            location = (Path(root) / "mlartifacts").resolve().as_uri()
+            location = (store_root(root) / "mlartifacts").as_uri()
         mlflow.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
         exp = mlflow.get_experiment_by_name(name)
     wanted = {**EXPERIMENT_KIND, RUNS_VIEW_TAG: runs_view(exp.creation_time or 0)}

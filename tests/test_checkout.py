@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from llm.tracking import store_root, tracking_uri
 from tests.conftest import dvc_bin, make_dvc_project, run
 
 pytestmark = pytest.mark.slow
@@ -62,6 +63,42 @@ def experiments(repo: Path) -> dict[str, dict]:
     return {rev["name"]: rev["data"] for row in shown for exp in row.get("experiments") or [] for rev in exp["revs"]}
 
 
+def tracked_in_the_workspace(repo: Path, name: str, exp: dict) -> None:
+    """The experiment ran in a copy under .dvc/tmp/exps/ that DVC deleted; its MLflow run is in the
+    workspace's store all the same: named after it, with its val_bpb, its model and a registered
+    version, as `make ui` shows them."""
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("llm")
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"attributes.run_name = '{name}'")
+    assert len(runs) == 1, [r.info.run_name for r in client.search_runs([experiment.experiment_id])]
+    tracked = runs[0]
+    assert tracked.data.metrics["val_bpb"] == pytest.approx(exp["metrics"]["metrics/eval.json"]["data"]["val_bpb"])
+    assert tracked.data.tags["dvc.exp_name"] == name
+    assert {a.path for a in client.list_artifacts(tracked.info.run_id, "model")} >= {"model/model.safetensors"}
+    assert client.search_model_versions(f"run_id = '{tracked.info.run_id}'")
+    assert not list((repo / ".dvc" / "tmp" / "exps").glob("tmp*/mlflow.db"))
+
+
+@pytest.mark.parametrize("sub", ["", "proj", "a/b"])
+def test_the_store_is_the_workspace_folder_wherever_dvc_runs_the_stage(tmp_path: Path, monkeypatch, sub: str):
+    """The project's folder (sub) in the workspace or in an experiment's copy of it, with and
+    without DVC's DVC_ROOT: the store is always the workspace's folder."""
+    workspace = tmp_path / "ws"
+    copy = workspace / ".dvc" / "tmp" / "exps" / "tmpab12"
+    for repo in (workspace, copy):
+        (repo / ".dvc").mkdir(parents=True)
+        (repo / sub).mkdir(parents=True, exist_ok=True)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    assert store_root(workspace / sub) == workspace / sub
+    monkeypatch.setenv("DVC_ROOT", str(workspace))
+    assert store_root(workspace / sub) == workspace / sub
+    assert store_root(copy / sub) == workspace / sub
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")  # a server wins over any folder
+    assert tracking_uri(copy / sub) == "http://127.0.0.1:5000"
+
+
 def test_a_fresh_clone_reproduces_every_stage(reproduced: tuple[Path, str]):
     clone, out = reproduced
     assert ran_stages(out) == ALL_STAGES
@@ -78,6 +115,7 @@ def test_a_temporary_experiment_runs_in_a_fresh_clone(checkout: Path):
     assert exp["metrics"]["metrics/train.json"]["data"]["steps"] == 4
     assert exp["metrics"]["metrics/eval.json"]["data"]["val_bpb"] > 0
     assert "max_steps: 6" in (checkout / "params.yaml").read_text()  # --temp: the workspace is untouched
+    tracked_in_the_workspace(checkout, "steps4", exp)
 
 
 def test_a_queued_experiment_runs_in_a_fresh_clone(checkout: Path):
@@ -99,3 +137,4 @@ def test_a_queued_experiment_runs_in_a_fresh_clone(checkout: Path):
     exp = experiments(checkout)["lr3e-3"]
     assert exp["params"]["params.yaml"]["data"]["train"]["learning_rate"] == 0.003
     assert exp["metrics"]["metrics/eval.json"]["data"]["val_bpb"] > 0
+    tracked_in_the_workspace(checkout, "lr3e-3", exp)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 
 from llm.corpus.tables import iter_batches
 from llm.dataset import TokenBlocks
+from llm.errors import UserError
 from llm.io import file_sha256, read_json
 from llm.layout import Layout
 from llm.shards import open_split, read_manifest, token_dtype, token_stream, write_shards
@@ -134,6 +136,53 @@ def test_any_token_range_matches_the_stream(built):
         ranges.append((0, len(stream)))
         for a, b in ranges:
             assert np.array_equal(ds.tokens(a, b), stream[a:b]), (split, a, b)
+
+
+def damaged_copies(shards: Path, tmp_path: Path, n: int = 6):
+    """Copies of the shards folder, each with one shard damaged as a disk or an interrupted copy
+    damages it (seeded): cut short, overwritten at some offset, emptied, or removed."""
+    manifest = read_manifest(shards)
+    paths = [s["path"] for split in ("train", "val") for s in manifest["splits"][split]["shards"]]
+    rng = np.random.default_rng(11)
+    for i in range(n):
+        copy = tmp_path / f"shards{i}"
+        shutil.copytree(shards, copy)
+        victim = copy / paths[int(rng.integers(len(paths)))]
+        data = victim.read_bytes()
+        at = int(rng.integers(1, len(data) - 8))
+        kind = ["cut", "overwrite", "empty", "remove"][i % 4]
+        if kind == "cut":
+            victim.write_bytes(data[:at])
+        elif kind == "overwrite":
+            victim.write_bytes(data[:at] + rng.bytes(8) * 64 + data[at + 512:])
+        elif kind == "empty":
+            victim.write_bytes(b"")
+        else:
+            victim.unlink()
+        yield copy, victim, kind
+
+
+def test_a_damaged_shard_is_one_line_that_names_it_and_the_way_back(built, tmp_path: Path):
+    """Every reader of a split (Arrow tables for evaluation, TokenBlocks for training) stops on a
+    damaged shard of that split with one line naming the file and how to restore it."""
+    root, _ = built
+    seen = set()
+    for copy, victim, kind in damaged_copies(Layout(root).shards, tmp_path):
+        split = victim.parent.name
+        for read in (open_split, lambda d, s: TokenBlocks(d, s, block_size=32)):
+            try:
+                read(copy, split)
+            except UserError as e:
+                line = str(e)
+                assert "\n" not in line and str(victim) in line and "dvc checkout data/shards" in line, (kind, line)
+                seen.add(kind)
+            else:
+                # Bytes overwritten inside the token data leave a readable file: verify_shards, which
+                # train runs first, catches those by their sha256 (tests/test_faults.py).
+                assert kind == "overwrite", (kind, victim)
+        with pytest.raises(UserError, match="no split 'test'"):
+            open_split(copy, "test")
+    assert seen >= {"cut", "empty", "remove"}
 
 
 def test_shuffling_is_seeded(built):
