@@ -21,6 +21,7 @@ from typing import Any
 
 from llm.config import Params
 from llm.dvclock import training_data_hashes
+from llm.errors import UserError
 from llm.io import read_json
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,11 @@ def tracking_uri(root: Path) -> str:
 
 def _mlflow(root: Path):
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    import mlflow
+    try:
+        import mlflow
+    except ImportError as e:  # a bare GPU node: the training path is installed, MLflow is not
+        raise UserError(f"tracking.enabled is true but MLflow cannot be imported ({e}): pip install mlflow, or set "
+                        "tracking: {enabled: false} in params.yaml to train without it") from None
 
     logging.getLogger("alembic").setLevel(logging.WARNING)
     user_uri = os.environ.get("MLFLOW_TRACKING_URI")

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import llm.device as device_module
@@ -268,6 +270,15 @@ def test_training_and_evaluation_run_where_only_the_training_path_is_installed(b
     assert summary["steps"] == 6 and "mlflow_run_id" not in summary
     assert not (root / "mlflow.db").exists()
     assert "val_bpb" in read_json(Layout(root).metrics("eval"))
+    # The same node with tracking left on: one line that names the knob, before a step is taken.
+    write_params(root, deep_update(yaml.safe_load((root / "params.yaml").read_text()), {"tracking": {"enabled": True}}))
+    shutil.rmtree(Layout(root).checkpoints)
+    proc = subprocess.run([sys.executable, "-c", BARE, "train", "--params", str(root / "params.yaml")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "tracking: {enabled: false}" in errors[0] and "pip install mlflow" in errors[0], errors
+    assert not Layout(root).checkpoints.exists()
 
 
 def test_a_plan_the_corpus_cannot_feed_stops_before_the_first_step_naming_what_it_needs(caplog):
