@@ -357,9 +357,9 @@ class SampleParams(_Group):
 
 class ReportParams(_Group):
     prompts: list[str] = Field(["ROMEO:", "To be, or not to be", "KING HENRY V\n"], min_length=1)
-    temperatures: list[float] = Field([0.7, 1.0], min_length=1)
-    top_k: list[int] = Field([50], min_length=1)
-    top_p: list[float] = Field([0.95], min_length=1)
+    temperatures: list[Annotated[float, Field(ge=0.0)]] = Field([0.7, 1.0], min_length=1)
+    top_k: list[Annotated[int, Field(ge=0)]] = Field([50], min_length=1)
+    top_p: list[Annotated[float, Field(gt=0.0, le=1.0)]] = Field([0.95], min_length=1)
     max_new_tokens: int = Field(120, ge=1)
     attention_prompt: str = "HAMLET\nTo be, or not to be, that is the question:"
     seed: int = 1337

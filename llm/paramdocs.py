@@ -3,6 +3,7 @@ and the field's docstring, so the reference is derived, never hand-kept (`llm pa
 
 from __future__ import annotations
 
+import types
 import typing
 
 from pydantic import BaseModel
@@ -19,12 +20,27 @@ the stage with one line naming it, exit code 2.
 """
 
 
-def type_name(annotation: typing.Any) -> str:
-    if typing.get_origin(annotation) is typing.Literal:
-        return " \\| ".join(str(a) for a in typing.get_args(annotation))
-    if typing.get_args(annotation):
-        return str(annotation).replace("typing.", "").replace("llm.config.", "")
-    return getattr(annotation, "__name__", str(annotation))
+def type_name(annotation: typing.Any, metadata: typing.Iterable[typing.Any] = ()) -> str:
+    """The type as docs/params.md shows it, with its range: `float (> 0, <= 1)`, `auto \\| float (>= 0.98)`."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return type_name(args[0], [*metadata, *(m for a in args[1:] for m in getattr(a, "metadata", [a]))])
+    if origin is typing.Literal:
+        name = " \\| ".join(str(a) for a in args)
+    elif origin in (typing.Union, types.UnionType):
+        name = " \\| ".join(type_name(a) for a in args)
+    elif args:
+        name = f"{getattr(origin, '__name__', origin)}[{', '.join(type_name(a) for a in args)}]"
+    elif annotation is type(None):
+        name = "None"
+    else:
+        name = getattr(annotation, "__name__", str(annotation))
+    bounds = [f"{op} {getattr(m, attr)}" for m in metadata for attr, op in BOUNDS if hasattr(m, attr)]
+    return f"{name} ({', '.join(bounds)})" if bounds else name
+
+
+# annotated_types' bounds, as pydantic's Field(ge=..., gt=..., le=..., lt=..., min_length=...) records them
+BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"), ("min_length", "at least"))
 
 
 def default_text(value: typing.Any) -> str:
@@ -51,8 +67,8 @@ def group_tables(prefix: str, model: BaseModel, out: list[str]) -> None:
             subgroups.append((key, value))
             continue
         meaning = " ".join((field.description or "").split()).replace("|", "\\|")
-        out.append(f"| `{key}` | {type_name(field.annotation)} | {default_text(value).replace('|', chr(92) + '|')} | "
-                   f"{meaning} |")
+        default = default_text(value).replace("|", "\\|")
+        out.append(f"| `{key}` | {type_name(field.annotation, field.metadata)} | {default} | {meaning} |")
     out.append("")
     for key, value in subgroups:
         group_tables(key, value, out)

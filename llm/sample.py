@@ -11,7 +11,10 @@ import sys
 from dataclasses import dataclass
 
 import torch
+from pydantic import ValidationError
 
+from llm.config import SampleParams
+from llm.errors import UserError
 from llm.model import GPT, KVCache
 
 
@@ -79,6 +82,18 @@ def complete(model: GPT, tokenizer, text: str, sp: SamplingParams) -> str:
     return tokenizer.decode(generate(model, tokenizer.encode(text), sp, tokenizer.eos_id))
 
 
+def sample_flags(defaults: SampleParams, flags: dict) -> dict:
+    """The sampling settings: each flag given over params.yaml's sample group, checked against that
+    group's ranges; a bad flag is one line naming it and the value params.yaml gives."""
+    given = {name: flags[name] for name in SampleParams.model_fields if flags.get(name) is not None}
+    try:
+        return SampleParams.model_validate({**defaults.model_dump(), **given}).model_dump()
+    except ValidationError as e:
+        problems = [f"--{(name := err['loc'][0]).replace('_', '-')} {given[name]}: {err['msg'].lower()} "
+                    f"(params.yaml's sample.{name} is {getattr(defaults, name)})" for err in e.errors()]
+        raise UserError(f"llm sample: {'; '.join(problems)}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
     from pathlib import Path
@@ -99,14 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None, help="model directory (default models/final)")
     args = ap.parse_args(argv)
     params = load_params(args.params)
-    d = params.sample
-    sp = SamplingParams(
-        max_new_tokens=args.max_new_tokens if args.max_new_tokens is not None else d.max_new_tokens,
-        temperature=args.temperature if args.temperature is not None else d.temperature,
-        top_k=args.top_k if args.top_k is not None else d.top_k,
-        top_p=args.top_p if args.top_p is not None else d.top_p,
-        seed=args.seed if args.seed is not None else d.seed,
-    )
+    sp = SamplingParams(**sample_flags(params.sample, vars(args)))
     root = Path(args.params).resolve().parent
     device = pick_device(params.train.device)
     model, tok, _ = load_final(args.model or Layout(root).final, device.torch_device)

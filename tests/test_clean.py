@@ -321,11 +321,13 @@ def test_clean_quality_is_built_from_the_filters_params():
 
 def test_docs_params_md_lists_clean_quality_as_the_filters_declare_it():
     """Each clean.quality row of docs/params.md (key, type, default, meaning) is what the filter's
-    field declares: a changed default, range-free rename or lost docstring shows here."""
+    field declares: a changed default or range, a rename or a lost docstring shows here."""
     text = (REPO / "docs" / "params.md").read_text(encoding="utf-8")
     for key, f in QualityParams.model_fields.items():
         meaning = " ".join((f.description or "").split())
-        row = f"| `clean.quality.{key}` | {f.annotation.__name__} | `{f.default!r}` | {meaning} |"
+        bounds = ", ".join(f"{op} {getattr(m, attr)}" for m in f.metadata for attr, op in (("ge", ">="), ("le", "<="))
+                           if hasattr(m, attr))
+        row = f"| `clean.quality.{key}` | {f.annotation.__name__} ({bounds}) | `{f.default!r}` | {meaning} |"
         assert row in text, f"docs/params.md: expected the row {row}"
 
 

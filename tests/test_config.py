@@ -110,4 +110,4 @@ def test_docs_params_md_is_what_llm_params_docs_writes():
     from llm.paramdocs import params_markdown
 
     assert (REPO / "docs" / "params.md").read_text() == params_markdown()
-    assert "| `train.max_epochs` | float | `16.0` | Most passes over the train tokens" in params_markdown()
+    assert "| `train.max_epochs` | float (> 0.0) | `16.0` | Most passes over the train tokens" in params_markdown()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
 from llm.layout import Layout
@@ -70,3 +71,33 @@ def test_sample_cli_is_seeded_and_has_an_interactive_mode(built, tmp_path):
     assert interactive.returncode == 0
     assert (interactive.stdout.count("> ") == 3 and runs[0].stdout.strip() in interactive.stdout
             and "JULIET:" in interactive.stdout)
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--temperature", "-1"], "--temperature -1.0: input should be greater than or equal to 0"),
+    (["--top-p", "2"], "--top-p 2.0: input should be less than or equal to 1"),
+    (["--top-p", "0"], "--top-p 0.0: input should be greater than 0"),
+    (["--top-k", "-3"], "--top-k -3: input should be greater than or equal to 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens 0: input should be greater than or equal to 1"),
+])
+def test_a_bad_sampling_flag_is_one_line_naming_it_and_the_value_params_gives(tmp_path, capsys, flags, named):
+    """Checked against params.yaml's sample group (its one home) before any model is loaded: there
+    is none here, so only the flag can be the error."""
+    from llm.cli import main
+
+    (tmp_path / "params.yaml").write_text("sample:\n  top_p: 0.9\n")
+    code = main(["sample", "--params", str(tmp_path / "params.yaml"), "--prompt", "ROMEO:", *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: llm sample: {named} (params.yaml's sample.")
+    default = {"--temperature": "0.8", "--top-p": "0.9", "--top-k": "50", "--max-new-tokens": "200"}[flags[0]]
+    assert err[0].endswith(f" is {default})")
+
+
+def test_report_sampling_lists_take_the_ranges_of_llm_sample():
+    from llm.config import parse_params
+    from llm.errors import UserError
+
+    for bad in ({"temperatures": [0.7, -0.1]}, {"top_p": [1.5]}, {"top_k": [-1]}):
+        with pytest.raises(UserError, match=r"^params.yaml: report\.(temperatures|top_p|top_k)\[\d\]: "):
+            parse_params({"report": bad})
