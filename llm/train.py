@@ -409,11 +409,30 @@ def plan_fits_data(params: Params, n_params: int, manifest: dict) -> None:
                     f"for train.max_epochs: {tp.max_epochs:g} (or train.max_steps: {fitting_steps} here)")
 
 
+def blocks_fit(params: Params, manifest: dict, world_size: int) -> None:
+    """Each process needs one train block of block_size + 1 tokens, and evaluation one val block:
+    a split too small for them is one line naming model.block_size and a size that fits both."""
+    block = params.model.block_size
+    per = {"train": world_size, "val": 1}
+    tokens = {split: manifest["splits"][split]["tokens"] for split in per}
+    largest = {split: (tokens[split] - 1) // per[split] for split in per}
+    short = [split for split in per if block > largest[split]]
+    if short:
+        split, most = short[0], min(largest.values())
+        each = f" for each of the {per[split]} processes" if per[split] > 1 else ""
+        # the largest power of two that both splits serve
+        advice = (f"use model.block_size: {1 << (most.bit_length() - 1)} or less, or a bigger corpus" if most >= 1
+                  else "no block size fits: add text to the corpus (ingest.sources)")
+        raise UserError(f"train: model.block_size {block} needs {block + 1:,} tokens of the {split} split{each}; "
+                        f"it has {tokens[split]:,}: {advice}")
+
+
 def build(params: Params, layout: Layout, device: Device, dist: Dist) -> tuple[TrainState, TokenBlocks, dict]:
     """The model, optimizer and data of this run, from scratch (the checkpoint comes after)."""
     tp, mp = params.train, params.model
     manifest = read_manifest(layout.shards)
     verify_shards(layout.shards)
+    blocks_fit(params, manifest, dist.world_size)
     torch.manual_seed(params.seed)
     model = GPT(GPTConfig.from_params(mp, manifest["tokenizer"]["vocab_size"])).to(device.torch_device)
     plan_fits_data(params, model.num_params(), manifest)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -295,3 +296,39 @@ def test_a_plan_the_corpus_cannot_feed_stops_before_the_first_step_naming_what_i
     with caplog.at_level("INFO", logger="llm.train"):
         plan_fits_data(load_params(REPO / "params.yaml"), 1_054_080, default_corpus)  # the CPU default fits
     assert "11,468,800 planned tokens = 7.1 passes over the data; 10.9 tokens per parameter" in caplog.text
+
+
+def test_a_block_longer_than_a_split_stops_before_training_with_a_size_that_fits():
+    """Seeded split sizes, block sizes and process counts: blocks_fit refuses exactly the shapes
+    TokenBlocks could not serve (a block of block_size + 1 tokens per process, one for val), and
+    the size it names is a power of two that both splits serve."""
+    import re
+    from types import SimpleNamespace
+
+    from llm.train import blocks_fit
+
+    def manifest(train: int, val: int) -> dict:
+        return {"splits": {"train": {"tokens": train}, "val": {"tokens": val}}}
+
+    rng = random.Random(5)
+    refused = 0
+    for i in range(500):
+        m = manifest(rng.randint(2, 200_000), rng.randint(2, 50_000)) if i % 50 else manifest(rng.randint(2, 6), 3)
+        world, block = rng.randint(1, 4), 1 << rng.randint(2, 17)
+        serves = all((m["splits"][s]["tokens"] - 1) // per >= block for s, per in (("train", world), ("val", 1)))
+        try:
+            blocks_fit(SimpleNamespace(model=SimpleNamespace(block_size=block)), m, world)
+        except UserError as e:
+            assert not serves, (m, world, block)
+            refused += 1
+            if min((m["splits"]["train"]["tokens"] - 1) // world, m["splits"]["val"]["tokens"] - 1) < 1:
+                assert "no block size fits: add text to the corpus" in str(e)
+                continue
+            fits = int(re.search(r"use model\.block_size: (\d+) or less", str(e)).group(1))
+            assert fits & (fits - 1) == 0 and "\n" not in str(e)
+            blocks_fit(SimpleNamespace(model=SimpleNamespace(block_size=fits)), m, world)  # it fits
+            with pytest.raises(UserError):  # and is the largest power of two that does
+                blocks_fit(SimpleNamespace(model=SimpleNamespace(block_size=2 * fits)), m, world)
+        else:
+            assert serves, (m, world, block)
+    assert 100 < refused < 400
