@@ -361,7 +361,7 @@ class ReportParams(_Group):
     top_k: list[Annotated[int, Field(ge=0)]] = Field([50], min_length=1)
     top_p: list[Annotated[float, Field(gt=0.0, le=1.0)]] = Field([0.95], min_length=1)
     max_new_tokens: int = Field(120, ge=1)
-    attention_prompt: str = "HAMLET\nTo be, or not to be, that is the question:"
+    attention_prompt: str = Field("HAMLET\nTo be, or not to be, that is the question:", min_length=1)
     seed: int = 1337
 
 

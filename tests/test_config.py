@@ -51,6 +51,7 @@ def test_a_vocabulary_the_corpus_cannot_fill_is_refused_with_a_value_that_fits()
         ({"shardz": {}}, "shardz: unknown key"),
         ({"clean": {"near_dedup": {"num_perm": 128, "num_bands": 10}}}, "num_bands (10) must divide num_perm (128)"),
         ({"tokenizer": {"eos_id": 1}}, "special token ids must differ"),
+        ({"report": {"attention_prompt": ""}}, "report.attention_prompt: String should have at least 1 character"),
     ],
 )
 def test_bad_params_name_the_key(override, expected):
