@@ -179,6 +179,13 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def text_size(n_bytes: float) -> str:
+    """A size in the unit a person reads it in: 830 bytes, 12.5 KB, 4.4 MB, 1,784.0 MB."""
+    if n_bytes < 1e3:
+        return f"{n_bytes:,.0f} bytes"
+    return f"{n_bytes / 1e3:.1f} KB" if n_bytes < 1e6 else f"{n_bytes / 1e6:,.1f} MB"
+
+
 def code_fence(text: str) -> str:
     """A Markdown code fence longer than any backtick run in text, so it cannot be closed early."""
     longest = max((len(m) for m in re.findall(r"`+", text)), default=0)

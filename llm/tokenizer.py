@@ -26,7 +26,7 @@ from tqdm import tqdm
 from llm.config import Params, TokenizerParams, group_dict
 from llm.corpus.tables import iter_batches
 from llm.errors import UserError
-from llm.io import atomic_dir, file_sha256, write_json
+from llm.io import atomic_dir, file_sha256, text_size, write_json
 from llm.layout import Layout
 from llm.parallel import resolve_workers
 from llm.progress import progress_enabled
@@ -262,9 +262,9 @@ def vocabulary_fits(params: TokenizerParams, train_bytes: int, preset: str = "")
         return
     fitting = max(64, train_bytes // params.min_bytes_per_piece // 64 * 64)
     who = f"preset {preset!r} asks for " if preset else ""
-    raise UserError(f"tokenizer: {who}vocab_size {params.vocab_size}, which needs at least {needed / 1e6:.1f} MB of "
+    raise UserError(f"tokenizer: {who}vocab_size {params.vocab_size}, which needs at least {text_size(needed)} of "
                     f"train text (tokenizer.min_bytes_per_piece: {params.min_bytes_per_piece}); this corpus has "
-                    f"{train_bytes / 1e6:.1f} MB: use tokenizer.vocab_size: {fitting}, or a larger corpus")
+                    f"{text_size(train_bytes)}: use tokenizer.vocab_size: {fitting}, or a larger corpus")
 
 
 def _room(params: TokenizerParams) -> int:
@@ -311,8 +311,10 @@ def choose_coverage(params: TokenizerParams, counts: Counter) -> tuple[float, di
     if (need := characters_required(ranked, total, coverage)) > room:
         what = f"character_coverage {coverage:g}" + (" (auto, the least sentencepiece accepts)"
                                                      if params.character_coverage == "auto" else "")
+        held = "and the 256 byte pieces " if params.byte_fallback else ""
+        left = f"{room}" if room > 0 else f"none: the specials, the newline {held}take {params.vocab_size - room}"
         raise UserError(f"tokenizer: {what} needs {need} of the text's {len(ranked)} distinct characters in the "
-                        f"vocabulary, more than vocab_size {params.vocab_size} has room for ({room}); "
+                        f"vocabulary, more than vocab_size {params.vocab_size} has room for ({left}); "
                         f"use tokenizer.vocab_size: {_vocab_for(params, need)}")
     return coverage, {"character_coverage": coverage, "alphabet": len(ranked), "characters_in_vocab": need}
 

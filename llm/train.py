@@ -42,7 +42,7 @@ from llm.device import Device, peak_flops, pick_device, require_torch, set_threa
 from llm.distributed import Dist, init_distributed
 from llm.errors import UserError
 from llm.faults import fault_point
-from llm.io import atomic_dir, atomic_file, write_json
+from llm.io import atomic_dir, atomic_file, text_size, write_json
 from llm.layout import Layout
 from llm.model import GPT, GPTConfig
 from llm.optim import Optimizers, build_optimizer
@@ -394,9 +394,9 @@ def plan_fits_data(params: Params, n_params: int, manifest: dict) -> None:
     train = manifest["splits"]["train"]
     planned = tp.max_steps * tp.tokens_per_step
     epochs = planned / max(1, train["tokens"])
-    log.info("train: %.2f M parameters; %s train tokens (%.1f MB of text); %s planned tokens = %.1f passes over the "
+    log.info("train: %.2f M parameters; %s train tokens (%s of text); %s planned tokens = %.1f passes over the "
              "data; %.1f tokens per parameter (compute-optimal is about 20)", n_params / 1e6, f"{train['tokens']:,}",
-             train["bytes"] / 1e6, f"{planned:,}", epochs, planned / n_params)
+             text_size(train["bytes"]), f"{planned:,}", epochs, planned / n_params)
     if epochs <= tp.max_epochs:
         return
     bytes_per_token = train["bytes"] / max(1, train["tokens"])
@@ -404,7 +404,7 @@ def plan_fits_data(params: Params, n_params: int, manifest: dict) -> None:
     fitting_steps = max(1, int(tp.max_epochs * train["tokens"] // tp.tokens_per_step))
     name = f"preset {params.preset!r}" if params.preset else "these params"
     raise UserError(f"train: {name} plan {planned:,} tokens, {epochs:,.0f} passes over this corpus's "
-                    f"{train['tokens']:,} train tokens ({train['bytes'] / 1e6:.1f} MB); "
+                    f"{train['tokens']:,} train tokens ({text_size(train['bytes'])}); "
                     f"they need about {needed_mb:,.0f} MB of train text "
                     f"for train.max_epochs: {tp.max_epochs:g} (or train.max_steps: {fitting_steps} here)")
 

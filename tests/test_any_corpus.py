@@ -4,6 +4,7 @@ half runs at its defaults (tokenizer, split, cleaning); only the model is cut to
 from __future__ import annotations
 
 import random
+import string
 from collections import Counter
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import yaml
 
 from llm.config import TokenizerParams
 from llm.errors import UserError
-from llm.io import read_json
+from llm.io import read_json, text_size
 from llm.layout import Layout
 from llm.tokenizer import characters_required, choose_coverage
 from tests.conftest import copy_repo_files, dvc_bin, plays_dir, run, write_params
@@ -106,6 +107,27 @@ def test_an_explicit_coverage_too_large_for_the_vocabulary_is_refused():
     counts = Counter("".join(CJK[:2500]) * 3)
     with pytest.raises(UserError, match=r"character_coverage 1 needs 2500 .* use tokenizer.vocab_size: 5312"):
         choose_coverage(TokenizerParams(character_coverage=1.0), counts)
+
+
+@pytest.mark.parametrize("vocab_size", [32, 40, 200, 261])
+def test_a_vocabulary_the_specials_and_byte_pieces_fill_says_so_and_names_one_that_works(vocab_size: int):
+    """No room left at all (vocab_size at or below the specials, newline and 256 byte pieces): the
+    line says what takes the room rather than printing a negative count."""
+    counts = Counter(string.ascii_letters + string.digits)
+    with pytest.raises(UserError) as err:
+        choose_coverage(TokenizerParams(vocab_size=vocab_size), counts)
+    message = str(err.value)
+    assert "has room for (none: the specials, the newline and the 256 byte pieces take 261)" in message, message
+    assert "(-" not in message
+    fitting = int(message.rsplit("tokenizer.vocab_size: ", 1)[1])
+    choose_coverage(TokenizerParams(vocab_size=fitting), counts)
+
+
+@pytest.mark.parametrize("n_bytes, text", [(0, "0 bytes"), (830, "830 bytes"), (999, "999 bytes"), (1000, "1.0 KB"),
+                                           (12_345, "12.3 KB"), (999_949, "999.9 KB"), (4_381_346, "4.4 MB"),
+                                           (1_784_000_000, "1,784.0 MB")])
+def test_sizes_in_messages_are_in_the_unit_a_person_reads(n_bytes: int, text: str):
+    assert text_size(n_bytes) == text
 
 
 @pytest.mark.slow
