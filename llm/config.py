@@ -328,6 +328,8 @@ class TrainParams(_Group):
     """Machines in the run; each runs the same `llm train` (dvc repro) with the same params."""
     rdzv_endpoint: str = ""
     """host:port where the nodes meet (c10d rendezvous); "" = this machine only."""
+    rdzv_timeout_s: int = Field(600, ge=1)
+    """How long a node waits for the others at rdzv_endpoint before it stops with one line."""
 
     @model_validator(mode="after")
     def _rendezvous(self) -> TrainParams:

@@ -106,24 +106,39 @@ def launcher_args(tp: TrainParams, run_id: str) -> list[str]:
     # config this module builds): c10d on a free port of this machine.
     endpoint = tp.rdzv_endpoint or "127.0.0.1:0"
     return [f"--nproc-per-node={tp.nproc_per_node}", f"--nnodes={tp.nnodes}", "--max-restarts=0",
-            "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={run_id}"]
+            "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={run_id}",
+            f"--rdzv-conf=join_timeout={tp.rdzv_timeout_s}"]
 
 
 def launch(tp: TrainParams, worker_argv: list[str], run_id: str = "llm-train") -> None:
     """Run `python -m llm.cli WORKER_ARGV` on nproc_per_node processes per node through
     torch.distributed.run; a failed or killed worker ends the launch with one UserError."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous import RendezvousError
     from torch.distributed.launcher.api import elastic_launch
     from torch.distributed.run import config_from_args, get_args_parser
 
     args = get_args_parser().parse_args([*launcher_args(tp, run_id), "-m", "llm.cli", *worker_argv])
+    # torch.distributed.run's own default for its workers, set here so that it need not print a
+    # banner about it; a CPU worker then sets its threads from train.threads (llm.device.set_threads).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     config, cmd, cmd_args = config_from_args(args)
     logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+    # Its lines on a failed or stopped worker ("failed (exitcode: 2) local_rank: 0 ...", "Sending
+    # process ... closing signal") say again what the one error line below says.
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
     log.info("train: launching %d process(es) x %d node(s) through torch.distributed.run", tp.nproc_per_node, tp.nnodes)
+    if tp.nnodes > 1:
+        log.info("train: waiting up to %d s (train.rdzv_timeout_s) for %d nodes to meet at %s (train.rdzv_endpoint)",
+                 tp.rdzv_timeout_s, tp.nnodes, tp.rdzv_endpoint)
     try:
         elastic_launch(config=config, entrypoint=cmd)(*cmd_args)
     except ChildFailedError as e:
         raise UserError(describe_failure(e, processes(tp))) from None
+    except RendezvousError as e:
+        raise UserError(f"train: the {tp.nnodes} nodes did not meet at train.rdzv_endpoint {tp.rdzv_endpoint} within "
+                        f"train.rdzv_timeout_s ({tp.rdzv_timeout_s} s; {type(e).__name__}): start `dvc repro` on every "
+                        "node with the same params, and check that each reaches that host:port") from None
 
 
 def describe_failure(err, world_size: int) -> str:

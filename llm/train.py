@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -517,7 +518,11 @@ def wrap_model(model: GPT, tp: TrainParams, device: Device, dist: Dist) -> torch
     if dist.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        runner = DDP(model, device_ids=[dist.local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
+        # torch 2.13 renames broadcast_buffers=False to forward_sync_buffers=False (which also syncs
+        # the buffers once at the start, the same tables here); older torch has only the first.
+        no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                   else "broadcast_buffers")
+        runner = DDP(model, device_ids=[dist.local_rank] if device.type == "cuda" else None, **{no_sync: False})
     if tp.compile and can_compile(device):
         runner = torch.compile(runner)
     return runner

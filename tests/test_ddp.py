@@ -147,9 +147,26 @@ def test_a_nan_on_one_rank_stops_every_rank_with_one_line(built, tmp_path: Path)
     assert len(lines) == 1, proc.stderr[-3000:]
     assert "loss is nan at step 4" in lines[0] and "last good checkpoint" in lines[0]
     assert "Traceback" not in proc.stderr
+    # nor torch elastic's own account of the stopped processes (its glog lines: E1202 12:00:00.0 ...)
+    assert not re.search(r"^[EW]\d{4} ", proc.stderr, re.M), proc.stderr[-3000:]
     assert torch.load(Layout(root).checkpoints / "last.pt", weights_only=True)["step"] == 3
     assert not Layout(root).final.exists()
     assert seconds < 200
+
+
+def test_a_node_whose_peers_never_come_stops_with_one_line_naming_the_rendezvous(built, tmp_path: Path):
+    """nnodes: 2, and the other node never starts: after train.rdzv_timeout_s one line naming the
+    endpoint and the knob, not torch's traceback after ten silent minutes."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    root, _ = project_from(built, tmp_path, train={"nnodes": 2, "rdzv_endpoint": endpoint, "rdzv_timeout_s": 5})
+    proc, seconds = launch(root, {})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"the 2 nodes did not meet at train.rdzv_endpoint {endpoint} within train.rdzv_timeout_s (5 s" in lines[0]
+    assert f"waiting up to 5 s (train.rdzv_timeout_s) for 2 nodes to meet at {endpoint}" in proc.stderr
+    assert not Layout(root).checkpoints.exists()
+    assert seconds < 90
 
 
 def test_a_killed_rank_ends_the_launch_with_one_line(built, tmp_path: Path):
