@@ -34,7 +34,7 @@ from llm.device import pick_device
 from llm.io import write_json
 from llm.layout import Layout
 from llm.progress import progress_enabled
-from llm.shards import open_split, read_manifest, token_stream
+from llm.shards import open_split, read_manifest, token_counts
 
 log = logging.getLogger(__name__)
 LN2 = math.log(2)
@@ -75,18 +75,6 @@ def unigram_nats(train_counts: np.ndarray, val_tokens: np.ndarray) -> float:
     counts = train_counts.astype(np.float64) + 1.0
     logp = np.log(counts / counts.sum())
     return float(-logp[val_tokens].sum())
-
-
-def train_token_counts(shards_dir: Path, vocab_size: int) -> np.ndarray:
-    """How often each id occurs in the train split, one shard mapped at a time."""
-    counts = np.zeros(vocab_size, dtype=np.int64)
-    tables = open_split(shards_dir, "train")
-    while tables:
-        table = tables.pop(0)  # dropped after its count, so its mapped pages leave the process
-        for arr in token_stream(table):
-            counts += np.bincount(arr, minlength=vocab_size)
-        del table
-    return counts
 
 
 @dataclass
@@ -192,7 +180,7 @@ def evaluate(params: Params, layout: Layout, register: bool = True) -> dict:
     n_text, sizes = compressed_sizes(text.encode("utf-8") for text in docs.texts(tok, tok.eos_id))
     assert n_text == n_bytes, "decoded val text differs from the shards' byte count"
     baselines = {name: 8 * size / n_bytes for name, size in sizes.items()}
-    train_counts = train_token_counts(lay.shards, tok.vocab_size)
+    train_counts = token_counts(lay.shards, "train", tok.vocab_size)
     baselines["unigram"] = bits_per_byte(unigram_nats(train_counts, docs.stream[1:]), n_bytes)
     log.info("evaluate: gzip, bz2, xz and unigram baselines in %.1f s", time.perf_counter() - started)
     result = {

@@ -31,6 +31,7 @@ from llm.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+COUNTS = "counts.npy"  # per split: occurrences of each token id (int64)
 RECORD_BATCH_DOCS = 64
 T = TypeVar("T")
 
@@ -93,6 +94,7 @@ class _Split:
     _sink: Any = None
     _current: dict | None = None
     _pending: list = field(default_factory=list)
+    counts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # occurrences of each id
 
     def add(self, doc_ids: list[str], sources: list[str], n_bytes: list[int], arrays: list[np.ndarray]) -> None:
         """Append documents. A shard closes after the document that takes it to shard_tokens and
@@ -119,7 +121,12 @@ class _Split:
         self._pending = []
         offsets = np.zeros(len(arrays) + 1, dtype=np.int32)  # RECORD_BATCH_DOCS documents stay far below 2**31 tokens
         np.cumsum([len(a) for a in arrays], out=offsets[1:])
-        tokens = pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(arrays)))
+        flat = np.concatenate(arrays)
+        tokens = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
+        seen = np.bincount(flat)
+        if len(seen) > len(self.counts):
+            self.counts = np.pad(self.counts, (0, len(seen) - len(self.counts)))
+        self.counts[: len(seen)] += seen
         columns = [pa.array(doc_ids, pa.string()), pa.array(sources, pa.string()), pa.array(n_bytes, pa.int64()),
                    tokens]
         self._writer.write_batch(pa.record_batch(columns, schema=self.schema))
@@ -143,12 +150,17 @@ class _Split:
         self._writer = self._sink = self._current = None
 
     def finish(self) -> dict:
+        """Close the last shard; write how often each id occurs in the split (counts.npy), so that
+        a reader of those counts (evaluate's unigram baseline) need not read the tokens again."""
         self._close()
+        counts_path = self.directory / COUNTS
+        np.save(counts_path, self.counts, allow_pickle=False)
         return {
             "documents": sum(s["documents"] for s in self.shards),
             "tokens": sum(s["tokens"] for s in self.shards),
             "bytes": sum(s["bytes"] for s in self.shards),
             "shards": self.shards,
+            "counts": {"path": f"{self.directory.name}/{COUNTS}", "sha256": file_sha256(counts_path)},
         }
 
 
@@ -223,6 +235,16 @@ def read_manifest(shards_dir: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"{path}: shard manifest not found (run `llm shards` first)")
     return read_json(path)
+
+
+def token_counts(shards_dir: str | Path, split: str, vocab_size: int) -> np.ndarray:
+    """How often each of the vocab_size ids occurs in the split, as the shards stage counted it."""
+    entry = read_manifest(shards_dir)["splits"][split].get("counts")
+    path = Path(shards_dir) / (entry["path"] if entry else f"{split}/{COUNTS}")
+    if entry is None or not path.is_file() or file_sha256(path) != entry["sha256"]:
+        raise UserError(f"{path}: token counts missing or differ from manifest.json; {_RESTORE}")
+    counts = np.load(path, allow_pickle=False)
+    return np.pad(counts, (0, max(0, vocab_size - len(counts))))
 
 
 def _each_shard(shards_dir: str | Path, split: str, read: Callable[[Path], T]) -> list[T]:

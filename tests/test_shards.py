@@ -13,7 +13,7 @@ from llm.dataset import TokenBlocks
 from llm.errors import UserError
 from llm.io import file_sha256, read_json
 from llm.layout import Layout
-from llm.shards import open_split, read_manifest, token_dtype, token_stream, write_shards
+from llm.shards import open_split, read_manifest, token_counts, token_dtype, token_stream, write_shards
 from llm.split import holdout_of
 from llm.tokenizer import Tokenizer
 from tests.conftest import deep_update, load, write_params
@@ -69,6 +69,28 @@ def test_manifest_totals_equal_the_shard_contents(built):
         assert info["tokens"] == sum(s["tokens"] for s in info["shards"])
     metrics = read_json(Layout(root).metrics("shards"))
     assert metrics["train_tokens"] == manifest["splits"]["train"]["tokens"]
+
+
+def test_each_split_counts_its_token_ids_as_its_shards_hold_them(built, tmp_path: Path):
+    """counts.npy (what evaluate's unigram baseline reads instead of every train token) equals a
+    bincount of the split's stream; changed or missing, it is one line naming it."""
+    root, _ = built
+    shards = Layout(root).shards
+    vocab = read_manifest(shards)["tokenizer"]["vocab_size"]
+    for split in ("train", "val"):
+        stream = split_stream(shards, split)
+        counts = token_counts(shards, split, vocab)
+        assert counts.shape == (vocab,) and counts.sum() == read_manifest(shards)["splits"][split]["tokens"]
+        assert np.array_equal(counts, np.bincount(stream, minlength=vocab))
+    copy = Path(shutil.copytree(shards, tmp_path / "shards"))
+    counts = np.load(copy / "val" / "counts.npy")
+    counts[int(np.argmax(counts))] -= 1
+    np.save(copy / "val" / "counts.npy", counts)
+    with pytest.raises(UserError, match=r"val/counts.npy: token counts missing or differ from manifest.json; rerun"):
+        token_counts(copy, "val", vocab)
+    (copy / "train" / "counts.npy").unlink()
+    with pytest.raises(UserError, match=r"train/counts.npy: token counts missing"):
+        token_counts(copy, "train", vocab)
 
 
 def test_small_shard_size_rolls_several_shards(built):
