@@ -173,6 +173,14 @@ def data_groups(params: dict) -> dict:
     return {k: params[k] for k in DATA_GROUPS if k in params}
 
 
+def data_code() -> dict[str, str]:
+    """The version of each data stage's code (llm.codedeps, as DVC sees it): prepped data made by
+    other code is made again. Only `prep` asks, on the CPU machine."""
+    from llm.codedeps import code_version
+
+    return {stage: code_version(stage) for stage in ("ingest", "clean", "tokenizer", "shards")}
+
+
 def preset_path(spec: str) -> Path:
     """A preset name (presets/NAME.yaml) or a path to a params file."""
     if spec.endswith((".yaml", ".yml")):
@@ -439,7 +447,8 @@ def prep(presets: list[str], overlay: dict, force: bool, wheels: bool) -> int:
             dest = PREPPED / name
             stamp = dest / "prep.json"
             have = stamp.is_file() and (dest / "shards").is_dir() and (dest / "tokenizer").is_dir()
-            if not force and have and json.loads(stamp.read_text()).get("data_params") == data_groups(params):
+            made_by = {"data_params": data_groups(params), "data_code": data_code()}
+            if not force and have and {k: json.loads(stamp.read_text()).get(k) for k in made_by} == made_by:
                 print(f"prep {name}: up to date in {dest.relative_to(REPO)}")
                 continue
             run_dir = Path(scratch) / name
@@ -468,7 +477,7 @@ def prep(presets: list[str], overlay: dict, force: bool, wheels: bool) -> int:
                     shutil.copytree(run_dir / "data" / sub, dest / sub)
                 manifest = json.loads((dest / "shards" / "manifest.json").read_text())
                 splits = {k: v.get("tokens") for k, v in manifest.get("splits", {}).items()}
-                stamp.write_text(json.dumps({"preset": name, "made": now_iso(), "data_params": data_groups(params),
+                stamp.write_text(json.dumps({"preset": name, "made": now_iso(), **made_by,
                                              "vocab_size": manifest.get("tokenizer", {}).get("vocab_size"),
                                              "tokens": splits}, indent=1, default=str))
                 vocab = manifest.get("tokenizer", {}).get("vocab_size")
