@@ -109,6 +109,16 @@ def test_fsspec_url_source():
         read(Path("."), ["memory://nothing/*.txt"])
 
 
+def test_a_url_its_filesystem_refuses_on_opening_is_one_line_naming_the_source():
+    """fsspec lists hf:// URLs without looking at them; Hugging Face's filesystem refuses a
+    malformed one only when it opens it (no network is reached either way)."""
+    with pytest.raises(UserError) as err:
+        read(Path("."), ["hf://datasets/x"])
+    message = str(err.value)
+    assert message.startswith("ingest.sources[0]: cannot open 'hf://datasets/x': Invalid HF URI")
+    assert "\n" not in message
+
+
 def test_missing_source_path_is_a_clear_error(tmp_path: Path):
     with pytest.raises(UserError, match=r"^ingest.sources\[1\]: no such file or directory: missing.txt$"):
         (tmp_path / "a.txt").write_text(PROSE)

@@ -288,7 +288,20 @@ def _fsspec_entries(source: str, key: str) -> list[Entry]:
     if not files:
         raise UserError(f"{key}: URL matches no files: {source}")
     ordered = sorted(files, key=lambda f: f.full_name)
-    return [Entry(f.full_name, f.full_name.rsplit("/", 1)[-1], f.open) for f in ordered]
+    return [Entry(f.full_name, f.full_name.rsplit("/", 1)[-1], _opener(f, key, source)) for f in ordered]
+
+
+def _opener(file, key: str, source: str) -> Callable[[], AbstractContextManager[BinaryIO]]:
+    """file.open, where a filesystem that refuses the URL itself when it opens it (hf:// without a
+    namespace/name: fsspec lists such URLs without looking) is one line naming the source."""
+
+    def open_file():
+        try:
+            return file.open()
+        except ValueError as e:
+            raise UserError(f"{key}: cannot open {source!r}: {' '.join(str(e).split())}") from None
+
+    return open_file
 
 
 # ----------------------------------------------------------------------------- opening
