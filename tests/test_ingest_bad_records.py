@@ -115,6 +115,17 @@ def test_unreadable_files_are_bad_records(tmp_path: Path):
         read(tmp_path, ["corpus"], on_bad_record="fail")
 
 
+def test_too_many_unreadable_files_point_at_the_files_not_the_text_field(tmp_path: Path):
+    (tmp_path / "corpus").mkdir()
+    unreadable_files(tmp_path / "corpus")
+    with pytest.raises(UserError) as err:
+        read(tmp_path, ["corpus"])
+    msg = str(err.value)
+    assert msg.startswith("ingest: 4 of 4 records are bad (100.0%, more than ingest.max_bad_fraction 0.01)")
+    assert "check that the files can be read (archive, compression, permissions, the network for a URL)" in msg
+    assert "text_field" not in msg and "\n" not in msg
+
+
 def test_a_file_without_read_permission_is_a_bad_record(tmp_path: Path):
     import os
 

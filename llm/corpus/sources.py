@@ -134,11 +134,13 @@ class ReadCounts:
             return
         worst = max(self.bad_by_file, key=lambda f: self.bad_by_file[f][0])
         n, first = self.bad_by_file[worst]
+        # a file that cannot be opened or decompressed at all, or records without usable text
+        check = ("check that the files can be read (archive, compression, permissions, the network for a URL)"
+                 if ": cannot read: " in first else "check ingest.text_field")
         raise UserError(
             f"ingest: {self.bad_records} of {total} records are bad ({self.bad_records / total:.1%}, more than "
             f"ingest.max_bad_fraction {max_fraction:g}); {n} in {worst}, first {first}; "
-            "check ingest.text_field, or raise ingest.max_bad_fraction to skip them "
-            "(ingest.on_bad_record: fail stops at the first)"
+            f"{check}, or raise ingest.max_bad_fraction to skip them (ingest.on_bad_record: fail stops at the first)"
         )
 
 
