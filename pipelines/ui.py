@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -57,6 +58,26 @@ def stop(servers: dict[str, tuple[subprocess.Popen, int]], grace: float = GRACE_
         proc.wait()
 
 
+def busy_port(ports: dict[str, int]) -> str:
+    """One line for the first of the ports (by the make variable that sets it) that a server on
+    127.0.0.1 already holds, naming a port that is free now; "" when all are free."""
+    for knob, port in ports.items():
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is free
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return (f"make ui: port {port} ({knob}) is in use on 127.0.0.1; "
+                        f"set {knob}={free_port()} (free now), or stop what holds it")
+    return ""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def experiment_of(store: str, name: str) -> str | None:
     """The id of the project's MLflow experiment in `store`, None before the first run."""
     import mlflow
@@ -82,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--experiment", default="",
                     help="MLflow experiment to link to (default: tracking.experiment of params.yaml)")
     args = ap.parse_args(argv)
+    if busy := busy_port({"DAGSTER_PORT": args.dagster_port, "MLFLOW_PORT": args.mlflow_port}):
+        print(f"error: {busy}", file=sys.stderr)
+        return 2
     bin_dir = Path(sys.executable).parent
     mlflow_url = ui_url(f"http://127.0.0.1:{args.mlflow_port}", experiment_of(args.mlflow_store, args.experiment))
     servers = {

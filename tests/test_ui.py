@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from llm.tracking import ui_url
+from pipelines.ui import free_port
 from tests.conftest import REPO, dvc_bin, make_dvc_project, run
 
 pytestmark = pytest.mark.slow
@@ -47,12 +48,6 @@ def chromium() -> str:
     if found is None:
         pytest.fail("chromium is not installed: apt-get install chromium (.ci/run does)")
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(url: str, proc: subprocess.Popen, log: Path, seconds: float = 180) -> None:
@@ -220,6 +215,24 @@ def test_the_report_renders_with_its_images_loaded(served, artifacts: Path):
                            ".map(i => i.alt)")
     page.screenshot(path=str(artifacts / "report.png"), full_page=True)
     assert broken == []
+
+
+@pytest.mark.parametrize("knob", ["DAGSTER_PORT", "MLFLOW_PORT"])
+def test_make_ui_on_a_port_in_use_stops_with_one_line_naming_a_free_one(tmp_path: Path, knob: str):
+    """Before this, the Dagster webserver died on the port while make ui printed its URL and kept
+    MLflow running: the link led to whatever held the port."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        ports = {"DAGSTER_PORT": free_port(), "MLFLOW_PORT": free_port(), knob: held.getsockname()[1]}
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+        proc = subprocess.run(["make", "-s", "ui", f"DAGSTER_HOME={tmp_path / 'home'}",
+                               *(f"{k}={v}" for k, v in ports.items())], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=120)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and len(errors) == 1, proc.stdout + proc.stderr
+    assert errors[0].startswith(f"error: make ui: port {ports[knob]} ({knob}) is in use on 127.0.0.1; set {knob}=")
+    assert "Dagster UI:" not in proc.stdout and not (tmp_path / "mlflow.db").exists()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM])  # what a script or a service manager sends; Ctrl-C goes to the group
