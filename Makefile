@@ -61,8 +61,10 @@ ENGINE ?= dvc
 run: setup
 ifeq ($(ENGINE),dagster)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dagster asset materialize -m pipelines --select '*report,*export'
-else
+else ifeq ($(ENGINE),dvc)
 	PATH=$(CURDIR)/$(BIN):$$PATH dvc repro
+else
+	$(error make run: ENGINE=$(ENGINE) is not an engine; use ENGINE=dvc (the default) or ENGINE=dagster)
 endif
 
 # llama.cpp, the client the GGUF tests run (tests/test_gguf.py): llama-cpp-python built from its

@@ -84,3 +84,15 @@ def test_the_checker_reads_inline_commands_and_skips_comments_and_variables():
     assert commands(text) == {("llm", "train"), ("make", "run")}
     assert problems(text, {"train"}, {"run"}) == []
     assert problems(text, set(), {"run"}) == ["`llm train`: not a subcommand in `llm --help`"]
+
+
+def test_make_run_refuses_an_engine_it_does_not_have():
+    """A typo (ENGINE=dagsterr) must not quietly run the other engine."""
+    proc = subprocess.run(["make", "-n", "run", "ENGINE=dagsterr"], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2
+    assert "make run: ENGINE=dagsterr is not an engine; use ENGINE=dvc (the default) or ENGINE=dagster" in proc.stderr
+    for engine, command in (("dvc", "dvc repro"), ("dagster", "dagster asset materialize")):
+        dry = subprocess.run(["make", "-n", "run", f"ENGINE={engine}"], cwd=REPO, capture_output=True, text=True,
+                             timeout=60)
+        assert dry.returncode == 0 and command in dry.stdout, dry.stderr
