@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import inspect
 import json
 import logging
@@ -90,12 +89,33 @@ def lr_at(step: int, tp: TrainParams) -> float:
 def fingerprint(params: Params, manifest: dict) -> str:
     """What a checkpoint must match to be resumed: the model, the math of training, the data and
     the code that computes it (the files of `llm train`'s import closure, as dvc.yaml lists them:
-    DVC reruns train for an edit to any, and resuming would hand back the old code's model)."""
+    DVC reruns train for an edit to any, and resuming would hand back the old code's model).
+    The values themselves (JSON), not a hash of them, so that a checkpoint of other ones can say
+    which differ."""
     train = {k: v for k, v in params.train.model_dump(mode="json").items() if k not in _NOT_IN_FINGERPRINT}
     data = [s["sha256"] for s in manifest["splits"]["train"]["shards"]]
-    blob = json.dumps({"seed": params.seed, "model": params.model.model_dump(mode="json"), "train": train, "data": data,
+    return json.dumps({"seed": params.seed, "model": params.model.model_dump(mode="json"), "train": train, "data": data,
                        "tokenizer": manifest["tokenizer"]["sha256"], "code": code_version("train")}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def fingerprint_difference(old: Any, new: str, most: int = 3) -> str:
+    """What differs between a checkpoint's fingerprint and this run's, as a person reads it:
+    `train.learning_rate 0.002 -> 0.001`, `the train shards`, `the code of llm train`."""
+    try:
+        a, b = json.loads(old), json.loads(new)
+    except (TypeError, ValueError):  # a checkpoint from before fingerprints were readable
+        return "other params, data or code"
+    named = {"data": "the train shards", "tokenizer": "the tokenizer", "code": "the code of `llm train`"}
+    diffs = [named[k] for k in named if a.get(k) != b.get(k)]
+    for group in ("seed", "model", "train"):
+        x, y = a.get(group), b.get(group)
+        if not isinstance(y, dict):
+            diffs += [f"{group} {x} -> {y}"] if x != y else []
+            continue
+        x = x if isinstance(x, dict) else {}
+        diffs += [f"{group}.{k} {x.get(k, '(unset)')} -> {y.get(k, '(unset)')}" for k in sorted({*x, *y})
+                  if x.get(k) != y.get(k)]
+    return ", ".join(diffs[:most]) + (f" and {len(diffs) - most} more" if len(diffs) > most else "")
 
 
 def accumulation_steps(tp: TrainParams, block_size: int, world: int) -> int:
@@ -140,9 +160,12 @@ def set_rng_state(state: dict[str, Any], device: Device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device.torch_device)
 
 
-def load_checkpoint(path: Path, fp: str) -> dict | None:
-    """The checkpoint at path if it was written by a run with the same fingerprint."""
+def load_checkpoint(path: Path, fp: str, required: bool = False) -> dict | None:
+    """The checkpoint at path if it was written by a run with the same fingerprint. required
+    (`llm train --resume`): no such checkpoint is one line saying why."""
     if not path.is_file():
+        if required:
+            raise UserError(f"train --resume: no checkpoint at {path}")
         return None
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
@@ -150,7 +173,11 @@ def load_checkpoint(path: Path, fp: str) -> dict | None:
         raise UserError(f"{path}: unreadable checkpoint ({str(e).splitlines()[0][:160]}); "
                         "`llm train --restart` starts over (or delete the file)") from None
     if ckpt.get("fingerprint") != fp:
-        log.info("train: %s belongs to other params, data or code; starting from scratch", path)
+        differs = fingerprint_difference(ckpt.get("fingerprint"), fp)
+        other = f"{path} (step {ckpt.get('step', '?')}) is of a run with {differs}"
+        if required:
+            raise UserError(f"train --resume: {other}; put those back to resume it, or drop --resume to start over")
+        log.warning("train: %s; starting from scratch (`llm train --resume` refuses instead)", other)
         return None
     return ckpt
 
@@ -243,9 +270,7 @@ class Checkpointer:
 
     def restore(self, state: TrainState, resume: str) -> None:
         """resume: auto (a checkpoint of the same fingerprint, if any), always (fail without one), never."""
-        ckpt = None if resume == "never" else load_checkpoint(self.path, state.fingerprint)
-        if resume == "always" and ckpt is None:
-            raise UserError(f"train --resume: no checkpoint of these params and data at {self.path}")
+        ckpt = None if resume == "never" else load_checkpoint(self.path, state.fingerprint, resume == "always")
         if ckpt is not None:
             state.load_state_dict(ckpt, self.device)
             self.saved_step = state.step

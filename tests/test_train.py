@@ -130,17 +130,23 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(built, tmp_path: Path, 
 
 def test_resume_always_without_a_checkpoint_is_a_clear_error(built, tmp_path: Path):
     root, params = project_from(built, tmp_path)
-    with pytest.raises(UserError, match="no checkpoint of these params and data"):
+    with pytest.raises(UserError, match=r"^train --resume: no checkpoint at .*models/checkpoints/last.pt$"):
         train(params, Layout(root), resume="always")
 
 
-def test_a_checkpoint_of_other_params_is_not_resumed(built, tmp_path: Path):
+def test_a_checkpoint_of_other_params_is_not_resumed(built, tmp_path: Path, caplog):
     root, params = project_from(built, tmp_path)
     train(params, Layout(root))
     old = weights(root)
     changed = deep_update(params.model_dump(mode="json"), {"train": {"learning_rate": 0.003}})
     write_params(root, changed)
-    train(load(root), Layout(root))
+    # --resume refuses it, naming what differs; without, the run says so and starts over
+    with pytest.raises(UserError, match=r"last.pt \(step 6\) is of a run with train.learning_rate 0.002 -> 0.003; "
+                                        r"put those back to resume it, or drop --resume to start over$"):
+        train(load(root), Layout(root), resume="always")
+    with caplog.at_level("WARNING", logger="llm.train"):
+        train(load(root), Layout(root))
+    assert "is of a run with train.learning_rate 0.002 -> 0.003; starting from scratch" in caplog.text
     # The run started from scratch: its weights are those of a fresh run of the new params, not
     # the old checkpoint's (which is at max_steps and would be returned unchanged if resumed).
     fresh, _ = project_from(built, tmp_path / "fresh", train={"learning_rate": 0.003})
@@ -160,8 +166,24 @@ def test_a_checkpoint_written_by_other_code_is_not_resumed(built, tmp_path: Path
     # An edit to the model or the training step (DVC reruns train for it) must not hand back the
     # model the old code trained:
     monkeypatch.setattr(train_module, "code_version", lambda stage: "other-code")
-    with pytest.raises(UserError, match="no checkpoint of these params and data"):
+    with pytest.raises(UserError, match=r"is of a run with the code of `llm train`; put those back"):
         train(params, Layout(root), resume="always")
+
+
+def test_what_differs_from_a_checkpoint_is_named_key_by_key():
+    from llm.train import fingerprint_difference
+
+    base = {"seed": 1, "model": {"n_layer": 2, "n_embd": 32}, "train": {"learning_rate": 0.002}, "data": ["a"],
+            "tokenizer": "t", "code": "c"}
+    dump = lambda **kw: json.dumps({**base, **kw})
+    assert fingerprint_difference(dump(), dump(seed=2)) == "seed 1 -> 2"
+    assert fingerprint_difference(dump(), dump(data=["b"], code="d")) == "the train shards, the code of `llm train`"
+    assert (fingerprint_difference(dump(), dump(model={"n_layer": 4, "n_embd": 64, "mlp": "swiglu"}))
+            == "model.mlp (unset) -> swiglu, model.n_embd 32 -> 64, model.n_layer 2 -> 4")
+    assert (fingerprint_difference(dump(), dump(model={"n_layer": 4, "n_embd": 64}, train={"learning_rate": 1}),
+                                   most=2) == "model.n_embd 32 -> 64, model.n_layer 2 -> 4 and 1 more")
+    assert fingerprint_difference("0123abcd0123abcd", dump()) == "other params, data or code"  # an older checkpoint
+    assert fingerprint_difference(None, dump()) == "other params, data or code"
 
 
 def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(built, tmp_path: Path, monkeypatch):
