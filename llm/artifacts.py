@@ -39,6 +39,9 @@ def load_final(directory: str | Path, device: str | torch.device = "cpu") -> tup
 
     try:
         info = read_json(directory / CONFIG)
+        if isinstance(info, dict) and "model" not in info and "architectures" in info:
+            raise UserError(f"{directory}: a Hugging Face model (llm export's models/hf): load it with transformers; "
+                            "this reads the project's own models/final")
         model = GPT(GPTConfig(**info["model"]))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{directory / CONFIG}: unreadable model config ({e}); rerun `llm train`") from None

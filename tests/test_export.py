@@ -47,6 +47,8 @@ def test_the_exported_model_loads_in_transformers_and_computes_the_same(built, t
     hf = AutoModelForCausalLM.from_pretrained(layout.hf, trust_remote_code=False).eval()
     tok = AutoTokenizer.from_pretrained(layout.hf, trust_remote_code=False)
     ours, sp, _ = load_final(layout.final)
+    with pytest.raises(UserError, match=r"a Hugging Face model \(llm export's models/hf\): load it with transformers"):
+        load_final(layout.hf)  # `llm sample --model models/hf`
 
     # Logits on val blocks: within 1e-4 in fp32.
     docs = cover_val(layout.shards, 4096)
