@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from safetensors.torch import load_file
 from llm.distributed import Dist
 from llm.io import read_json
 from llm.layout import Layout
+from pipelines.ui import free_port
 from tests.conftest import REPO, dvc_bin, make_dvc_project, run, write_params
 from tests.test_train import project_from
 
@@ -63,12 +63,6 @@ def test_dvc_repro_with_two_processes_matches_one_process_with_the_same_global_b
     assert two["mfu"] == pytest.approx(two["tokens_per_sec_per_device"] * two["flops_per_token"] / two["peak_flops"],
                                        rel=0.01)
     assert two["mfu"] < 1.5 * one["mfu"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_nodes_on_loopback_train_as_one_run_and_each_ends_with_the_same_outputs(tmp_path: Path):

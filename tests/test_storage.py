@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.ui import free_port
 from tests.conftest import FAKE_AWS_ENV, REPO, dvc_bin, make_dvc_project, run, s3_client
 from tests.test_train import project_from
 
@@ -79,12 +79,6 @@ def test_a_clone_pulls_the_same_data_and_model_from_an_s3_remote(moto_s3: str, t
     assert run([dvc, "status", "train"], clone).strip().endswith("Data and pipelines are up to date.")
     text = sample(origin)
     assert text.strip() and sample(clone) == text
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
