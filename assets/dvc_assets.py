@@ -11,7 +11,6 @@ and the checks; a stage without one is still an asset, in group `pipeline`.
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -22,6 +21,7 @@ import dagster as dg
 from assets import ui
 from assets.dvc_project import Stage, code_deps, code_version, locked_hashes, read_stages
 from assets.spec import StageSpec
+from llm import common
 from llm.layout import Layout
 
 GROUP = "pipeline"
@@ -29,8 +29,7 @@ GROUP = "pipeline"
 
 def dvc_command() -> str:
     """`dvc` from the project's environment (make setup links it there), else from PATH."""
-    here = Path(sys.executable).parent
-    found = shutil.which("dvc", path=f"{here}{os.pathsep}{os.environ.get('PATH', '')}")
+    found = common.dvc_command()
     if found is None:
         raise dg.Failure(description="dvc is not installed: run `make setup`")
     return found

@@ -26,6 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from llm.common import table  # noqa: E402
 from llm.config import load_params, parse_params  # noqa: E402
 from llm.evaluate import evaluate  # noqa: E402
 from llm.layout import Layout  # noqa: E402
@@ -132,9 +133,10 @@ def main() -> int:
                          "params": summary["params"]})
             print(f"{name:>10}{args.label and ' ' + args.label} seed {seed}: {steps} steps, val_bpb "
                   f"{result['val_bpb']:.4f} ({seconds:.0f} s here)", flush=True)
-    print("\n| variant | seed | steps (same wall clock) | tokens/s | val bpb |\n| --- | --- | ---: | ---: | ---: |")
-    for r in rows:
-        print(f"| {r['variant']} | {r['seed']} | {r['steps']} | {r['tokens_per_s']:,} | {r['val_bpb']:.4f} |")
+    print()
+    print(table(["variant", "seed", "steps (same wall clock)", "tokens/s", "val bpb"],
+                [[r["variant"], r["seed"], r["steps"], f"{r['tokens_per_s']:,}", f"{r['val_bpb']:.4f}"] for r in rows],
+                align="llrrr", markdown=True))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
     return 0

@@ -24,6 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from llm.common import table  # noqa: E402
 from llm.config import load_params  # noqa: E402
 from llm.device import set_threads  # noqa: E402
 
@@ -75,11 +76,9 @@ def main() -> None:
              **time_kernel(backend, dtype, shape, args.repeat, args.rounds)}
             for kernel, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("math", SDPBackend.MATH))
             for dtype in (torch.float32, torch.bfloat16)]
-    head = f"{'kernel':<8} {'dtype':<10} {'forward ms':>11} {'fwd + bwd ms':>13}"
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        print(f"{r['kernel']:<8} {r['dtype']:<10} {r['forward_ms']:>11.2f} {r['forward_backward_ms']:>13.2f}")
+    print(table(["kernel", "dtype", "forward ms", "fwd + bwd ms"],
+                [[r["kernel"], r["dtype"], f"{r['forward_ms']:.2f}", f"{r['forward_backward_ms']:.2f}"] for r in rows],
+                align="llrr"))
     out = REPO / "benchmarks" / "out" / "attention.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"shape": shape, "threads": threads, "rows": rows}, indent=2))

@@ -35,6 +35,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from llm.common import table  # noqa: E402
 from llm.corpus.clean import normalize_whitespace, strip_markdown  # noqa: E402
 from tests.conftest import plays_dir  # noqa: E402
 
@@ -145,13 +146,9 @@ def run_size(work: Path, source: Path, megabytes: float, llm_bin: str, engine: s
 
 
 def print_table(rows: list[dict]) -> None:
-    head = (f"{'engine':<7} {'size MB':>8} {'stage':<11} {'seconds':>8} {'MB/s':>7} "
-            f"{'peak RSS tree MB':>17} {'peak RSS main MB':>17}")
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        print(f"{r['engine']:<7} {r['size_mb']:>8g} {r['stage']:<11} {r['seconds']:>8.1f} {r['mb_per_s']:>7.2f} "
-              f"{r['peak_rss_tree_mb']:>17} {r['peak_rss_main_mb']:>17}")
+    print(table(["engine", "size MB", "stage", "seconds", "MB/s", "peak RSS tree MB", "peak RSS main MB"],
+                [[r["engine"], f"{r['size_mb']:g}", r["stage"], f"{r['seconds']:.1f}", f"{r['mb_per_s']:.2f}",
+                  r["peak_rss_tree_mb"], r["peak_rss_main_mb"]] for r in rows], align="lrlrrrr"))
 
 
 def main() -> None:

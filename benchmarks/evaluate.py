@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from data import corpus_lines, peak_tree_rss  # noqa: E402
+from llm.common import table  # noqa: E402
 from llm.config import EvaluateParams  # noqa: E402
 from llm.io import read_json, write_json  # noqa: E402
 from llm.shards import _Split, read_manifest, shard_schema  # noqa: E402
@@ -138,15 +139,12 @@ def evaluate_on(base: Path, shards: Path, label: str) -> dict:
 
 def print_table(rows: list[dict]) -> None:
     ref = next((r for r in rows if r["split"] == "1x"), None)
-    head = (f"{'val split':<9} {'val tokens':>12} {'covered tokens':>15} {'capped':>6} {'seconds':>8} {'x 1x':>6} "
-            f"{'peak RSS MB':>12} {'x 1x':>6} {'val_bpb':>8}")
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        t = f"{r['seconds'] / ref['seconds']:.2f}" if ref else ""
-        m = f"{r['peak_rss_tree_mb'] / ref['peak_rss_tree_mb']:.2f}" if ref else ""
-        print(f"{r['split']:<9} {r['val_tokens']:>12,} {r['covered_tokens']:>15,} {'yes' if r['capped'] else 'no':>6} "
-              f"{r['seconds']:>8.1f} {t:>6} {r['peak_rss_tree_mb']:>12} {m:>6} {r['val_bpb']:>8.4f}")
+    print(table(["val split", "val tokens", "covered tokens", "capped", "seconds", "x 1x", "peak RSS MB", "x 1x",
+                 "val_bpb"],
+                [[r["split"], f"{r['val_tokens']:,}", f"{r['covered_tokens']:,}", "yes" if r["capped"] else "no",
+                  f"{r['seconds']:.1f}", f"{r['seconds'] / ref['seconds']:.2f}" if ref else "", r["peak_rss_tree_mb"],
+                  f"{r['peak_rss_tree_mb'] / ref['peak_rss_tree_mb']:.2f}" if ref else "", f"{r['val_bpb']:.4f}"]
+                 for r in rows], align="lrrrrrrrr"))
 
 
 def main() -> None:

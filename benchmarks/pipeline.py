@@ -58,6 +58,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from llm.common import dvc_command, table  # noqa: E402
 from llm.corpus.clean import normalize_whitespace, strip_markdown  # noqa: E402
 from tests.conftest import deep_update, plays_dir  # noqa: E402
 
@@ -202,7 +203,7 @@ def corpus(label: str, n_bytes: int, seed: int, layout: str, big_file_bytes: int
 
 
 def dvc_bin() -> str:
-    found = shutil.which("dvc", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    found = dvc_command()
     if found is None:
         sys.exit("dvc is not installed: run `make setup` (it links dvc into .venv/bin)")
     return found
@@ -386,20 +387,17 @@ def run_size(label: str, layout: str, source: Path, corpus_info: dict, args, ove
 
 
 def print_tables(results: list[dict]) -> None:
-    head = (f"{'size':>6} {'layout':<6} {'stage':<10} {'seconds':>8} {'cmd s':>7} {'dvc s':>6} {'cpu s':>7} "
-            f"{'load':>5} {'peak RSS tree MB':>17} {'stage MB':>9}")
-    print(head)
-    print("-" * len(head))
+    def one(value: float | None, spec: str = ".1f") -> str | None:
+        return None if value is None else format(value, spec)
+
     for res in results:
-        for r in res["stages"]:
-            cmd = f"{r['cmd_seconds']:>7.1f} {r['dvc_seconds']:>6.1f}" if "cmd_seconds" in r else f"{'-':>7} {'-':>6}"
-            note = f"  {r['error']}" if "error" in r else ""
-            cpu = f"{r['cpu_seconds']:>7.1f} {r['load_average']:>5.1f}" if "cpu_seconds" in r else f"{'-':>7} {'-':>5}"
-            print(f"{res['size']:>6} {res['layout']:<6} {r['stage']:<10} {r['seconds']:>8.1f} {cmd} {cpu} "
-                  f"{r['peak_rss_tree_mb']:>17} {r['peak_rss_stage_mb']:>9}{note}")
+        rows = [[res["size"], res["layout"], r["stage"], f"{r['seconds']:.1f}", one(r.get("cmd_seconds")),
+                 one(r.get("dvc_seconds")), one(r.get("cpu_seconds")), one(r.get("load_average")),
+                 r["peak_rss_tree_mb"], r["peak_rss_stage_mb"], r.get("error", "")] for r in res["stages"]]
+        print(table(["size", "layout", "stage", "seconds", "cmd s", "dvc s", "cpu s", "load", "peak RSS tree MB",
+                     "stage MB", "note"], rows, align="rllrrrrrrrl"))
         if res["complete"]:
-            total = res["total_without_train_seconds"]
-            print(f"{res['size']:>6} {res['layout']:<6} {'all - train':<10} {total:>8.1f}  "
+            print(f"{res['size']} {res['layout']}: all but train {res['total_without_train_seconds']:.1f} s "
                   f"= {res['seconds_per_gb_without_train']:.0f} s per GB ({res['bytes'] / 1e6:.0f} MB, "
                   f"{res['files']} files); with train {res['total_seconds']:.1f} s")
         print()
@@ -407,12 +405,10 @@ def print_tables(results: list[dict]) -> None:
     if pair:
         small, big = pair
         print(f"ratios {big['size']} / {small['size']} (many files):")
-        head = f"{'stage':<10} {'seconds':>8} {'cpu s':>7} {'peak RSS tree':>14} {'stage RSS':>10}"
-        print(head)
-        print("-" * len(head))
-        for stage, r in ratios(small, big).items():
-            cpu = f"{r['cpu']:>6.2f}x" if "cpu" in r else f"{'-':>7}"
-            print(f"{stage:<10} {r['seconds']:>7.2f}x {cpu} {r['peak_rss_tree']:>13.2f}x {r['peak_rss_stage']:>9.2f}x")
+        print(table(["stage", "seconds", "cpu s", "peak RSS tree", "stage RSS"],
+                    [[stage, f"{r['seconds']:.2f}x", one(r.get("cpu"), ".2f") and f"{r['cpu']:.2f}x",
+                      f"{r['peak_rss_tree']:.2f}x", f"{r['peak_rss_stage']:.2f}x"]
+                     for stage, r in ratios(small, big).items()], align="lrrrr"))
         print()
 
 

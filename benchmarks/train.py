@@ -39,6 +39,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from llm.common import table  # noqa: E402
 from llm.config import ModelParams, TrainParams, load_params  # noqa: E402
 from llm.device import measure_matmul_peak, pick_device, set_threads  # noqa: E402
 from llm.distributed import Dist  # noqa: E402
@@ -160,17 +161,15 @@ def main() -> None:
                                      args.rounds),
                       "dtype": dtype} for s in args.shapes.split(",") for r in args.recipes.split(",") for c in compiles
                      for mu in args.muon.split(",")]
-    head = (f"{'shape L x W x H : block : batch : accum':<40} {'recipe':<8} {'optimizer':<15} {'dtype':>8} "
-            f"{'compile':>7} {'params M':>9} {'tokens/s':>9} "
-            f"{'GFLOP/s':>8} {'MFU':>6} {'median MFU':>10} {'warmup s':>8}")
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        name = ("classic" if r["recipe"] == "classic" and r["optimizer"] == "adamw"
+    def recipe(r: dict) -> str:
+        return ("classic" if r["recipe"] == "classic" and r["optimizer"] == "adamw"
                 else ("modern" if r["optimizer"] != "adamw" else "custom"))
-        print(f"{r['shape']:<40} {name:<8} {r['optimizer']:<15} {r['dtype']:>8} {'yes' if r['compile'] else 'no':>7} "
-              f"{r['params_m']:>9} {r['tokens_per_s']:>9} "
-              f"{r['gflops_per_s']:>8} {r['mfu']:>6.1%} {r['mfu_median']:>10.1%} {r['warmup_seconds']:>8}")
+
+    print(table(["shape L x W x H : block : batch : accum", "recipe", "optimizer", "dtype", "compile", "params M",
+                 "tokens/s", "GFLOP/s", "MFU", "median MFU", "warmup s"],
+                [[r["shape"], recipe(r), r["optimizer"], r["dtype"], "yes" if r["compile"] else "no", r["params_m"],
+                  r["tokens_per_s"], r["gflops_per_s"], f"{r['mfu']:.1%}", f"{r['mfu_median']:.1%}",
+                  r["warmup_seconds"]] for r in rows], align="lllllrrrrrr"))
     out = REPO / "benchmarks" / "out" / "train.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": device.name, "peak_flops": peaks, "rows": rows}, indent=2))
@@ -198,14 +197,13 @@ def against(args: argparse.Namespace) -> None:
                         slot[name] = max(slot.get(name, 0), r["tokens_per_s"])
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(ref)], cwd=REPO, check=False)
-    head = (f"{'shape':<28} {'optimizer':<18} {'dtype':>8} {'compile':>7} {args.against:>12} {'this tree':>10} "
-            f"{'ratio':>6}")
-    print(head)
-    print("-" * len(head))
+    rows = []
     for (shape, optimizer, dtype, compiled), v in best.items():
         old, new = v.get(args.against, 0), v.get("this tree", 0)
-        print(f"{shape:<28} {optimizer:<18} {dtype:>8} {'yes' if compiled else 'no':>7} {old:>12} {new:>10} "
-              f"{new / old if old else float('nan'):>6.2f}")
+        rows.append([shape, optimizer, dtype, "yes" if compiled else "no", old, new,
+                     f"{new / old:.2f}" if old else "-"])
+    print(table(["shape", "optimizer", "dtype", "compile", args.against, "this tree", "ratio"], rows,
+                align="llllrrr"))
 
 
 if __name__ == "__main__":

@@ -13,12 +13,12 @@ import contextlib
 import json
 import logging
 import os
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from llm.common import git_commit
 from llm.config import Params
 from llm.dvclock import training_data_hashes
 from llm.errors import UserError
@@ -74,17 +74,6 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
-
-
-def git_commit(root: Path) -> str:
-    try:
-        proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        sha = proc.stdout.strip() if proc.returncode == 0 else ""  # no git, or no commit yet
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
-                               text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return f"{sha}{'-dirty' if dirty else ''}" if sha else "unknown"
 
 
 def dvc_hashes(root: Path) -> dict[str, str]:

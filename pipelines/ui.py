@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from llm.common import free_port
 from llm.config import load_params
 from llm.errors import UserError
 from llm.tracking import ui_url
@@ -70,12 +71,6 @@ def busy_port(ports: dict[str, int]) -> str:
                 return (f"make ui: port {port} ({knob}) is in use on 127.0.0.1; "
                         f"set {knob}={free_port()} (free now), or stop what holds it")
     return ""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def experiment_of(store: str, name: str) -> str | None:
