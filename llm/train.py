@@ -17,25 +17,23 @@ from __future__ import annotations
 import contextlib
 import csv
 import inspect
-import json
 import logging
 import math
 import os
-import pickle
 import resource
 import shutil
 import statistics
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from llm.artifacts import save_final
-from llm.codedeps import code_version
+from llm.checkpoint import CHECKPOINT, Checkpointer, fingerprint, rng_state, set_rng_state
 from llm.config import Params, TrainParams
 from llm.dataset import DeviceBatches, TokenBlocks
 from llm.device import Device, peak_flops, pick_device, require_torch, set_threads
@@ -51,10 +49,6 @@ from llm.shards import read_manifest, verify_shards
 from llm.tokenizer import MODEL_FILE
 
 log = logging.getLogger(__name__)
-CHECKPOINT = "last.pt"
-# Params that do not change the numbers a run computes: changing them keeps its checkpoint.
-_NOT_IN_FINGERPRINT = {"time_budget_minutes", "checkpoint_interval", "log_interval", "eval_interval", "eval_tokens",
-                       "threads", "compile", "device", "rdzv_endpoint", "max_epochs"}
 HISTORY_FIELDS = ["step", "tokens", "train_loss", "val_loss", "lr"]
 
 
@@ -86,38 +80,6 @@ def lr_at(step: int, tp: TrainParams) -> float:
     return low + 0.5 * (tp.learning_rate - low) * (1 + math.cos(math.pi * progress))
 
 
-def fingerprint(params: Params, manifest: dict) -> str:
-    """What a checkpoint must match to be resumed: the model, the math of training, the data and
-    the code that computes it (the files of `llm train`'s import closure, as dvc.yaml lists them:
-    DVC reruns train for an edit to any, and resuming would hand back the old code's model).
-    The values themselves (JSON), not a hash of them, so that a checkpoint of other ones can say
-    which differ."""
-    train = {k: v for k, v in params.train.model_dump(mode="json").items() if k not in _NOT_IN_FINGERPRINT}
-    data = [s["sha256"] for s in manifest["splits"]["train"]["shards"]]
-    return json.dumps({"seed": params.seed, "model": params.model.model_dump(mode="json"), "train": train, "data": data,
-                       "tokenizer": manifest["tokenizer"]["sha256"], "code": code_version("train")}, sort_keys=True)
-
-
-def fingerprint_difference(old: Any, new: str, most: int = 3) -> str:
-    """What differs between a checkpoint's fingerprint and this run's, as a person reads it:
-    `train.learning_rate 0.002 -> 0.001`, `the train shards`, `the code of llm train`."""
-    try:
-        a, b = json.loads(old), json.loads(new)
-    except (TypeError, ValueError):  # a checkpoint from before fingerprints were readable
-        return "other params, data or code"
-    named = {"data": "the train shards", "tokenizer": "the tokenizer", "code": "the code of `llm train`"}
-    diffs = [named[k] for k in named if a.get(k) != b.get(k)]
-    for group in ("seed", "model", "train"):
-        x, y = a.get(group), b.get(group)
-        if not isinstance(y, dict):
-            diffs += [f"{group} {x} -> {y}"] if x != y else []
-            continue
-        x = x if isinstance(x, dict) else {}
-        diffs += [f"{group}.{k} {x.get(k, '(unset)')} -> {y.get(k, '(unset)')}" for k in sorted({*x, *y})
-                  if x.get(k) != y.get(k)]
-    return ", ".join(diffs[:most]) + (f" and {len(diffs) - most} more" if len(diffs) > most else "")
-
-
 def accumulation_steps(tp: TrainParams, block_size: int, world: int) -> int:
     per_micro = tp.batch_size * block_size * world
     if tp.tokens_per_step % per_micro:
@@ -145,41 +107,6 @@ def evaluate_loss(model: GPT, val: TokenBlocks, max_tokens: int, batch_size: int
         count += len(blocks)
     model.train(was_training)
     return total / count
-
-
-def rng_state(device: Device) -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device.torch_device)
-    return state
-
-
-def set_rng_state(state: dict[str, Any], device: Device) -> None:
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device.torch_device)
-
-
-def load_checkpoint(path: Path, fp: str, required: bool = False) -> dict | None:
-    """The checkpoint at path if it was written by a run with the same fingerprint. required
-    (`llm train --resume`): no such checkpoint is one line saying why."""
-    if not path.is_file():
-        if required:
-            raise UserError(f"train --resume: no checkpoint at {path}")
-        return None
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
-    except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError) as e:
-        raise UserError(f"{path}: unreadable checkpoint ({str(e).splitlines()[0][:160]}); "
-                        "`llm train --restart` starts over (or delete the file)") from None
-    if ckpt.get("fingerprint") != fp:
-        differs = fingerprint_difference(ckpt.get("fingerprint"), fp)
-        other = f"{path} (step {ckpt.get('step', '?')}) is of a run with {differs}"
-        if required:
-            raise UserError(f"train --resume: {other}; put those back to resume it, or drop --resume to start over")
-        log.warning("train: %s; starting from scratch (`llm train --resume` refuses instead)", other)
-        return None
-    return ckpt
 
 
 @dataclass
@@ -219,11 +146,6 @@ class TrainState:
         self.step, self.elapsed, self.history = ckpt["step"], ckpt["elapsed"], ckpt["history"]
         self.initial_val_loss = ckpt.get("initial_val_loss", math.nan)
 
-    def save(self, path: Path, device: Device) -> None:
-        """Written atomically: tensors and plain data only, loadable with weights_only=True."""
-        with atomic_file(path, "wb") as f:
-            torch.save(self.state_dict(device), f)
-        fault_point(f"train.checkpoint.{self.step}")
 
 
 @dataclass(frozen=True)
@@ -257,36 +179,6 @@ def train_step(model: torch.nn.Module, state: TrainState, batches: Iterator, acc
     state.optimizer.zero_grad(set_to_none=True)
     state.step += 1
     return StepResult(step_loss, float(norm))
-
-
-class Checkpointer:
-    """What a run resumes from, and when it saves: every checkpoint_interval steps and when the run
-    stops. Local rank 0 writes (one copy per node); every rank knows the last step saved, for the
-    divergence error."""
-
-    def __init__(self, path: Path, interval: int, device: Device, dist: Dist):
-        self.path, self.interval, self.device, self.dist = path, interval, device, dist
-        self.saved_step: int | None = None
-
-    def restore(self, state: TrainState, resume: str) -> None:
-        """resume: auto (a checkpoint of the same fingerprint, if any), always (fail without one), never."""
-        ckpt = None if resume == "never" else load_checkpoint(self.path, state.fingerprint, resume == "always")
-        if ckpt is not None:
-            state.load_state_dict(ckpt, self.device)
-            self.saved_step = state.step
-            log.info("train: resuming %s at step %d", self.path, state.step)
-
-    def save_if_due(self, state: TrainState, stopping: bool) -> None:
-        if stopping or state.step % self.interval == 0:
-            if self.dist.node_main:
-                state.save(self.path, self.device)
-            self.saved_step = state.step
-
-    def diverged(self, err: NonFiniteLoss, step: int) -> TrainingDiverged:
-        where = (f"; the last good checkpoint is {self.path} (step {self.saved_step})"
-                 if self.saved_step is not None else "")
-        return TrainingDiverged(f"train: loss is {err.loss} at step {step}{where}; "
-                                "lower train.learning_rate or raise train.warmup_steps")
 
 
 class Evaluator:
@@ -476,7 +368,7 @@ def train(params: Params, layout: Layout, resume: str = "auto", tags: dict[str, 
     tp = params.train
     require_torch()
     device = pick_device(tp.device, int(os.environ.get("LOCAL_RANK", "0")), tp.precision)
-    with deterministic_on_cpu(device):
+    with deterministic_on_cpu(device, compiling=tp.compile and can_compile(device)):
         dist = init_distributed(device)
         try:
             return _train(params, layout, resume, tags or {}, device, dist)
@@ -485,17 +377,25 @@ def train(params: Params, layout: Layout, resume: str = "auto", tags: dict[str, 
 
 
 @contextlib.contextmanager
-def deterministic_on_cpu(device: Device) -> Iterator[None]:
+def deterministic_on_cpu(device: Device, compiling: bool = True) -> Iterator[None]:
     """On a CPU, torch's deterministic algorithms for the duration; then as the caller had them.
     Compiled kernels otherwise sum some gradients (most likely the embedding's scatter-add) in an
-    order that depends on thread timing: two runs would part in the fourth digit within 100 steps."""
+    order that depends on thread timing: two runs would part in the fourth digit within 100 steps.
+    Without `compiling`, only the eager flag is set: torch.use_deterministic_algorithms also sets
+    inductor's, and importing inductor for it costs seconds of start-up in a run that never compiles."""
+    def use(mode: bool, warn_only: bool) -> None:
+        if compiling or "torch._inductor.config" in sys.modules:
+            torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+        else:
+            torch._C._set_deterministic_algorithms(mode, warn_only=warn_only)
+
     before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     if device.type == "cpu":
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        use(True, warn_only=True)
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        use(before[0], warn_only=before[1])
 
 
 def _train(params: Params, layout: Layout, resume: str, tags: dict[str, str], device: Device, dist: Dist) -> dict:
@@ -521,7 +421,8 @@ def _train(params: Params, layout: Layout, resume: str, tags: dict[str, str], de
             try:
                 result = train_step(runner, state, state.data, accum, lr / tp.learning_rate, tp.grad_clip, device, dist)
             except NonFiniteLoss as e:
-                raise checkpointer.diverged(e, state.step + 1) from None
+                raise TrainingDiverged(f"train: loss is {e.loss} at step {state.step + 1}{checkpointer.last_good()}; "
+                                       "lower train.learning_rate or raise train.warmup_steps") from None
             stopping = stop(state) is not None
             metrics = {"train_loss": result.loss, "lr": lr, "grad_norm": result.grad_norm}
             metrics |= meter.after_step(state, result, lr, stopping)
