@@ -1,16 +1,23 @@
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import json
 import os
+import re
 import shutil
+import sqlite3
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from llm.common import deep_merge, dvc_command
 from llm.config import Params, parse_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,13 +53,6 @@ def write_corpus_slice(dest: Path, n_plays: int = 12, max_chars: int = 30_000) -
     return out
 
 
-def deep_update(base: dict, override: dict) -> dict:
-    out = dict(base)
-    for k, v in override.items():
-        out[k] = deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def small_params(sources: list[str], **override: Any) -> dict:
     """params for a fast run on a small corpus: one worker, a small vocabulary."""
     base = {
@@ -77,7 +77,7 @@ def small_params(sources: list[str], **override: Any) -> dict:
                              "b": {"n_layer": 2, "n_head": 2, "n_embd": 32}},
                    "max_steps": 4, "warmup_steps": 1},
     }
-    return deep_update(base, override)
+    return deep_merge(base, override)
 
 
 def write_params(root: Path, data: dict) -> Path:
@@ -124,16 +124,22 @@ def copy_repo_files(dest: Path, names: list[str]) -> None:
 
 
 def dvc_bin() -> str:
-    found = shutil.which("dvc", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    found = dvc_command()
     if found is None:
         pytest.fail("dvc is not installed: run `make setup` (it links dvc into .venv/bin)")
     return found
 
 
+def project_env(**extra: str) -> dict[str, str]:
+    """The environment a user's shell has for a command of the project: this environment's bin/
+    (llm, dvc, dagster, mlflow) first on PATH, progress bars off; `extra` on top."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "LLM_PROGRESS": "0",
+            **extra}
+
+
 def run(cmd: list[str], cwd: Path) -> str:
     """A command in cwd with the project's environment on PATH; fails the test on a non-zero exit."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "LLM_PROGRESS": "0"}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=cwd, env=project_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout + proc.stderr
 
@@ -151,6 +157,89 @@ def make_dvc_project(root: Path, n_plays: int, max_chars: int, **override: Any) 
     run([dvc_bin(), "init", "-q"], root)
     copy_repo_files(root, [".dvc/config"])  # the project's DVC settings (analytics off)
     return root
+
+
+# ----------------------------------------------------------------------------- the shared project
+# The slice and params of the project most pipeline tests start from: 4 plays, and 8 sequences a
+# step in one process (the DDP tests' reference: 2 processes of 4 see the same 8).
+TEMPLATE_SLICE = {"n_plays": 4, "max_chars": 10_000}
+TEMPLATE_OVERRIDE = {"train": {"batch_size": 8}}
+
+
+def template_project(root: Path, **override: Any) -> Path:
+    """make_dvc_project with the shared project's slice and params (`override` on top), unbuilt:
+    for a test whose point is to build it another way (Dagster) or again."""
+    return make_dvc_project(root, **TEMPLATE_SLICE, **deep_merge(TEMPLATE_OVERRIDE, override))
+
+
+@dataclass(frozen=True)
+class Template:
+    root: Path  # read-only: copy_project() it before running anything in it
+    first_repro: str  # what `dvc repro` printed when it built every stage
+    seconds: dict[str, float]  # each stage's process time in that run, from `Running stage` to `done in`
+
+
+@pytest.fixture(scope="session")
+def template(tmp_path_factory, worker_id: str) -> Template:
+    """One git + DVC project with every stage built by `dvc repro` and committed (dvc.lock
+    included), made once per suite run and shared by every pytest-xdist worker: the first worker
+    to ask builds it under a file lock, the others wait and read what it wrote."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base if worker_id == "master" else base.parent  # the directory all workers' temps are in
+    root, record = shared / "template" / "project", shared / "template" / "built.json"
+    with FileLock(str(shared / "template.lock")):
+        if not record.exists():
+            if root.parent.exists():  # a build that died half way
+                shutil.rmtree(root.parent)
+            template_project(root)
+            run(["git", "add", "-A"], root)
+            run(["git", "commit", "-qm", "pipeline"], root)
+            out, seconds = timed_repro(root)
+            run(["git", "add", "-A"], root)
+            run(["git", "commit", "-qm", "reproduced"], root)
+            record.write_text(json.dumps({"first_repro": out, "seconds": seconds}), encoding="utf-8")
+    built = json.loads(record.read_text(encoding="utf-8"))
+    return Template(root, built["first_repro"], built["seconds"])
+
+
+def timed_repro(root: Path) -> tuple[str, dict[str, float]]:
+    """`dvc repro`, and how long each stage's process ran in it: DVC's `Running stage` line to the
+    stage's `done in` line (the range in which the kill trials' timed kills fall)."""
+    proc = subprocess.Popen([dvc_bin(), "repro"], cwd=root, env=project_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = [(time.monotonic(), line) for line in proc.stdout]  # type: ignore[union-attr]
+    out = "".join(line for _, line in lines)
+    assert proc.wait(timeout=600) == 0, out[-3000:]
+    begun = {m[1]: t for t, line in lines if (m := re.search(r"Running stage '(\w+)'", line))}
+    ended = {m[1]: t for t, line in lines if (m := re.search(r"INFO llm: (\w+): done in", line))}
+    assert set(ended) == set(begun), out[-3000:]
+    return out, {stage: ended[stage] - begun[stage] for stage in begun}
+
+
+def copy_project(src: Path, dest: Path, **override: Any) -> Path:
+    """A copy of a project (git, DVC cache and MLflow store included) at dest, with `override`
+    written into its params.yaml. The MLflow store names its artifact folders by absolute path:
+    the copy's are moved to the copy, so its runs never write into the original."""
+    shutil.copytree(src, dest, symlinks=True)
+    store = dest / "mlflow.db"
+    if store.exists():
+        relocate_store(store, src.resolve(), dest.resolve())
+    if override:
+        write_params(dest, deep_merge(yaml.safe_load((dest / "params.yaml").read_text()), override))
+    return dest
+
+
+def relocate_store(db: Path, old: Path, new: Path) -> None:
+    """Every text in the sqlite store that names a path under `old` names it under `new`."""
+    with contextlib.closing(sqlite3.connect(db)) as con, con:
+        for (table,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
+            columns = [c[1] for c in con.execute(f'PRAGMA table_info("{table}")')
+                       if any(kind in c[2].upper() for kind in ("CHAR", "TEXT"))]
+            for column in columns:
+                con.execute(f'UPDATE "{table}" SET "{column}" = replace("{column}", ?, ?) WHERE "{column}" LIKE ?',
+                            (str(old), str(new), f"%{old}%"))
 
 
 # Fake credentials for moto's S3 server: real clients (boto3, s3fs) insist on some. Env vars win

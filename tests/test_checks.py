@@ -15,7 +15,7 @@ from assets.model import beats_bz2, training_sane
 from llm.io import read_json, write_json
 from llm.layout import Layout
 from llm.tokenizer import train_tokenizer
-from tests.conftest import deep_update, load, write_params
+from tests.conftest import deep_merge, load, write_params
 
 CHECKS = {"raw_schema": raw_table_valid, "clean_schema": clean_table_valid, "round_trip": tokenizer_round_trip,
           "consistent": shards_consistent, "loss_sane": training_sane, "beats_bz2": beats_bz2}
@@ -57,7 +57,7 @@ def test_clean_schema_fails_on_a_duplicate_doc_id(built, tmp_path: Path):
 
 def test_round_trip_fails_for_a_tokenizer_that_loses_characters(built, tmp_path: Path):
     layout = copy_of(built, tmp_path)
-    lossy = deep_update(load(layout.root).model_dump(mode="json"),
+    lossy = deep_merge(load(layout.root).model_dump(mode="json"),
                         {"tokenizer": {"byte_fallback": False, "character_coverage": 0.98}})
     write_params(layout.root, lossy)
     train_tokenizer(load(layout.root), layout)  # rare characters become <unk>

@@ -3,9 +3,7 @@ with one clear line; nothing is corrupted, and the next run has nothing to do.""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,15 +13,15 @@ import pytest
 from llm.artifacts import load_final
 from llm.layout import Layout
 from llm.shards import verify_shards
-from tests.conftest import dvc_bin, make_dvc_project, run
+from tests.conftest import Template, copy_project, dvc_bin, project_env, run
 
 pytestmark = pytest.mark.slow
 BLOCKED = ("is busy, it is being blocked by", "Unable to acquire lock")
 
 
 def start(cmd: list[str], cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "LLM_PROGRESS": "0"}
-    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(cmd, cwd=cwd, env=project_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
 
 
 def intact(root: Path) -> None:
@@ -38,8 +36,9 @@ def stopped_with_one_line(out: str) -> bool:
     return len(errors) == 1 and any(b in errors[0] for b in BLOCKED)
 
 
-def test_two_dvc_repro_at_once_one_runs_the_other_stops_with_one_line(tmp_path: Path):
-    root = make_dvc_project(tmp_path, n_plays=4, max_chars=10_000)
+def test_two_dvc_repro_at_once_one_runs_the_other_stops_with_one_line(template: Template, tmp_path: Path):
+    # A changed training param: both runs have train, evaluate, report and export to do.
+    root = copy_project(template.root, tmp_path / "project", train={"max_steps": 4})
     first = start([dvc_bin(), "repro"], root)
     time.sleep(0.5)
     second = start([dvc_bin(), "repro"], root)
@@ -52,14 +51,13 @@ def test_two_dvc_repro_at_once_one_runs_the_other_stops_with_one_line(tmp_path: 
     intact(root)
 
 
-def test_a_dagster_run_beside_a_dvc_repro_waits_its_turn_or_fails_with_one_line(tmp_path: Path):
+def test_a_dagster_run_beside_a_dvc_repro_waits_its_turn_or_fails_with_one_line(template: Template, tmp_path: Path):
     """Which of the two takes a stage's lock first is a race (on a loaded machine the Dagster run
     can get in while `dvc repro` is still starting): one of them finishes, and the other either
     waited its turn or stopped with one line naming the lock."""
     from pipelines import build_definitions
 
-    root = make_dvc_project(tmp_path, n_plays=4, max_chars=10_000)
-    run([dvc_bin(), "repro"], root)
+    root = copy_project(template.root, tmp_path / "project")
     busy = start([dvc_bin(), "repro", "--force", "train"], root)  # holds DVC's locks for a while
     time.sleep(2)
     defs = build_definitions(root)

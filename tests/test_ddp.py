@@ -4,9 +4,7 @@ elastic launcher and trains with DDP (gloo on CPU), through `dvc repro` like any
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -18,11 +16,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from llm.common import free_port
 from llm.distributed import Dist
 from llm.io import read_json
 from llm.layout import Layout
-from pipelines.ui import free_port
-from tests.conftest import REPO, dvc_bin, make_dvc_project, run, write_params
+from tests.conftest import REPO, Template, copy_project, dvc_bin, project_env, run
 from tests.test_train import project_from
 
 pytestmark = pytest.mark.slow
@@ -34,18 +32,18 @@ def grad_norms(root: Path) -> list[float]:
     return [m.value for m in sorted(client.get_metric_history(run_id, "grad_norm"), key=lambda m: m.step)]
 
 
-def test_dvc_repro_with_two_processes_matches_one_process_with_the_same_global_batch(tmp_path: Path):
-    root = make_dvc_project(tmp_path, n_plays=6, max_chars=15_000, train={"batch_size": 8})
-    # One process, 8 sequences per step ...
-    run([dvc_bin(), "repro"], root)
-    one = read_json(Layout(root).metrics("train"))
-    w1 = load_file(str(Layout(root).final / "model.safetensors"))
-    norms1 = grad_norms(root)
+def test_dvc_repro_with_two_processes_matches_one_process_with_the_same_global_batch(template: Template,
+                                                                                     tmp_path: Path):
+    # The reference, one process with 8 sequences per step: the suite's reproduced project ...
+    ref = template.root
+    assert read_json(Layout(ref).metrics("train"))["processes"] == 1
+    assert yaml.safe_load((ref / "params.yaml").read_text())["train"]["batch_size"] == 8
+    one = read_json(Layout(ref).metrics("train"))
+    w1 = load_file(str(Layout(ref).final / "model.safetensors"))
+    norms1 = grad_norms(ref)
     # ... then two processes with 4 each, declared in params.yaml: every step sees the same 8
     # blocks, and DDP averages the gradients.
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["train"].update(nproc_per_node=2, batch_size=4)
-    write_params(root, params)
+    root = copy_project(ref, tmp_path / "project", train={"nproc_per_node": 2, "batch_size": 4})
     out = run([dvc_bin(), "repro"], root)
     assert "Running stage 'train'" in out and "Running stage 'ingest'" not in out
     two = read_json(Layout(root).metrics("train"))
@@ -65,20 +63,16 @@ def test_dvc_repro_with_two_processes_matches_one_process_with_the_same_global_b
     assert two["mfu"] < 1.5 * one["mfu"]
 
 
-def test_two_nodes_on_loopback_train_as_one_run_and_each_ends_with_the_same_outputs(tmp_path: Path):
+def test_two_nodes_on_loopback_train_as_one_run_and_each_ends_with_the_same_outputs(template: Template,
+                                                                                    tmp_path: Path):
     """train.nnodes: 2 as two machines would run it: each node runs `dvc repro` with the same params,
     and they meet at train.rdzv_endpoint (one c10d rendezvous, gloo)."""
-    node0 = make_dvc_project(tmp_path / "node0", n_plays=4, max_chars=10_000, train={"batch_size": 8})
-    run([dvc_bin(), "repro"], node0)  # one process, 8 sequences a step: the reference
-    one = load_file(str(Layout(node0).final / "model.safetensors"))
-    params = yaml.safe_load((node0 / "params.yaml").read_text())
-    params["train"].update(nnodes=2, batch_size=4, rdzv_endpoint=f"127.0.0.1:{free_port()}")
-    write_params(node0, params)
-    node1 = tmp_path / "node1"
-    shutil.copytree(node0, node1, symlinks=True)  # the other machine's clone, data stages already built
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "LLM_PROGRESS": "0"}
-    procs = [subprocess.Popen([dvc_bin(), "repro"], cwd=node, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for node in (node0, node1)]
+    one = load_file(str(Layout(template.root).final / "model.safetensors"))  # one process, 8 sequences a step
+    two_nodes = {"train": {"nnodes": 2, "batch_size": 4, "rdzv_endpoint": f"127.0.0.1:{free_port()}"}}
+    # Each machine's clone, data stages already built.
+    node0, node1 = (copy_project(template.root, tmp_path / f"node{i}", **two_nodes) for i in range(2))
+    procs = [subprocess.Popen([dvc_bin(), "repro"], cwd=node, env=project_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for node in (node0, node1)]
     outputs = [proc.communicate(timeout=600)[0] for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], outputs
     assert all("Running stage 'train'" in out and "Running stage 'ingest'" not in out for out in outputs)
@@ -122,7 +116,7 @@ def test_only_dist_calls_collectives():
 
 
 def launch(root: Path, fault: dict[str, str], timeout: float = 240) -> tuple[subprocess.CompletedProcess, float]:
-    env = {**os.environ, "LLM_PROGRESS": "0", **fault}
+    env = project_env(**fault)
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "llm.cli", "train", "--params", str(root / "params.yaml")], env=env,
                           capture_output=True, text=True, timeout=timeout)

@@ -18,13 +18,13 @@ from llm.sample import SamplingParams, generate
 from llm.split import holdout_of
 from llm.tokenizer import units_of
 from llm.train import train
-from tests.conftest import GPT2_RECIPE, deep_update, gpt_config, load
+from tests.conftest import GPT2_RECIPE, deep_merge, gpt_config, load
 from tests.test_train import CLASSIC, MODERN, project_from
 
 RECIPES = {
     "gpt2": CLASSIC,
-    "gpt2-relu2": deep_update(CLASSIC, {"model": {"mlp": "relu2", "bias": False}}),
-    "llama": deep_update(MODERN, {"model": {"qk_norm": False, "bias": True}}),
+    "gpt2-relu2": deep_merge(CLASSIC, {"model": {"mlp": "relu2", "bias": False}}),
+    "llama": deep_merge(MODERN, {"model": {"qk_norm": False, "bias": True}}),
     "qwen3": MODERN,
 }
 

@@ -3,7 +3,6 @@ traceback and never silent use."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import pytest
 
 from llm.layout import Layout
 from llm.train import train
-from tests.conftest import deep_update, load, write_params
+from tests.conftest import deep_merge, load, project_env, write_params
 
 
 def own_copy(built, tmp_path: Path, **override) -> Path:
@@ -21,12 +20,12 @@ def own_copy(built, tmp_path: Path, **override) -> Path:
     root, params = built
     for name in ("raw", "clean", "tokenizer", "shards"):
         shutil.copytree(getattr(Layout(root), name), getattr(Layout(tmp_path), name))
-    write_params(tmp_path, deep_update(params.model_dump(mode="json"), override))
+    write_params(tmp_path, deep_merge(params.model_dump(mode="json"), override))
     return tmp_path
 
 
 def llm(root: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "LLM_PROGRESS": "0"}
+    env = project_env()
     return subprocess.run([sys.executable, "-m", "llm.cli", *args, "--params", str(root / "params.yaml")], env=env,
                           capture_output=True, text=True, timeout=300)
 

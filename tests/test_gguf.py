@@ -22,14 +22,14 @@ from llm.layout import Layout
 from llm.split import holdout_of
 from llm.tokenizer import units_of
 from llm.train import train
-from tests.conftest import deep_update
+from tests.conftest import deep_merge, project_env
 from tests.test_train import CLASSIC, MODERN, project_from
 
 # Deep enough to be past uniform logits, long enough for 64 new tokens after a prompt.
 SHAPE = {"model": {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 96},
          "train": {"max_steps": 200, "tokens_per_step": 384, "warmup_steps": 10, "eval_interval": 100,
                    "checkpoint_interval": 200}}
-RECIPES = {"llama": deep_update(MODERN, {"model": {"qk_norm": False, "bias": True}}), "qwen3": MODERN}
+RECIPES = {"llama": deep_merge(MODERN, {"model": {"qk_norm": False, "bias": True}}), "qwen3": MODERN}
 F32_TOLERANCE = 2e-4     # max |logit difference| on val windows, f32 weights
 Q8_0_TOLERANCE = 0.15    # the same for the 8-bit file
 Q8_0_LOSS_TOLERANCE = 0.01   # and its mean cross-entropy on those windows, relative to ours
@@ -54,7 +54,7 @@ def Llama(path: Path, **kw):
 
 @pytest.fixture(scope="module", params=list(RECIPES))
 def exported(request, built, tmp_path_factory) -> tuple[str, Layout, Path]:
-    root, params = project_from(built, tmp_path_factory.mktemp(request.param), **deep_update(RECIPES[request.param],
+    root, params = project_from(built, tmp_path_factory.mktemp(request.param), **deep_merge(RECIPES[request.param],
                                                                                                SHAPE))
     layout = Layout(root)
     train(params, layout)
@@ -112,7 +112,7 @@ def sample_greedy(layout: Layout, prompt: str, n: int) -> str:
     """`llm sample`'s greedy text, from the CLI a user runs."""
     out = subprocess.run([sys.executable, "-m", "llm.cli", "sample", "--model", str(layout.final), "--prompt", prompt,
                           "--temperature", "0", "--max-new-tokens", str(n)], capture_output=True, text=True,
-                         check=True, env={**os.environ, "LLM_PROGRESS": "0"}, cwd=layout.root)
+                         check=True, env=project_env(), cwd=layout.root)
     return out.stdout.removesuffix("\n")
 
 
@@ -233,7 +233,7 @@ def load_params_of(layout: Layout):
 
 
 def test_a_gpt2_recipe_gets_the_hugging_face_export_and_one_line_instead_of_a_gguf(built, tmp_path, caplog):
-    root, params = project_from(built, tmp_path, **deep_update(CLASSIC, {"train": {"max_steps": 2}}))
+    root, params = project_from(built, tmp_path, **deep_merge(CLASSIC, {"train": {"max_steps": 2}}))
     layout = Layout(root)
     train(params, layout)
     result = export(params, layout)

@@ -1,6 +1,7 @@
 """Fault injection: SIGKILL at seeded random points inside every stage, through `dvc repro` and
 through a Dagster materialization, then a rerun. After every kill the rerun completes, no stage
-reads a partial output, and the final outputs equal an uninterrupted run's: the data stages
+reads a partial output, and the final outputs equal an uninterrupted run's (the suite's
+reproduced project, tests/conftest.py): the data stages
 byte-identical, training bit-identical (CPU). The session ends with the count of trials, of kills
 that landed inside the stage's process, and of partial artifacts found (tests/conftest.py).
 
@@ -15,7 +16,6 @@ import json
 import os
 import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -35,7 +35,7 @@ from llm.io import remove_stale_outputs
 from llm.layout import Layout
 from llm.shards import verify_shards
 from llm.tokenizer import Tokenizer
-from tests.conftest import dvc_bin, make_dvc_project, run
+from tests.conftest import Template, copy_project, dvc_bin, project_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 STAGES = ["ingest", "clean", "tokenizer", "shards", "train", "evaluate", "report"]
@@ -53,29 +53,12 @@ STALE = re.compile(r"^\..+\.(tmp|old)-\d+$")
 
 
 def env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "LLM_PROGRESS": "0",
-            "DAGSTER_HOME": extra.pop("DAGSTER_HOME", os.environ.get("DAGSTER_HOME", "")), **extra}
+    return project_env(DAGSTER_HOME=extra.pop("DAGSTER_HOME", os.environ.get("DAGSTER_HOME", "")), **extra)
 
 
 def locked(root: Path) -> dict[str, str]:
     stages = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
     return {o["path"]: o["md5"] for s in COMPARED for o in stages[s]["outs"] if o["path"] in COMPARED[s]}
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> tuple[Path, dict[str, str], dict[str, float]]:
-    """An uninterrupted run, and how long each stage's process ran in it, from DVC's `Running
-    stage` line to the stage's `done in` line: the range the timed kills fall in."""
-    root = make_dvc_project(tmp_path_factory.mktemp("kill_reference"), n_plays=4, max_chars=10_000)
-    run([dvc_bin(), "config", "core.analytics", "false"], root)
-    proc = subprocess.Popen([dvc_bin(), "repro"], cwd=root, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    lines = [(time.monotonic(), line) for line in proc.stdout]  # type: ignore[union-attr]
-    assert proc.wait(timeout=600) == 0, "".join(line for _, line in lines)[-3000:]
-    begun = {m[1]: t for t, line in lines if (m := re.search(r"Running stage '(\w+)'", line))}
-    ended = {m[1]: t for t, line in lines if (m := re.search(r"INFO llm: (\w+): done in", line))}
-    assert set(ended) >= set(STAGES), "".join(line for _, line in lines)[-3000:]
-    return root, locked(root), {stage: ended[stage] - begun[stage] for stage in STAGES}
 
 
 def partial_artifacts(root: Path) -> list[str]:
@@ -182,14 +165,15 @@ def _in_project(root: Path) -> list[psutil.Process]:
     return out
 
 
-def trial_plan(n: int, seed: int = 20261122) -> list[dict]:
-    """Seeded: every stage killed at least twice, a third of the kills at a forced window, a
-    third through Dagster."""
+def trial_plan(seed: int = 20261122) -> list[dict]:
+    """Seeded: every stage killed twice, once through `dvc repro` and once through a Dagster
+    materialization; of the `dvc repro` kills, every other stage's at a forced window (a fault
+    point) and the rest on a timer, the two alternating with the seed."""
     rng = random.Random(seed)
+    first = rng.randrange(2)
     plan = []
-    for t in range(n):
-        stage = STAGES[t % len(STAGES)]
-        kind = ["timer", "dagster", "point"][t % 3]
+    for t, (stage, engine) in enumerate((s, e) for s in STAGES for e in ("dvc", "dagster")):
+        kind = "dagster" if engine == "dagster" else ["timer", "point"][(STAGES.index(stage) + first) % 2]
         point = rng.choice(POINTS[stage])
         plan.append({"trial": t, "stage": stage, "via": kind, "fraction": rng.random(),
                      "point": point if kind == "point" else None})
@@ -208,12 +192,13 @@ def downstream_assets(root: Path, stage: str) -> list[str]:
     return sorted(key.to_user_string() for key in selection.resolve(graph))
 
 
-@pytest.mark.parametrize("trial", trial_plan(21), ids=lambda t: f"{t['trial']}-{t['via']}-{t['stage']}")
-def test_a_kill_inside_a_stage_loses_nothing_and_the_rerun_is_identical(reference, tmp_path: Path, trial: dict,
-                                                                        record_property):
-    ref_root, ref_hashes, seconds = reference
-    root = tmp_path / "project"
-    shutil.copytree(ref_root, root, symlinks=True)
+@pytest.mark.parametrize("trial", trial_plan(), ids=lambda t: f"{t['trial']}-{t['via']}-{t['stage']}")
+def test_a_kill_inside_a_stage_loses_nothing_and_the_rerun_is_identical(template: Template, tmp_path: Path,
+                                                                        trial: dict, record_property):
+    """From a copy of the suite's reproduced project, the killed stage and what follows it are
+    forced to run again; the rerun must give the uninterrupted run's outputs."""
+    ref_hashes, seconds = locked(template.root), template.seconds
+    root = copy_project(template.root, tmp_path / "project")
     stage = trial["stage"]
     # Anywhere in the stage's process: its start-up (imports, reading params) and its work.
     delay = 0.05 + trial["fraction"] * 0.9 * seconds[stage]

@@ -1,58 +1,37 @@
 """The whole pipeline through `dvc repro` in a temporary git repository, on a slice of the
 default corpus and a model that trains in seconds.
 
-One template repository is reproduced once per module and never changed afterwards; each test
-that runs DVC works on its own copy (shutil.copytree, DVC cache included), so every test stands
-alone: under -k, in any order.
+The suite's template repository (tests/conftest.py) is reproduced once per suite run and never
+changed afterwards; each test that runs DVC works on its own copy (DVC cache included), so every
+test stands alone: under -k, in any order.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
 from llm.io import read_json
-from tests.conftest import REPO, dvc_bin, make_dvc_project, run, write_params
+from tests.conftest import REPO, Template, copy_project, dvc_bin, run, template_project, write_params
 from tests.test_code_deps import stage_closure
 
 pytestmark = pytest.mark.slow
 
 ALL_STAGES = ["ingest", "clean", "tokenizer", "shards", "train", "evaluate", "report", "export"]
-SLICE = {"n_plays": 8, "max_chars": 20_000}
 
 
 def ran_stages(output: str) -> list[str]:
     return re.findall(r"Running stage '(\w+)'", output)
 
 
-@dataclass(frozen=True)
-class Template:
-    root: Path  # read-only: copy it before running anything in it
-    first_repro: str  # what `dvc repro` printed when it built every stage
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory) -> Template:
-    """A git + DVC repository with every stage built and dvc.lock committed."""
-    root = make_dvc_project(tmp_path_factory.mktemp("dvcrepo"), **SLICE)
-    run(["git", "add", "-A"], root)
-    run(["git", "commit", "-qm", "pipeline"], root)
-    out = run([dvc_bin(), "repro"], root)
-    run(["git", "add", "-A"], root)
-    run(["git", "commit", "-qm", "reproduced"], root)
-    return Template(root, out)
-
-
 @pytest.fixture
 def repo(template: Template, tmp_path: Path) -> Path:
-    """This test's own copy of the reproduced template."""
-    return Path(shutil.copytree(template.root, tmp_path / "repo", symlinks=True))
+    """This test's own copy of the suite's reproduced project (tests/conftest.py: template)."""
+    return copy_project(template.root, tmp_path / "repo")
 
 
 def test_repro_builds_every_stage(template: Template, repo: Path):
@@ -165,7 +144,7 @@ def test_each_dvc_experiment_is_one_mlflow_run_named_after_it(repo: Path):
 
 def test_same_params_and_data_give_the_same_artifacts(template: Template, tmp_path: Path):
     """Determinism: the stages run again elsewhere produce byte-identical outputs (dvc.lock md5s)."""
-    other = make_dvc_project(tmp_path, **SLICE)
+    other = template_project(tmp_path)
     assert (other / "params.yaml").read_bytes() == (template.root / "params.yaml").read_bytes()
     run([dvc_bin(), "repro", "shards"], other)
     lock_a = yaml.safe_load((template.root / "dvc.lock").read_text())["stages"]

@@ -3,9 +3,7 @@ Here on a slice of the default corpus and a CPU, with DVC's own -S overrides cut
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,10 +11,12 @@ import yaml
 
 from llm.io import read_json
 from llm.layout import Layout
-from tests.conftest import REPO, dvc_bin, make_dvc_project, run, write_params
-from tests.test_pipeline_dvc import ALL_STAGES, SLICE, ran_stages
+from tests.conftest import REPO, dvc_bin, make_dvc_project, project_env, run, write_params
+from tests.test_pipeline_dvc import ALL_STAGES, ran_stages
 
 pytestmark = pytest.mark.slow
+# More text than the shared project (tests/conftest.py): the GPU presets' blocks and vocabulary need it.
+SLICE = {"n_plays": 8, "max_chars": 20_000}
 
 
 def preset_project(tmp_path: Path, name: str) -> Path:
@@ -32,8 +32,8 @@ def preset_project(tmp_path: Path, name: str) -> Path:
 
 def test_gpt2_small_on_a_small_corpus_stops_before_training_with_one_line(tmp_path: Path):
     root = preset_project(tmp_path, "gpt2-small")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "LLM_PROGRESS": "0"}
-    proc = subprocess.run([dvc_bin(), "repro"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([dvc_bin(), "repro"], cwd=root, env=project_env(), capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode != 0
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error:")]
     assert len(errors) == 1, proc.stdout + proc.stderr

@@ -26,7 +26,7 @@ from llm.config import Params, parse_params
 from llm.errors import UserError
 from llm.layout import Layout
 from llm.stages import run
-from tests.conftest import dvc_bin, make_dvc_project, small_params, write_corpus_slice, write_params
+from tests.conftest import Template, copy_project, dvc_bin, project_env, small_params, write_corpus_slice
 from tests.conftest import run as run_cmd
 
 DATA_STAGES = ["ingest", "clean", "tokenizer", "shards"]
@@ -123,7 +123,7 @@ def test_the_local_engine_does_not_import_ray(project: Path):
         "run('ingest', load(root), Layout(root))\nprint('ray' in sys.modules)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "LLM_PROGRESS": "0"})
+                          timeout=120, env=project_env())
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "False"
 
@@ -175,16 +175,12 @@ def test_a_worker_killed_past_max_retries_fails_in_one_line_and_writes_nothing(
 
 
 @pytest.mark.slow
-def test_dvc_switch_to_ray_reruns_the_data_stages_and_changes_no_hash(tmp_path: Path):
+def test_dvc_switch_to_ray_reruns_the_data_stages_and_changes_no_hash(template: Template, tmp_path: Path):
     """DVC's own check: compute is a params dependency of the data stages, so switching the engine
     reruns them, and dvc.lock records the same hashes for every output. Each `llm` stage that DVC
     runs starts its own local Ray cluster (ray_address ""), of 2 CPUs."""
-    root = make_dvc_project(tmp_path, n_plays=4, max_chars=10_000)
-    run_cmd([dvc_bin(), "repro", "shards"], root)
-    before = locked_outs(root)
-    data = yaml.safe_load((root / "params.yaml").read_text())
-    data["compute"].update(data_engine="ray", num_cpus=2)
-    write_params(root, data)
+    before = locked_outs(template.root)  # the local engine's
+    root = copy_project(template.root, tmp_path / "project", compute={"data_engine": "ray", "num_cpus": 2})
     out = run_cmd([dvc_bin(), "repro", "shards"], root)
     assert set(ran_stages(out)) >= {"ingest", "clean", "shards"}, out[-3000:]
     assert out.count("on ray into") == 1 and "documents from" in out, out[-3000:]  # the log lines of shards, clean

@@ -16,7 +16,7 @@ from llm.layout import Layout
 from llm.shards import open_split, read_manifest, token_counts, token_dtype, token_stream, write_shards
 from llm.split import holdout_of
 from llm.tokenizer import Tokenizer
-from tests.conftest import deep_update, load, write_params
+from tests.conftest import deep_merge, load, write_params
 
 
 def shard_tables(root: Path, split: str) -> list[pa.Table]:
@@ -114,7 +114,7 @@ def test_parallel_tokenization_gives_identical_shards(built, tmp_path: Path):
     (tmp_path / "data").mkdir()
     for name in ("clean", "tokenizer"):
         (tmp_path / "data" / name).symlink_to(getattr(Layout(root), name))
-    write_params(tmp_path, deep_update(load(root).model_dump(mode="json"), {"shards": {"num_workers": 2}}))
+    write_params(tmp_path, deep_merge(load(root).model_dump(mode="json"), {"shards": {"num_workers": 2}}))
     write_shards(load(tmp_path), Layout(tmp_path))
     a = read_manifest(Layout(root).shards)["splits"]
     b = read_manifest(Layout(tmp_path).shards)["splits"]

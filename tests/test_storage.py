@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.ui import free_port
-from tests.conftest import FAKE_AWS_ENV, REPO, dvc_bin, make_dvc_project, run, s3_client
+from llm.common import free_port
+from tests.conftest import FAKE_AWS_ENV, REPO, Template, copy_project, dvc_bin, project_env, run, s3_client
 from tests.test_train import project_from
 
 pytestmark = pytest.mark.slow
@@ -44,22 +44,19 @@ def sample(project: Path) -> str:
     """What `llm sample` prints for a fixed prompt and seed (stdout only: logs name paths)."""
     cmd = ["llm", "sample", "--prompt", "ROMEO:", "--seed", "1", "--max-new-tokens", "20", "--params",
            str(project / "params.yaml")]
-    env = {**os.environ, "PATH": f"{REPO / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}", "LLM_PROGRESS": "0"}
-    proc = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=project, env=project_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
 
-def test_a_clone_pulls_the_same_data_and_model_from_an_s3_remote(moto_s3: str, tmp_path: Path, monkeypatch):
+def test_a_clone_pulls_the_same_data_and_model_from_an_s3_remote(template: Template, moto_s3: str, tmp_path: Path,
+                                                                  monkeypatch):
     for key, value in FAKE_AWS_ENV.items():  # credentials reach DVC (s3fs) as a user's would: env vars
         monkeypatch.setenv(key, value)
     s3_client(moto_s3).create_bucket(Bucket="llm-dvc")
     dvc = dvc_bin()
 
-    origin = make_dvc_project(tmp_path / "origin", n_plays=4, max_chars=10_000)
-    # The data stages and train: what a remote shares. (evaluate and report, half the time of a
-    # full repro here, add outputs of the same kind and nothing new to test.)
-    run([dvc, "repro", "train"], origin)
+    origin = copy_project(template.root, tmp_path / "origin")  # every stage built and dvc.lock committed
     run([dvc, "remote", "add", "-d", "storage", "s3://llm-dvc/dvc"], origin)
     run([dvc, "remote", "modify", "storage", "endpointurl", moto_s3], origin)  # moto, not AWS
     run(["git", "add", "-A"], origin)

@@ -15,7 +15,7 @@ from llm.io import file_sha256, read_json
 from llm.layout import Layout
 from llm.split import holdout_of
 from llm.tokenizer import Tokenizer, split_words, train_tokenizer, units_of
-from tests.conftest import deep_update, load, write_params
+from tests.conftest import deep_merge, load, write_params
 
 
 def cleaned_like(text: str) -> str:
@@ -94,7 +94,7 @@ def test_pieces_do_not_depend_on_the_thread_count(built, tmp_path: Path, model_t
         d = tmp_path / f"t{threads}"
         (d / "data").mkdir(parents=True)
         (d / "data" / "clean").symlink_to(Layout(root).clean)
-        write_params(d, deep_update(load(root).model_dump(mode="json"),
+        write_params(d, deep_merge(load(root).model_dump(mode="json"),
                                     {"tokenizer": {"num_threads": threads, "model_type": model_type}}))
         train_tokenizer(load(d), Layout(d))
         vocabs.append((Layout(d).tokenizer / "tokenizer.vocab").read_text(encoding="utf-8"))
@@ -115,7 +115,7 @@ def test_other_model_types_round_trip(built, tmp_path: Path, model_type: str):
     root, _ = built
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "clean").symlink_to(Layout(root).clean)
-    write_params(tmp_path, deep_update(load(root).model_dump(mode="json"),
+    write_params(tmp_path, deep_merge(load(root).model_dump(mode="json"),
                                        {"tokenizer": {"model_type": model_type, "vocab_size": 400}}))
     stats = train_tokenizer(load(tmp_path), Layout(tmp_path))
     assert stats["val_roundtrip_failures"] == 0
@@ -133,12 +133,12 @@ def test_unreachable_vocab_size_is_a_user_error(built, tmp_path: Path):
     (tmp_path / "data" / "clean").symlink_to(Layout(root).clean)
     params = load(root).model_dump(mode="json")
     # The vocabulary check refuses it first, naming a vocab_size that fits ...
-    write_params(tmp_path, deep_update(params, {"tokenizer": {"vocab_size": 200_000}}))
+    write_params(tmp_path, deep_merge(params, {"tokenizer": {"vocab_size": 200_000}}))
     with pytest.raises(UserError,
                        match=r"tokenizer: vocab_size 200000, which needs at least .* use tokenizer.vocab_size: \d+"):
         train_tokenizer(load(tmp_path), Layout(tmp_path))
     # ... and without it sentencepiece's own refusal is one line too.
-    write_params(tmp_path, deep_update(params, {"tokenizer": {"vocab_size": 200_000, "min_bytes_per_piece": 0}}))
+    write_params(tmp_path, deep_merge(params, {"tokenizer": {"vocab_size": 200_000, "min_bytes_per_piece": 0}}))
     with pytest.raises(UserError, match="tokenizer: sentencepiece could not train with these params"):
         train_tokenizer(load(tmp_path), Layout(tmp_path))
     assert not (tmp_path / "data" / "tokenizer").exists()

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import signal
@@ -16,15 +15,15 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+import llm.checkpoint as checkpoint_module
 import llm.device as device_module
-import llm.train as train_module
 from llm.config import TrainParams
 from llm.device import cpu_has_bf16
 from llm.errors import UserError
 from llm.io import read_json
 from llm.layout import Layout
 from llm.train import TrainingDiverged, lr_at, train
-from tests.conftest import REPO, deep_update, load, write_params
+from tests.conftest import REPO, deep_merge, load, project_env, write_params
 
 
 def project_from(built, tmp_path: Path, **override) -> tuple[Path, object]:
@@ -33,7 +32,7 @@ def project_from(built, tmp_path: Path, **override) -> tuple[Path, object]:
     (tmp_path / "data").mkdir(parents=True)
     for name in ("clean", "tokenizer", "shards"):
         (tmp_path / "data" / name).symlink_to(getattr(Layout(root), name))
-    write_params(tmp_path, deep_update(params.model_dump(mode="json"), override))
+    write_params(tmp_path, deep_merge(params.model_dump(mode="json"), override))
     return tmp_path, load(tmp_path)
 
 
@@ -66,7 +65,7 @@ def test_compiled_training_on_two_threads_gives_the_same_weights_in_two_processe
         root, _ = project_from(built, tmp_path / name, train={"compile": True, "threads": 2, "max_steps": 8})
         proc = subprocess.run([sys.executable, "-m", "llm.cli", "train"], cwd=root, capture_output=True, text=True,
                               timeout=600,
-                              env={**os.environ, "LLM_PROGRESS": "0"})
+                              env=project_env())
         assert proc.returncode == 0, proc.stderr[-3000:]
         hashes.append((Layout(root).final / "model.safetensors").read_bytes())
     assert hashes[0] == hashes[1]
@@ -108,13 +107,13 @@ MODERN = {"model": {"position": "rope", "norm": "rmsnorm", "qk_norm": True, "mlp
 
 @pytest.mark.parametrize("recipe", ["classic", "modern"])
 def test_resume_is_bit_identical_to_an_uninterrupted_run(built, tmp_path: Path, recipe: str):
-    override = deep_update({"model": {"dropout": 0.1}}, MODERN if recipe == "modern" else CLASSIC)
+    override = deep_merge({"model": {"dropout": 0.1}}, MODERN if recipe == "modern" else CLASSIC)
     cut, pc = project_from(built, tmp_path / "cut", **override)
     full_drop, pfd = project_from(built, tmp_path / "full_drop", **override)
     train(pfd, Layout(full_drop))
 
     # SIGKILL the second run right after its checkpoint at step 3: no cleanup code runs.
-    env = {**os.environ, "LLM_PROGRESS": "0", "LLM_FAULT_POINT": "train.checkpoint.3"}
+    env = project_env(LLM_FAULT_POINT="train.checkpoint.3")
     proc = subprocess.run([sys.executable, "-m", "llm.cli", "train", "--params", str(cut / "params.yaml")], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
@@ -138,7 +137,7 @@ def test_a_checkpoint_of_other_params_is_not_resumed(built, tmp_path: Path, capl
     root, params = project_from(built, tmp_path)
     train(params, Layout(root))
     old = weights(root)
-    changed = deep_update(params.model_dump(mode="json"), {"train": {"learning_rate": 0.003}})
+    changed = deep_merge(params.model_dump(mode="json"), {"train": {"learning_rate": 0.003}})
     write_params(root, changed)
     # --resume refuses it, naming what differs; without, the run says so and starts over
     with pytest.raises(UserError, match=r"last.pt \(step 6\) is of a run with train.learning_rate 0.002 -> 0.003; "
@@ -155,7 +154,7 @@ def test_a_checkpoint_of_other_params_is_not_resumed(built, tmp_path: Path, capl
     assert all(torch.equal(new[k], weights(fresh)[k]) for k in new)
     assert not all(torch.equal(new[k], old[k]) for k in new)
     # ... while a change that does not alter the math (the log interval) keeps it:
-    write_params(root, deep_update(changed, {"train": {"log_interval": 3}}))
+    write_params(root, deep_merge(changed, {"train": {"log_interval": 3}}))
     assert train(load(root), Layout(root), resume="always")["steps"] == 6
 
 
@@ -165,13 +164,13 @@ def test_a_checkpoint_written_by_other_code_is_not_resumed(built, tmp_path: Path
     assert train(params, Layout(root), resume="always")["steps"] == 6  # same code: resumed
     # An edit to the model or the training step (DVC reruns train for it) must not hand back the
     # model the old code trained:
-    monkeypatch.setattr(train_module, "code_version", lambda stage: "other-code")
+    monkeypatch.setattr(checkpoint_module, "code_version", lambda stage: "other-code")
     with pytest.raises(UserError, match=r"is of a run with the code of `llm train`; put those back"):
         train(params, Layout(root), resume="always")
 
 
 def test_what_differs_from_a_checkpoint_is_named_key_by_key():
-    from llm.train import fingerprint_difference
+    from llm.checkpoint import fingerprint_difference
 
     base = {"seed": 1, "model": {"n_layer": 2, "n_embd": 32}, "train": {"learning_rate": 0.002}, "data": ["a"],
             "tokenizer": "t", "code": "c"}
@@ -284,7 +283,7 @@ sys.exit(main(sys.argv[1:]))
 
 def test_training_and_evaluation_run_where_only_the_training_path_is_installed(built, tmp_path: Path):
     root, _ = project_from(built, tmp_path, tracking={"enabled": False})
-    env = {**os.environ, "LLM_PROGRESS": "0"}
+    env = project_env()
     for stage in ("train", "evaluate"):
         proc = subprocess.run([sys.executable, "-c", BARE, stage, "--params", str(root / "params.yaml")], env=env,
                               capture_output=True, text=True, timeout=300)
@@ -294,7 +293,7 @@ def test_training_and_evaluation_run_where_only_the_training_path_is_installed(b
     assert not (root / "mlflow.db").exists()
     assert "val_bpb" in read_json(Layout(root).metrics("eval"))
     # The same node with tracking left on: one line that names the knob, before a step is taken.
-    write_params(root, deep_update(yaml.safe_load((root / "params.yaml").read_text()), {"tracking": {"enabled": True}}))
+    write_params(root, deep_merge(yaml.safe_load((root / "params.yaml").read_text()), {"tracking": {"enabled": True}}))
     shutil.rmtree(Layout(root).checkpoints)
     proc = subprocess.run([sys.executable, "-c", BARE, "train", "--params", str(root / "params.yaml")], env=env,
                           capture_output=True, text=True, timeout=300)

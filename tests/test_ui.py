@@ -27,9 +27,9 @@ from pathlib import Path
 
 import pytest
 
+from llm.common import free_port
 from llm.tracking import ui_url
-from pipelines.ui import free_port
-from tests.conftest import REPO, dvc_bin, make_dvc_project, run
+from tests.conftest import REPO, Template, copy_project, dvc_bin, project_env, run
 
 pytestmark = pytest.mark.slow
 STAGES = ["ingest", "clean", "tokenizer", "shards", "train", "evaluate", "report", "export"]
@@ -46,7 +46,8 @@ def artifacts() -> Path:
 def chromium() -> str:
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     if found is None:
-        pytest.fail("chromium is not installed: apt-get install chromium (.ci/run does)")
+        pytest.fail("chromium is not installed: `make test` installs it (make system-deps), or apt-get install "
+                    "chromium")
     return found
 
 
@@ -100,21 +101,20 @@ def server(cmd: list[str], cwd: Path, env: dict, log: Path) -> subprocess.Popen:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(template: Template, tmp_path_factory):
     """A project built by `dvc repro`, served by `dagster dev` and `mlflow ui`; a browser page."""
     from playwright.sync_api import sync_playwright
 
     browser_bin = chromium()
     tmp = tmp_path_factory.mktemp("ui")
-    project = make_dvc_project(tmp / "project", n_plays=6, max_chars=15_000,
-                               orchestration={"sensor_interval_seconds": 5})
-    run([dvc_bin(), "repro"], project)  # in a terminal, outside Dagster
+    # Built by `dvc repro` in a terminal, outside Dagster: the suite's reproduced project.
+    project = copy_project(template.root, tmp / "project", orchestration={"sensor_interval_seconds": 5})
+    assert "up to date" in run([dvc_bin(), "status"], project)
     home = tmp / "dagster_home"
     home.mkdir()
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\nnux:\n  enabled: false\n")
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "LLM_PROJECT": str(project), "DAGSTER_HOME": str(home), "LLM_PROGRESS": "0",
-           "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    env = project_env(LLM_PROJECT=str(project), DAGSTER_HOME=str(home))
     dagster_port, mlflow_port = free_port(), free_port()
     # Started in the project, not the repo root, where Dagster would read the checkout's .env.
     dagster = server([str(bin_dir / "dagster"), "dev", "-m", "pipelines", "-h", "127.0.0.1", "-p", str(dagster_port)],
@@ -183,7 +183,9 @@ def test_mlflow_lists_the_training_run_by_name_with_val_bpb(served, artifacts: P
     experiment = client.get_experiment_by_name("llm")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     run_obj = client.search_runs([experiment.experiment_id])[0]
-    assert run_obj.info.run_name == "gpt-2x32-nogit"  # shape and commit (this project has no commit)
+    # The model's shape and the commit it was trained at (the project's first, before dvc.lock's).
+    trained_at = run(["git", "rev-parse", "--short=7", "HEAD~1"], project).strip()
+    assert run_obj.info.run_name == f"gpt-2x32-{trained_at}"
     page.set_viewport_size({"width": 2200, "height": 1000})  # the grid renders only the columns in view
     page.goto(ui_url(served["mlflow"], experiment.experiment_id))  # the experiment's link, as `make ui` prints it
     page.get_by_text(run_obj.info.run_name).first.wait_for(timeout=60_000)
