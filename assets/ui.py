@@ -7,7 +7,7 @@ import os
 
 import dagster as dg
 
-from llm.tracking import ui_url
+from llm.mlflow_view import ui_url
 
 # Where `make ui` serves MLflow; set MLFLOW_UI_URL when it runs elsewhere.
 MLFLOW_UI_DEFAULT = "http://127.0.0.1:5000"

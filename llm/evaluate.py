@@ -228,7 +228,8 @@ def _per_source(nll: np.ndarray, docs: ValDocs) -> dict:
 def _track(params: Params, lay: Layout, result: dict, register: bool) -> None:
     import mlflow
 
-    from llm.tracking import flatten, register_and_gate, resume_run
+    from llm.registry import register_and_gate
+    from llm.tracking import flatten, resume_run
 
     with resume_run(lay.metrics("train"), lay.root, params) as run:
         metrics = {k: v for k, v in flatten(result).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

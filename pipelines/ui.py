@@ -26,7 +26,7 @@ from pathlib import Path
 from llm.common import free_port
 from llm.config import load_params
 from llm.errors import UserError
-from llm.tracking import ui_url
+from llm.mlflow_view import ui_url
 
 GRACE_SECONDS = 10.0
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from llm.tracking import store_root, tracking_uri
+from llm.mlflow_store import store_root, tracking_uri
 from tests.conftest import dvc_bin, make_dvc_project, run
 
 pytestmark = pytest.mark.slow

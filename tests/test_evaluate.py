@@ -18,8 +18,9 @@ from llm.device import pick_device
 from llm.evaluate import bits_per_byte, compressed_sizes, compressor_bpb, cover_val, evaluate, token_nll, unigram_nats
 from llm.io import read_json, write_json
 from llm.layout import Layout
+from llm.registry import register_and_gate
 from llm.shards import MANIFEST, _Split, open_split, read_manifest, shard_schema
-from llm.tracking import register_and_gate, start_run
+from llm.tracking import start_run
 from llm.train import train
 from tests.test_model import tiny
 from tests.test_train import project_from

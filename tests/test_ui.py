@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from llm.common import free_port
-from llm.tracking import ui_url
+from llm.mlflow_view import ui_url
 from tests.conftest import REPO, Template, copy_project, dvc_bin, project_env, run
 
 pytestmark = pytest.mark.slow
