@@ -8,7 +8,7 @@ import json
 import logging
 import pickle
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
@@ -20,10 +20,18 @@ from llm.errors import UserError
 from llm.faults import fault_point
 from llm.io import atomic_file
 
-if TYPE_CHECKING:
-    from llm.train import TrainState
-
 log = logging.getLogger("llm.train")  # its lines are the train stage's
+
+
+class Resumable(Protocol):
+    """What the Checkpointer saves and restores (llm.train's TrainState)."""
+
+    step: int
+    fingerprint: str
+
+    def state_dict(self, device: Device) -> dict[str, Any]: ...
+
+    def load_state_dict(self, ckpt: dict[str, Any], device: Device) -> None: ...
 
 CHECKPOINT = "last.pt"
 # Params that do not change the numbers a run computes: changing them keeps its checkpoint.
@@ -114,7 +122,7 @@ class Checkpointer:
         self.path, self.interval, self.device, self.dist = path, interval, device, dist
         self.saved_step: int | None = None
 
-    def restore(self, state: TrainState, resume: str) -> None:
+    def restore(self, state: Resumable, resume: str) -> None:
         """resume: auto (a checkpoint of the same fingerprint, if any), always (fail without one), never."""
         ckpt = None if resume == "never" else load_checkpoint(self.path, state.fingerprint, resume == "always")
         if ckpt is not None:
@@ -122,7 +130,7 @@ class Checkpointer:
             self.saved_step = state.step
             log.info("train: resuming %s at step %d", self.path, state.step)
 
-    def save_if_due(self, state: TrainState, stopping: bool) -> None:
+    def save_if_due(self, state: Resumable, stopping: bool) -> None:
         if stopping or state.step % self.interval == 0:
             if self.dist.node_main:
                 save_checkpoint(state.state_dict(self.device), self.path)
