@@ -25,7 +25,7 @@ def new_raw_files_sensor(project: Path, interval_seconds: int) -> dg.SensorDefin
     )
     def new_raw_files(context: dg.SensorEvaluationContext):
         from llm.config import load_params
-        from llm.corpus.sources import watched_files
+        from llm.corpus.resolve import watched_files
         from llm.errors import UserError
 
         try:

@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from llm.config import IngestParams, Params
+from llm.corpus.dispatch import iter_documents
 from llm.corpus.ingest import ingest
-from llm.corpus.sources import ReadCounts, iter_documents
+from llm.corpus.readers import ReadCounts
 from llm.layout import Layout
 
 PROSE = "Now is the winter of our discontent made glorious summer by this sun of York.\n"

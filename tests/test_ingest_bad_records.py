@@ -89,9 +89,9 @@ def test_bad_records_in_a_json_array(tmp_path: Path):
 
 
 def test_a_jsonl_line_longer_than_the_record_cap_is_a_bad_record(tmp_path: Path, monkeypatch):
-    from llm.corpus import sources, streaming
+    from llm.corpus import readers, streaming
 
-    monkeypatch.setattr(sources, "MAX_RECORD_BYTES", 1000)
+    monkeypatch.setattr(readers, "MAX_RECORD_BYTES", 1000)
     monkeypatch.setattr(streaming, "CHUNK_BYTES", 100)
     lines = jsonl_lines(3)
     lines.insert(1, json.dumps({"text": "x" * 5000}))

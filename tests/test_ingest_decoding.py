@@ -10,7 +10,8 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llm.corpus.sources import decode_utf8, looks_binary
+from llm.corpus.readers import looks_binary
+from llm.corpus.streaming import decode_utf8
 from tests.ingest_helpers import PROSE, read
 
 

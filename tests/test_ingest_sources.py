@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from llm.config import IngestParams
-from llm.corpus.sources import ReadCounts, iter_documents
+from llm.corpus.dispatch import iter_documents
+from llm.corpus.readers import ReadCounts
 from llm.errors import UserError
 from tests.ingest_helpers import PROSE, read
 
@@ -154,7 +155,7 @@ def test_an_inbox_that_is_a_file_is_a_clear_error(tmp_path: Path):
 
 
 def test_watched_files_are_the_local_sources_and_the_inbox(tmp_path: Path):
-    from llm.corpus.sources import watched_files
+    from llm.corpus.resolve import watched_files
 
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "a.txt").write_text(PROSE)

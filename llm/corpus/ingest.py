@@ -8,7 +8,8 @@ from dataclasses import asdict
 from tqdm import tqdm
 
 from llm.config import Params
-from llm.corpus.sources import ReadCounts, iter_documents
+from llm.corpus.dispatch import iter_documents
+from llm.corpus.readers import ReadCounts
 from llm.corpus.tables import RAW_ARROW_SCHEMA, TableWriter, content_id
 from llm.errors import UserError
 from llm.io import atomic_dir, write_json
