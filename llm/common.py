@@ -79,3 +79,15 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str = ""
         return "\n".join(f"| {' | '.join(r)} |" for r in [padded[0], rule, *padded[1:]])
     rule = ["-" * w for w in widths]
     return "\n".join("  ".join(r).rstrip() for r in [padded[0], rule, *padded[1:]])
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one level of dotted keys: {"a": {"b": 1}} -> {"a.b": 1}."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{key}."))
+        else:
+            out[key] = v
+    return out

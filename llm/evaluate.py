@@ -226,13 +226,8 @@ def _per_source(nll: np.ndarray, docs: ValDocs) -> dict:
 
 
 def _track(params: Params, lay: Layout, result: dict, register: bool) -> None:
-    import mlflow
+    from llm.common import flatten
+    from llm.stage_log import RunLog, log_to_run
 
-    from llm.registry import register_and_gate
-    from llm.tracking import flatten, resume_run
-
-    with resume_run(lay.metrics("train"), lay.root, params) as run:
-        metrics = {k: v for k, v in flatten(result).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        mlflow.log_metrics(metrics)
-        if register:
-            register_and_gate(lay.root, params.tracking.registered_model, run, "model", result["val_bpb"])
+    metrics = {k: v for k, v in flatten(result).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    log_to_run(RunLog(metrics=metrics, champion_bpb=result["val_bpb"] if register else None), params, lay)

@@ -50,14 +50,12 @@ def architecture(cfg: GPTConfig) -> str:
                     "(Qwen3)")
 
 
-def _gpt2(model: GPT, tok: Tokenizer) -> tuple[object, dict[str, torch.Tensor]]:
-    from transformers import GPT2Config
-
+def _gpt2(model: GPT, tok: Tokenizer) -> tuple[dict, dict[str, torch.Tensor]]:
     cfg = model.config
-    hf = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-                    n_head=cfg.n_head, n_inner=cfg.mlp_hidden, activation_function=cfg.mlp, resid_pdrop=0.0,
-                    embd_pdrop=0.0,
-                    attn_pdrop=0.0, layer_norm_epsilon=1e-5, tie_word_embeddings=True, **_ids(tok))
+    hf = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
+          "n_positions": cfg.block_size, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
+          "n_inner": cfg.mlp_hidden, "activation_function": cfg.mlp, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+          "attn_pdrop": 0.0, "layer_norm_epsilon": 1e-5, **_common(tok)}
     sd = model.state_dict()
 
     def linear(name: str) -> dict[str, torch.Tensor]:  # GPT-2's Conv1D stores (in, out)
@@ -79,17 +77,15 @@ def _gpt2(model: GPT, tok: Tokenizer) -> tuple[object, dict[str, torch.Tensor]]:
     return hf, out
 
 
-def _llama_family(model: GPT, tok: Tokenizer, arch: str) -> tuple[object, dict[str, torch.Tensor]]:
-    from transformers import LlamaConfig, Qwen3Config
-
+def _llama_family(model: GPT, tok: Tokenizer, arch: str) -> tuple[dict, dict[str, torch.Tensor]]:
     cfg = model.config
-    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden,
-                  num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head,
-                  head_dim=cfg.head_dim, max_position_embeddings=cfg.block_size, rms_norm_eps=NORM_EPS,
-                  hidden_act="silu",
-                  rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, attention_bias=cfg.bias,
-                  attention_dropout=0.0, tie_word_embeddings=True, **_ids(tok))
-    hf = Qwen3Config(**common) if arch == "qwen3" else LlamaConfig(**common, mlp_bias=cfg.bias)
+    hf = {"architectures": ["Qwen3ForCausalLM" if arch == "qwen3" else "LlamaForCausalLM"], "model_type": arch,
+          "vocab_size": cfg.vocab_size, "hidden_size": cfg.n_embd, "intermediate_size": cfg.mlp_hidden,
+          "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_head,
+          "head_dim": cfg.head_dim, "max_position_embeddings": cfg.block_size, "rms_norm_eps": NORM_EPS,
+          "hidden_act": "silu", "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+          "attention_bias": cfg.bias, "attention_dropout": 0.0, **_common(tok),
+          **({} if arch == "qwen3" else {"mlp_bias": cfg.bias})}
     sd = model.state_dict()
     C = cfg.n_embd
     out = {"model.embed_tokens.weight": sd["wte.weight"], "model.norm.weight": sd["ln_f.weight"]}
@@ -118,55 +114,75 @@ def _ids(tok: Tokenizer) -> dict[str, int | None]:
     return {"bos_token_id": known(tok.bos_id), "eos_token_id": known(tok.eos_id), "pad_token_id": known(tok.pad_id)}
 
 
+def _common(tok: Tokenizer) -> dict:
+    """What every architecture's config.json says beside its shape: fp32, the embedding tied to
+    the head, the special ids."""
+    return {"dtype": "float32", "tie_word_embeddings": True, "use_cache": True, **_ids(tok)}
+
+
+def merges_by_score(pieces: list[str], scores: list[float], skip: set[str]) -> list[tuple[str, str]]:
+    """The BPE merges that rebuild sentencepiece's pieces, best score first: each piece's splits
+    into two known pieces (transformers' convert_slow_tokenizer.generate_merges, as it orders them)."""
+    vocab = {p: i for i, p in enumerate(pieces)}
+    merges = []
+    for piece, score in zip(pieces, scores):
+        if piece in skip:
+            continue
+        local = [(piece[:i], piece[i:], score) for i in range(1, len(piece))
+                 if piece[:i] in vocab and piece[i:] in vocab and piece[:i] not in skip and piece[i:] not in skip]
+        merges += sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]]))
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(left, right) for left, right, _ in merges]
+
+
 def hf_tokenizer(tok: Tokenizer):
-    """The sentencepiece model as a `tokenizers` BPE wrapped for transformers: whitespace as
-    `▁`, digits one by one, newline an atomic piece, unknown bytes as <0xNN> pieces."""
+    """The sentencepiece model as a `tokenizers` BPE: whitespace as `▁`, digits one by one,
+    newline an atomic piece, unknown bytes as <0xNN> pieces."""
     from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import generate_merges
 
     sp = tok.sp
     pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
     special = [i for i in range(len(pieces)) if sp.is_control(i) or sp.is_unknown(i)]
     atomic = [i for i, p in enumerate(pieces) if p == "\n"]  # the user-defined piece of llm/tokenizer.py
     skip = {pieces[i] for i in special + atomic} | {p for i, p in enumerate(pieces) if sp.is_byte(i)}
-    vocab = {p: i for i, p in enumerate(pieces)}
-    merges = generate_merges(vocab, [(p, sp.get_score(i)) for i, p in enumerate(pieces)], skip_tokens=skip)
-    bpe = HFTokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token=pieces[sp.unk_id()],
-                                 fuse_unk=True))
+    merges = merges_by_score(pieces, [sp.get_score(i) for i in range(len(pieces))], skip)
+    bpe = HFTokenizer(models.BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=merges, byte_fallback=True,
+                                 unk_token=pieces[sp.unk_id()], fuse_unk=True))
     bpe.normalizer = normalizers.Replace(" ", "▁")
     bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("▁", behavior="merged_with_next"),
                                                  pre_tokenizers.Digits(individual_digits=True)])
     bpe.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     bpe.add_tokens([AddedToken(pieces[i], normalized=False, special=False) for i in atomic])
     bpe.add_special_tokens([AddedToken(pieces[i], special=True, normalized=False) for i in special])
+    return bpe
 
+
+def tokenizer_config(tok: Tokenizer) -> dict:
+    """tokenizer_config.json: transformers' fast tokenizer over tokenizer.json, adding no tokens."""
     def name(i: int) -> str | None:
-        return pieces[i] if i >= 0 else None
+        return tok.sp.id_to_piece(i) if i >= 0 else None
 
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token=name(sp.unk_id()), bos_token=name(tok.bos_id),
-                                   eos_token=name(tok.eos_id), pad_token=name(tok.pad_id), add_bos_token=False,
-                                   add_eos_token=False, clean_up_tokenization_spaces=False)
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": name(tok.sp.unk_id()),
+            "bos_token": name(tok.bos_id), "eos_token": name(tok.eos_id), "pad_token": name(tok.pad_id),
+            "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False}
 
 
 def export(params: Params, layout: Layout) -> dict:
-    """models/final as a Hugging Face model directory (models/hf), logged to the MLflow run."""
-    from transformers import AutoModelForCausalLM
+    """models/final as a Hugging Face model directory (models/hf) and a GGUF (models/gguf), logged
+    to the MLflow run. Written with safetensors and tokenizers: transformers is not imported."""
+    from safetensors.torch import save_file
 
     model, tok, _ = load_final(layout.final)
     arch = architecture(model.config)
     hf_config, state = _gpt2(model, tok) if arch == "gpt2" else _llama_family(model, tok, arch)
-    hf_model = AutoModelForCausalLM.from_config(hf_config)
-    missing, unexpected = hf_model.load_state_dict({k: v.clone() for k, v in state.items()}, strict=False)
-    missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embedding
-    if missing or unexpected:
-        raise RuntimeError(f"export: weights do not map onto {arch}: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}")
-    hf_model.tie_weights()
     with atomic_dir(layout.hf) as tmp:
-        hf_model.save_pretrained(tmp, safe_serialization=True)
-        hf_tokenizer(tok).save_pretrained(tmp)
+        save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, tmp / "model.safetensors",
+                  metadata={"format": "pt"})
+        write_json(tmp / "config.json", hf_config)
+        write_json(tmp / "generation_config.json", _ids(tok))
+        hf_tokenizer(tok).save(str(tmp / "tokenizer.json"))
+        write_json(tmp / "tokenizer_config.json", tokenizer_config(tok))
     files = sorted(p.name for p in layout.hf.iterdir())
     log.info("export: %s model in %s (%s)", arch, layout.hf, ", ".join(files))
     with atomic_dir(layout.gguf) as tmp:
@@ -178,12 +194,7 @@ def export(params: Params, layout: Layout) -> dict:
 
 
 def _track(params: Params, layout: Layout) -> None:
-    import mlflow
+    from llm.stage_log import RunLog, log_to_run
 
-    from llm.tracking import resume_run
-
-    with resume_run(layout.metrics("train"), layout.root, params) as run:
-        mlflow.log_artifacts(str(layout.hf), artifact_path="hf")
-        mlflow.log_artifacts(str(layout.gguf), artifact_path="gguf")
-        log.info("export: logged to MLflow run %s", run.info.run_id)
-
+    run_id = log_to_run(RunLog(artifacts=[(str(layout.hf), "hf"), (str(layout.gguf), "gguf")]), params, layout)
+    log.info("export: logged to MLflow run %s", run_id)

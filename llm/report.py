@@ -63,12 +63,10 @@ def png(fig) -> bytes:
 
 
 def loss_plot(history: list[dict]) -> bytes:
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: no GUI backend, no global figures, half the import
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    fig = Figure(figsize=(6.4, 3.6))
+    ax = fig.subplots()
     steps = [r["step"] for r in history]
     ax.plot(steps, [r["train_loss"] for r in history], label="train", marker="o", ms=3)
     ax.plot(steps, [r["val_loss"] for r in history], label="val", marker="o", ms=3)
@@ -76,19 +74,15 @@ def loss_plot(history: list[dict]) -> bytes:
     ax.set_ylabel("loss (nats / token)")
     ax.grid(alpha=0.3)
     ax.legend()
-    data = png(fig)
-    plt.close(fig)
-    return data
+    return png(fig)
 
 
 def attention_plot(pieces: list[str], weights: torch.Tensor) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     L, H = weights.shape[:2]
-    fig, axes = plt.subplots(L, H, figsize=(2.2 * H, 2.2 * L), squeeze=False)
+    fig = Figure(figsize=(2.2 * H, 2.2 * L))
+    axes = fig.subplots(L, H, squeeze=False)
     labels = [p.replace("\u2581", "_").replace("\n", "\\n") for p in pieces]
     for layer, head in itertools.product(range(L), range(H)):
         ax = axes[layer][head]
@@ -99,9 +93,7 @@ def attention_plot(pieces: list[str], weights: torch.Tensor) -> bytes:
     if len(labels) <= 24:
         axes[-1][0].set_xticks(range(len(labels)), labels, rotation=90, fontsize=5)
         axes[-1][0].set_yticks(range(len(labels)), labels, fontsize=5)
-    data = png(fig)
-    plt.close(fig)
-    return data
+    return png(fig)
 
 
 def _needs(path: Path, stage: str) -> Path:
@@ -244,12 +236,8 @@ def render_markdown(card, evaluation, samples, sinks, attention_prompt) -> str:
 
 
 def _track(params: Params, lay: Layout, report_dir: Path) -> None:
-    import mlflow
+    from llm.stage_log import RunLog, log_to_run
 
-    from llm.tracking import resume_run
-
-    with resume_run(lay.metrics("train"), lay.root, params) as run:
-        mlflow.log_artifacts(str(report_dir), artifact_path="report")
-        mlflow.log_artifact(str(lay.loss_csv), artifact_path="plots")
-        mlflow.log_artifacts(str(lay.tokenizer), artifact_path="tokenizer")
-        log.info("report: logged to MLflow run %s", run.info.run_id)
+    artifacts = [(str(report_dir), "report"), (str(lay.loss_csv), "plots"), (str(lay.tokenizer), "tokenizer")]
+    run_id = log_to_run(RunLog(artifacts=artifacts), params, lay)
+    log.info("report: logged to MLflow run %s", run_id)

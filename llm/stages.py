@@ -23,6 +23,7 @@ StageFn = Callable[..., dict]
 class Stage:
     target: str  # "module:function"
     description: str
+    logs_to_run: bool = False  # adds to the pipeline's MLflow run at its end (llm/stage_log.py)
 
 
 STAGES: dict[str, Stage] = {
@@ -37,12 +38,14 @@ STAGES: dict[str, Stage] = {
     "train": Stage("llm.train:train",
                    "Train the GPT on the shards; resumes a checkpoint of the same params, data and code."),
     "evaluate": Stage("llm.evaluate:evaluate",
-                      "Val loss and bits per byte of the final model against gzip, bz2, xz and a unigram model."),
+                      "Val loss and bits per byte of the final model against gzip, bz2, xz and a unigram model.",
+                      logs_to_run=True),
     "report": Stage("llm.report:report",
-                    "Model card, metrics against baselines, loss curve, samples and attention diagnostics."),
+                    "Model card, metrics against baselines, loss curve, samples and attention diagnostics.",
+                    logs_to_run=True),
     "export": Stage("llm.export:export",
                     "The final model in Hugging Face's format (models/hf, for transformers) and llama.cpp's "
-                    "(models/gguf, for llama.cpp and ollama)."),
+                    "(models/gguf, for llama.cpp and ollama).", logs_to_run=True),
 }
 
 
@@ -52,5 +55,11 @@ def stage_function(name: str) -> StageFn:
 
 
 def run(name: str, params: Params, layout: Layout, **options) -> dict:
-    """Run one stage; options are the stage's own (train: resume)."""
-    return stage_function(name)(params, layout, **options)
+    """Run one stage; options are the stage's own (train: resume). A stage that logs to the run
+    gets its MLflow process first, so that MLflow's start-up overlaps the stage's own."""
+    if not STAGES[name].logs_to_run:
+        return stage_function(name)(params, layout, **options)
+    from llm.stage_log import worker
+
+    with worker(params, layout):
+        return stage_function(name)(params, layout, **options)

@@ -67,7 +67,7 @@ class Tokenizer:
         self.bos_id = self.sp.bos_id()
         self.pad_id = self.sp.pad_id()
         self.unk_id = self.sp.unk_id()
-        self._forget_words()
+        self._words = None  # the word cache, made at the first encode_batch (pyarrow's first array imports pandas)
 
     @classmethod
     def load(cls, directory: str | Path) -> Tokenizer:
@@ -104,7 +104,7 @@ class Tokenizer:
             return out
         words, owner = split_words([texts[i] for i in where])
         distinct = pc.dictionary_encode(words)
-        if len(self._words) > WORD_CACHE_SIZE:
+        if self._words is None or len(self._words) > WORD_CACHE_SIZE:
             self._forget_words()
         known = pc.fill_null(pc.index_in(distinct.dictionary, value_set=self._words), -1).to_numpy().astype(np.int64)
         missing = known < 0

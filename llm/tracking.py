@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from llm.common import git_commit
+from llm.common import flatten, git_commit
 from llm.config import Params
 from llm.dvclock import training_data_hashes
 from llm.io import read_json
@@ -30,17 +30,6 @@ from llm.mlflow_view import experiment_id
 from llm.pipes import open_dagster_pipes
 
 log = logging.getLogger(__name__)
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{key}."))
-        else:
-            out[key] = v
-    return out
 
 
 def dvc_hashes(root: Path) -> dict[str, str]:
