@@ -31,6 +31,9 @@ OTHER_COMMANDS = {
     ("llm/cli.py", "list_stages", "llm.dvcyaml"): "llm stages",
     ("llm/cli.py", "print_params", "llm.paramdocs"): "llm params --docs",
 }
+# And the MLflow worker, which llm/stages.py starts only for the stages that log to the run
+# (Stage.logs_to_run): code the other stages never run.
+RUN_LOG_WORKER = {("llm/stages.py", "run", "llm.stage_log"): "the stages that log to the MLflow run"}
 
 
 def module_file(root: Path, module: str) -> Path | None:
@@ -125,9 +128,9 @@ def import_closure(root: Path, starts: Iterable[str], package: str = PACKAGE,
 
 
 def missing_exceptions(root: Path = ROOT) -> list[str]:
-    """The entries of OTHER_COMMANDS whose import is gone, as messages (none when all still exist)."""
+    """The entries of OTHER_COMMANDS and RUN_LOG_WORKER whose import is gone, as messages (none when all still exist)."""
     missing = []
-    for (file, function, module), command in OTHER_COMMANDS.items():
+    for (file, function, module), command in {**OTHER_COMMANDS, **RUN_LOG_WORKER}.items():
         if (function, module) not in imports(root, file.removesuffix(".py").replace("/", ".")):
             missing.append(f"{file}: {function}() no longer imports {module} (for {command}): update llm/codedeps.py")
     return missing
@@ -136,7 +139,8 @@ def missing_exceptions(root: Path = ROOT) -> list[str]:
 def stage_code_files(stage: str, root: Path = ROOT) -> list[str]:
     """The llm/ files `llm STAGE` runs, relative to root (posix), sorted."""
     module = STAGES[stage].target.split(":")[0]
-    return sorted(import_closure(Path(root), [*ENTRY, module], skip=OTHER_COMMANDS))
+    skip = OTHER_COMMANDS if STAGES[stage].logs_to_run else {**OTHER_COMMANDS, **RUN_LOG_WORKER}
+    return sorted(import_closure(Path(root), [*ENTRY, module], skip=skip))
 
 
 def code_version(stage: str, root: Path = ROOT) -> str:
