@@ -6,8 +6,11 @@ Newton-Schulz iterations that orthogonalize each update run once per group of sa
 matrices (a batched matmul) instead of once per matrix. A 4-layer model has 20 hidden matrices
 of 3 shapes, so a step runs 45 batched matmuls instead of 300 small ones. Same hyperparameters,
 same state dict (it loads into torch.optim.Muon and back), and the same updates: the
-Newton-Schulz arithmetic is torch's, in bf16, step for step (tests/test_optim.py holds the two
-equal).
+Newton-Schulz arithmetic is torch's, step for step (tests/test_optim.py holds the two equal).
+
+One choice is ours: the dtype of that arithmetic. torch runs it in bf16, which tensor cores want;
+a CPU's batched bf16 matmuls at these small shapes run far slower than its fp32 ones
+(benchmarks/train.py), so `llm train` runs it in fp32 off CUDA: more precise, not less.
 """
 
 from __future__ import annotations
@@ -25,10 +28,10 @@ from llm.model import GPT
 
 
 def orthogonalize(updates: list[Tensor], coefficients: tuple[float, float, float], steps: int,
-                  eps: float) -> list[Tensor]:
-    """torch.optim.Muon's quintic Newton-Schulz iteration (`_zeropower_via_newtonschulz`), for a
-    list of matrices: the ones of the same shape (tall ones transposed to wide first, as torch
-    does) go through it together, stacked."""
+                  eps: float, dtype: torch.dtype = torch.bfloat16) -> list[Tensor]:
+    """torch.optim.Muon's quintic Newton-Schulz iteration (`_zeropower_via_newtonschulz`, in bf16
+    unless `dtype` says otherwise), for a list of matrices: the ones of the same shape (tall ones
+    transposed to wide first, as torch does) go through it together, stacked."""
     a, b, c = coefficients
     out: dict[int, Tensor] = {}
     groups: dict[tuple[int, int], list[int]] = {}
@@ -37,7 +40,7 @@ def orthogonalize(updates: list[Tensor], coefficients: tuple[float, float, float
         groups.setdefault((min(rows, cols), max(rows, cols)), []).append(i)
     for members in groups.values():
         tall = [updates[i].size(0) > updates[i].size(1) for i in members]
-        x = torch.stack([updates[i].mT if t else updates[i] for i, t in zip(members, tall)]).bfloat16()
+        x = torch.stack([updates[i].mT if t else updates[i] for i, t in zip(members, tall)]).to(dtype)
         x = x / x.norm(dim=(1, 2), keepdim=True).clamp(min=eps)  # spectral norm at most 1
         for _ in range(steps):
             gram = x @ x.mT
@@ -48,7 +51,12 @@ def orthogonalize(updates: list[Tensor], coefficients: tuple[float, float, float
 
 
 class GroupedMuon(torch.optim.Muon):
-    """torch.optim.Muon whose step orthogonalizes same-shaped matrices together (see above)."""
+    """torch.optim.Muon whose step orthogonalizes same-shaped matrices together, in `ns_dtype`
+    (see above)."""
+
+    def __init__(self, params: Any, ns_dtype: torch.dtype = torch.bfloat16, **kwargs: Any):
+        super().__init__(params, **kwargs)
+        self.ns_dtype = ns_dtype
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -66,7 +74,7 @@ class GroupedMuon(torch.optim.Muon):
             lr, momentum = group["lr"], group["momentum"]
             torch._foreach_lerp_(momenta, grads, 1 - momentum)
             updates = [g.lerp(m, momentum) for g, m in zip(grads, momenta)] if group["nesterov"] else momenta
-            updates = orthogonalize(updates, group["ns_coefficients"], group["ns_steps"], group["eps"])
+            updates = orthogonalize(updates, group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype)
             torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
             for p, u in zip(params, updates):
                 p.add_(u, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))
@@ -121,5 +129,6 @@ def build_optimizer(model: GPT, tp: TrainParams, device: Device) -> Optimizers:
               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "base_lr": tp.learning_rate}]
     muon = GroupedMuon([{"params": hidden, "base_lr": tp.muon_learning_rate}], lr=tp.muon_learning_rate,
                        weight_decay=tp.weight_decay, momentum=tp.muon_momentum, nesterov=True,
-                       adjust_lr_fn="match_rms_adamw")
+                       adjust_lr_fn="match_rms_adamw",
+                       ns_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     return Optimizers(adamw=torch.optim.AdamW(groups, lr=tp.learning_rate, **adamw), muon=muon)

@@ -44,12 +44,14 @@ def test_gpt2_small_on_a_small_corpus_stops_before_training_with_one_line(tmp_pa
 
 def test_gpu_small_runs_through_dvc_on_a_cpu_with_its_steps_cut(tmp_path: Path):
     root = preset_project(tmp_path, "gpu-small")
+    # Its shape (11.4 M parameters, 512 tokens of context) runs; its step is cut to 4 x 512 tokens.
     cut = ["train.max_steps=2", "train.warmup_steps=1", "train.compile=false", "train.eval_tokens=2048",
+           "train.batch_size=4", "train.tokens_per_step=2048", "evaluate.max_tokens=4096", "report.max_new_tokens=16",
            "tokenizer.min_bytes_per_piece=20",  # the slice is far smaller than the default corpus
            "tracking.system_metrics=false"]
     out = run([dvc_bin(), "exp", "run", *[arg for value in cut for arg in ("-S", f"++{value}")]], root)
     assert ran_stages(out) == ALL_STAGES
     summary = read_json(Layout(root).metrics("train"))
-    assert summary["steps"] == 2 and summary["tokens_seen"] == 2 * 16384
+    assert summary["steps"] == 2 and summary["tokens_seen"] == 2 * 2048
     assert 11e6 < summary["params"] < 12e6
     assert (Layout(root).hf / "config.json").is_file() and read_json(Layout(root).metrics("eval"))["val_bpb"] > 0
