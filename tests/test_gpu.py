@@ -9,7 +9,7 @@ from llm.device import pick_device
 from llm.model import GPT
 from tests.conftest import GPT2_RECIPE, gpt_config
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 def model_and_batch():

@@ -1,6 +1,7 @@
 """`make gpu-check` (benchmarks/gpu.py): one line and exit 0 without CUDA, and the machinery that
 runs its parts on a GPU machine: a failing or hanging part is recorded and the others still run,
-the params it writes, the numbers it reads from a training run's log and metrics."""
+the params it writes, the wheels it unpacks, the pytest run without what a GPU machine lacks, the
+numbers it reads from a training run's metrics/train.json."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -62,37 +64,31 @@ def test_help_documents_the_modes():
     proc = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
     for words in ("prep", "check", "no CUDA device", "--rehearse-on-cpu", "--budget", "gpu_check.json",
-                  "tracking: {enabled: false}", "resume", "export", "ddp"):
+                  "tracking: {enabled: false}", "pytest -m cuda", "resume", "export", "ddp", "metrics/train.json"):
         assert words in proc.stdout, words
-
-
-def test_deep_merge_merges_mappings_and_a_none_deletes():
-    base = {"train": {"max_steps": 5000, "batch_size": 32}, "tracking": {}, "model": {"n_layer": 12}}
-    out = gpu.deep_merge(base, {"train": {"max_steps": 30, "max_epochs": 1000.0}, "tracking": {"enabled": False},
-                                "model": None})
-    assert out == {"train": {"max_steps": 30, "batch_size": 32, "max_epochs": 1000.0}, "tracking": {"enabled": False}}
-    assert base["train"]["max_steps"] == 5000 and "model" in base
 
 
 def test_a_run_folder_is_the_preset_with_the_overlays_tracking_off_and_the_prepped_data(tmp_path: Path, monkeypatch):
     preset = tmp_path / "tiny.yaml"
-    preset.write_text(yaml.safe_dump({"preset": "tiny", "model": {"n_layer": 2}, "train": {"max_steps": 5000}}))
+    preset.write_text(yaml.safe_dump({"preset": "tiny", "model": {"n_layer": 2}, "train": {"max_steps": 5000},
+                                      "tracking": {"enabled": True}}))
     prepped = tmp_path / "prepped"
     for sub in ("tokenizer", "shards"):
         (prepped / "tiny" / sub).mkdir(parents=True)
     (prepped / "tiny" / "shards" / "manifest.json").write_text("{}")
     monkeypatch.setattr(gpu, "PREPPED", prepped)
-    check = gpu.Check(work=tmp_path / "work", presets=[str(preset)], deadline=time.monotonic() + 60)
-    run_dir = check.new_run("train-tiny", str(preset), gpu.RUN_OVERLAY, {"train": {"max_steps": 30}})
+    check = gpu.Check(work=tmp_path / "work", deadline=time.monotonic() + 60)
+    run_dir = check.new_run("train-tiny", str(preset), {"train": {"max_steps": 30}})
     params = yaml.safe_load((run_dir / "params.yaml").read_text())
     assert params["tracking"] == {"enabled": False}
     assert params["train"]["max_steps"] == 30 and params["train"]["device"] == "cuda"
     assert params["model"] == {"n_layer": 2} and params["preset"] == "tiny"
     assert (run_dir / "data" / "shards" / "manifest.json").is_file() and (run_dir / "data" / "tokenizer").is_dir()
 
-    # accum: tokens_per_step is that many micro-batches (batch_size x block_size) of one process
-    run_dir = check.new_run("ddp", str(preset), {"train": {"batch_size": 4}, "model": {"block_size": 64}}, accum=4)
-    assert yaml.safe_load((run_dir / "params.yaml").read_text())["train"]["tokens_per_step"] == 4 * 4 * 64
+    # a rehearsal trains the same preset on this CPU, with a tiny model
+    check.rehearsal = True
+    params = yaml.safe_load((check.new_run("again", str(preset)) / "params.yaml").read_text())
+    assert params["train"]["device"] == "cpu" and params["model"]["n_layer"] == gpu.REHEARSAL["model"]["n_layer"]
 
     monkeypatch.setattr(gpu, "PREPPED", tmp_path / "nothing")
     with pytest.raises(gpu.PartFailed, match="make gpu-prep"):
@@ -100,7 +96,7 @@ def test_a_run_folder_is_the_preset_with_the_overlays_tracking_off_and_the_prepp
 
 
 def test_a_failing_part_is_recorded_and_the_others_still_run(tmp_path: Path, capsys):
-    check = gpu.Check(work=tmp_path, presets=["gpu-small"], deadline=time.monotonic() + 120)
+    check = gpu.Check(work=tmp_path, deadline=time.monotonic() + 120)
 
     def fails(check, timeout):
         raise gpu.PartFailed("error: params.yaml: train.max_epochs: unknown key", {"run": "somewhere"})
@@ -110,23 +106,27 @@ def test_a_failing_part_is_recorded_and_the_others_still_run(tmp_path: Path, cap
 
     check.run_part("first", 60, fails)
     check.run_part("second", 60, crashes)
-    check.run_part("third", 60, lambda check, timeout: {"tokens_per_sec": 1.0})
+    check.run_part("third", 60, lambda check, timeout: {"tokens_per_sec": 1234, "detail": "10 steps"})
     parts = check.parts
     assert parts["first"]["status"] == "failed" and "unknown key" in parts["first"]["error"]
     assert parts["first"]["run"] == "somewhere"
     assert parts["second"]["status"] == "failed" and "RuntimeError: a bug" in parts["second"]["error"]
-    assert parts["third"]["status"] == "ok" and parts["third"]["tokens_per_sec"] == 1.0
+    assert parts["third"]["status"] == "ok" and parts["third"]["tokens_per_sec"] == 1234
 
-    doc = gpu.write_doc({"parts": check.parts}, tmp_path / "out" / "gpu_check.json", time.monotonic())
-    saved = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
-    assert saved["ok"] is False and doc["headline"]["failed_parts"] == ["first", "second"]
-    text = gpu.render(doc)
-    assert "first" in text and "failed" in text and "third" in text
+    doc = {"parts": check.parts, "rehearsal_on_cpu": True, "work": str(tmp_path / "out")}
+    path = gpu.write_doc(doc, time.monotonic())
+    saved = json.loads(path.read_text())
+    assert path == tmp_path / "out" / "gpu_check.json"
+    assert saved["ok"] is False and [n for n, p in saved["parts"].items() if p["status"] != "ok"] == ["first", "second"]
+    table = gpu.render(doc).splitlines()
+    assert table[0].split()[:3] == ["part", "status", "s"]
+    rows = {line.split()[0]: line for line in table[2:5]}
+    assert "unknown key" in rows["first"] and "1234" in rows["third"] and "10 steps" in rows["third"]
     assert "== first: failed" in capsys.readouterr().out
 
 
 def test_a_part_is_skipped_once_the_budget_is_spent(tmp_path: Path):
-    check = gpu.Check(work=tmp_path, presets=["gpu-small"], deadline=time.monotonic() + 5)
+    check = gpu.Check(work=tmp_path, deadline=time.monotonic() + 5)
     record = check.run_part("late", 60, lambda check, timeout: pytest.fail("ran past the budget"))
     assert record["status"] == "skipped" and "budget" in record["error"]
 
@@ -136,9 +136,9 @@ def test_a_command_past_its_timeout_is_killed_with_its_children(tmp_path: Path):
     code = ("import subprocess, sys, time; "
             "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
             f"open({str(pid_file)!r}, 'w').write(str(c.pid)); print('started', flush=True); time.sleep(120)")
-    proc = gpu.run([sys.executable, "-c", code], env=dict(os.environ), timeout=3, log=tmp_path / "log.txt")
+    proc = gpu.run([sys.executable, "-c", code], timeout=3, log=tmp_path / "log.txt")
     assert proc.timed_out and not proc.ok and proc.seconds < 20
-    assert [line for _, line in proc.lines] == ["started"]
+    assert proc.output == "started\n" and (tmp_path / "log.txt").read_text() == "started\n"
     assert "timed out" in proc.error_line()
     child = int(pid_file.read_text())
     for _ in range(50):  # the kill is asynchronous
@@ -149,73 +149,83 @@ def test_a_command_past_its_timeout_is_killed_with_its_children(tmp_path: Path):
         pytest.fail("the command's child outlived the timeout")
 
 
-def test_error_line_and_worker_result_are_read_from_the_output():
-    proc = gpu.Proc(2, 1.0, False, [(0.1, "12:00:00 INFO llm.train: starting"),
-                                    (0.2, "error: params.yaml: train.max_epochs: unknown key")])
+def test_the_error_line_is_the_stages_own_else_the_exception_else_how_it_ended():
+    proc = gpu.Proc(2, 1.0, False, "INFO llm.train: starting\nerror: params.yaml: train.max_epochs: unknown key\n")
     assert proc.error_line() == "error: params.yaml: train.max_epochs: unknown key"
-    proc = gpu.Proc(1, 1.0, False, [(0.1, "Traceback (most recent call last):"), (0.2, '  File "x.py"'),
-                                    (0.3, "RuntimeError: No backend type associated with device type cpu")])
+    proc = gpu.Proc(1, 1.0, False, "Traceback (most recent call last):\n  File \"x.py\"\n"
+                                   "RuntimeError: No backend type associated with device type cpu\n")
     assert proc.error_line().startswith("RuntimeError: No backend type")
-    proc = gpu.Proc(0, 1.0, False, [(0.1, "noise"), (0.2, gpu.RESULT_MARK + json.dumps({"ok": True, "x": 1}))])
-    assert proc.result() == {"ok": True, "x": 1}
+    assert gpu.Proc(None, 9.0, True, "step 3\n").error_line() == "timed out after 9 s; last line: step 3"
 
 
-LOG = """\
-12:00:00 INFO llm.train: train: 124.48 M params, 12 layers x 768 wide, block 1024, vocab 50304
-12:00:50 INFO llm.train: step 5/30 loss 9.1 lr 1e-4 grad 1.0 52,000 tok/s (52,000 per device) mfu 5.0% eta 60s
-12:00:57 INFO llm.train: step 10/30 loss 8.1 lr 2e-4 grad 1.0 400000 tok/s (400000 per device) mfu 40.0% eta 10s
-12:01:04 INFO llm.train: step 15/30 loss 7.6 lr 3e-4 grad 1.0 390000 tok/s mfu 39.0% eta 5s
-12:01:11 INFO llm.train: step 20/30 loss 7.2 lr 3e-4 grad 1.0 410000 tok/s mfu 41.0% eta 0s
-V1201 [__graph_breaks] Graph break in user code at /x/llm/model.py:10
-V1201 [__graph_breaks] Graph Break Reason: something
-V1201 [__recompiles] Recompiling function forward in /x/llm/model.py:20
+def test_a_training_run_is_summarised_from_its_metrics_json():
+    # 200 steps of 16 k tokens in 60 s of steps (evaluation left out), 20 s of them compiling the first
+    metrics = {"steps": 200, "tokens_seen": 200 * 16384, "train_seconds": 62.0, "eval_seconds": 2.0,
+               "compile_seconds": 20.0, "tokens_per_sec": 54613, "flops_per_token": 1e9, "peak_flops": 989e12,
+               "mfu": 0.0552, "processes": 1, "peak_memory_bytes": 3 * 2**30, "graph_breaks": 0}
+    s = gpu.summarize_train(metrics, measured_peak=800e12)
+    assert {k: s[k] for k in metrics} == metrics  # train.json as it is
+    assert s["tokens_per_sec_after_compile"] == pytest.approx(81920, abs=2)  # 3,276,800 tokens in 40 s
+    assert s["mfu_after_compile"] == pytest.approx(81920 * 1e9 / 989e12, abs=1e-4)
+    assert s["mfu_after_compile_vs_measured_peak"] == pytest.approx(81920 * 1e9 / 800e12, abs=1e-4)
+    # two processes: MFU is per device, against one device's peak
+    two = gpu.summarize_train({**metrics, "processes": 2}, measured_peak=800e12)
+    assert two["tokens_per_sec_after_compile"] == s["tokens_per_sec_after_compile"]
+    assert two["mfu_after_compile"] == pytest.approx(s["mfu_after_compile"] / 2, abs=1e-4)
+    # nothing compiled: the same rate as train.json's
+    assert gpu.summarize_train({**metrics, "compile_seconds": 0.0}, None)["tokens_per_sec_after_compile"] == 54613
+
+
+PYTEST_OUTPUT = """\
+..F.s
+=========================== short test summary info ============================
+FAILED tests/test_train.py::test_resume_matches_an_uninterrupted_run[classic-cuda] - assert 0.2 <= 0.01
+SKIPPED [1] tests/test_gpu.py:20: needs a CUDA GPU
+1 failed, 3 passed, 1 skipped, 2 errors, 30 deselected in 12.34s
 """
 
 
-def timed(text: str) -> list[tuple[float, str]]:
-    """Lines with the second of their HH:MM:SS stamp (the runner stamps them as they arrive)."""
-    out = []
-    for line in text.splitlines():
-        stamp = line.split()[0]
-        t = int(stamp[3:5]) * 60 + int(stamp[6:8]) if stamp.count(":") == 2 else 90.0
-        out.append((float(t), line))
-    return out
+def test_the_tests_part_reads_pytests_summary():
+    counts = gpu.pytest_counts(PYTEST_OUTPUT)
+    assert {k: counts[k] for k in ("passed", "failed", "skipped", "error")} == \
+        {"passed": 3, "failed": 1, "skipped": 1, "error": 2}
+    assert counts["summary"].startswith("1 failed, 3 passed") and len(counts["not_passed"]) == 1
+    assert gpu.pytest_counts("no tests ran in 0.01s\n")["passed"] == 0
 
 
-def test_a_training_run_is_summarised_from_its_metrics_and_its_log():
-    metrics = {"steps": 20, "tokens_per_sec": 300000, "flops_per_token": 1e9, "peak_flops": 989e12, "mfu": 0.3033,
-               "processes": 1, "peak_source": "H200 bf16 datasheet peak", "final_val_loss": 7.0}
-    proc = gpu.Proc(0, 80.0, False, timed(LOG), max_gpu_mib=30000.0)
-    s = gpu.summarize_train(metrics, proc, measured_peak=800e12)
-    assert s["tokens_per_sec_steady"] == 400000 and s["steady_windows"] == 3  # the first window compiles
-    assert s["tokens_per_sec_per_device"] == 300000
-    assert s["mfu_steady"] == pytest.approx(400000 * 1e9 / 989e12, abs=1e-4)
-    assert s["mfu_steady_vs_measured_peak"] == pytest.approx(0.5, abs=1e-4)
-    assert s["compile_seconds_estimate"] == pytest.approx(50 - 5 * 1.4, abs=0.1)
-    assert s["graph_breaks_logged"] == 1 and s["recompiles_logged"] == 1
-    assert s["nvidia_smi_max_memory_mib"] == 30000.0 and s["compile_seconds"] is None  # read with .get()
+def test_the_tests_part_runs_test_gpu_and_every_file_with_device_tests():
+    files = gpu.device_test_files()
+    assert {"tests/test_gpu.py", "tests/test_train.py", "tests/test_export.py", "tests/test_ddp.py"} <= set(files)
+    assert "tests/test_gpu_check.py" not in files and "tests/test_model.py" not in files
 
 
-def test_junit_counts(tmp_path: Path):
-    xml = tmp_path / "junit.xml"
-    xml.write_text("""<testsuites><testsuite>
-      <testcase classname="tests.test_gpu" name="test_a" time="1"/>
-      <testcase classname="tests.test_gpu" name="test_b" time="1"><failure message="assert 1 == 2"/></testcase>
-      <testcase classname="tests.test_gpu" name="test_c" time="0"><skipped message="needs two GPUs"/></testcase>
-    </testsuite></testsuites>""")
-    counts = gpu.junit_counts(xml)
-    assert {k: counts[k] for k in ("tests", "passed", "failed", "errors", "skipped")} == \
-        {"tests": 3, "passed": 1, "failed": 1, "errors": 0, "skipped": 1}
-    assert counts["not_passed"][0]["test"] == "tests.test_gpu::test_b"
+def test_the_check_runs_pytest_without_what_a_gpu_machine_lacks(tmp_path: Path):
+    (tmp_path / "test_bare.py").write_text("def test_mlflow():\n    import mlflow  # noqa: F401\n\n"
+                                           "def test_torch():\n    import torch  # noqa: F401\n")
+    proc = subprocess.run([sys.executable, "-c", gpu.PYTEST, "-q", "-p", "no:cacheprovider", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert "1 failed, 1 passed" in proc.stdout, proc.stdout[-3000:]
+    assert "ModuleNotFoundError: import of mlflow halted" in proc.stdout
 
 
-def test_the_cuda_tests_include_test_gpu_and_files_marked_for_cuda():
-    files = gpu.cuda_test_files()
-    assert "tests/test_gpu.py" in files and "tests/test_gpu_check.py" not in files
+def test_only_the_wheels_of_missing_modules_are_unpacked(tmp_path: Path, monkeypatch):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    for dist, module in (("no_such_module", "no_such_module"), ("json_wheel", "json_wheel")):
+        with zipfile.ZipFile(wheels / f"{dist}-1.0-py3-none-any.whl", "w") as z:
+            z.writestr(f"{module}/__init__.py", "")
+    monkeypatch.setattr(gpu, "WHEELS", wheels)
+    monkeypatch.setattr(gpu, "CARRIED", {"no_such_module": ("no-such-module",), "json": ("json-wheel",)})
+    info = gpu.install_wheels(tmp_path / "site")
+    assert info["installed"] == ["no_such_module-1.0-py3-none-any.whl"] and len(info["carried"]) == 2
+    assert (tmp_path / "site" / "no_such_module" / "__init__.py").is_file()
+    assert not (tmp_path / "site" / "json_wheel").exists()  # json imports here
 
 
 def test_the_result_goes_to_out_when_it_is_set(tmp_path: Path, monkeypatch):
+    doc = {"parts": {"env": {"gpu_name": "NVIDIA H200"}}, "rehearsal_on_cpu": False, "work": str(tmp_path)}
     monkeypatch.setenv("OUT", str(tmp_path))
-    assert gpu.output_path("NVIDIA H200", tmp_path / "work", False) == tmp_path / "gpu_check.json"
+    assert gpu.output_path(doc) == tmp_path / "gpu_check.json"
     monkeypatch.delenv("OUT")
-    assert gpu.output_path("NVIDIA H200", tmp_path / "work", False).name == "gpu_check-nvidia-h200.json"
+    assert gpu.output_path(doc).name == "gpu_check-nvidia-h200.json"
+    assert gpu.output_path({**doc, "rehearsal_on_cpu": True}) == tmp_path / "gpu_check.json"
