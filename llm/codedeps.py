@@ -128,7 +128,8 @@ def import_closure(root: Path, starts: Iterable[str], package: str = PACKAGE,
 
 
 def missing_exceptions(root: Path = ROOT) -> list[str]:
-    """The entries of OTHER_COMMANDS and RUN_LOG_WORKER whose import is gone, as messages (none when all still exist)."""
+    """The entries of OTHER_COMMANDS and RUN_LOG_WORKER whose import is gone, as messages (none when
+    all still exist)."""
     missing = []
     for (file, function, module), command in {**OTHER_COMMANDS, **RUN_LOG_WORKER}.items():
         if (function, module) not in imports(root, file.removesuffix(".py").replace("/", ".")):

@@ -119,7 +119,7 @@ def _answer(fn) -> dict:
         return {"run_id": fn()}
     except UserError as e:
         return {"error": str(e), "user": True}
-    except Exception as e:  # noqa: BLE001 - handed to the stage, which fails with it; the traceback is logged here
+    except Exception as e:  # handed to the stage, which fails with it; the traceback is logged here
         log.exception("logging to MLflow failed")
         return {"error": f"logging to MLflow failed: {type(e).__name__}: {e}", "user": False}
 

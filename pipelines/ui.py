@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     mlflow_url = ui_url(f"http://127.0.0.1:{args.mlflow_port}", experiment_of(args.mlflow_store, args.experiment))
     servers = {
         "mlflow": (_start([str(bin_dir / "mlflow"), "ui", "--backend-store-uri", args.mlflow_store,
-                           "--host", "127.0.0.1", "--port", str(args.mlflow_port)]), signal.SIGTERM),
+                           "--host", "127.0.0.1", "--port", str(args.mlflow_port), "--workers", "1"]),
+                   signal.SIGTERM),  # one person's UI: one worker, not MLflow's 4 (each imports MLflow)
         "dagster": (_start([str(bin_dir / "dagster"), "dev", "-w", args.workspace, "-h", "127.0.0.1",
                             "-p", str(args.dagster_port)]), signal.SIGINT),
     }

@@ -120,7 +120,8 @@ def served(template: Template, tmp_path_factory):
     dagster = server([str(bin_dir / "dagster"), "dev", "-m", "pipelines", "-h", "127.0.0.1", "-p", str(dagster_port)],
                      project, env, tmp / "dagster.log")
     mlflow = server([str(bin_dir / "mlflow"), "ui", "--backend-store-uri", f"sqlite:///{project / 'mlflow.db'}",
-                     "--host", "127.0.0.1", "--port", str(mlflow_port)], project, env, tmp / "mlflow.log")
+                     "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"], project, env,
+                    tmp / "mlflow.log")
     try:
         dagster_url, mlflow_url = f"http://127.0.0.1:{dagster_port}", f"http://127.0.0.1:{mlflow_port}"
         wait_for(f"{dagster_url}/server_info", dagster, tmp / "dagster.log")
