@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -134,6 +135,7 @@ def main() -> int:
     from llm.progress import setup_logging
 
     setup_logging("INFO")
+    os.nice(10)  # a core the stage leaves idle (its imports) is this process's; one it computes on is not
     start = json.loads(sys.stdin.readline())
     params, root = Params.model_validate(start["params"]), Path(start["root"])
     # the import and the store, warm while the stage works; an error waits for the stage's RunLog
