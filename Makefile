@@ -208,11 +208,13 @@ ui: setup
 # bucket credentials. The server finds the bucket with the usual AWS credentials (env vars or a
 # profile) and MLFLOW_S3_ENDPOINT_URL for S3-compatible storage other than AWS (MinIO, moto).
 # Clients: MLFLOW_TRACKING_URI=http://127.0.0.1:$(MLFLOW_SERVER_PORT). tests/test_storage.py runs this target.
+# MLflow's GenAI job runner (a dozen processes) stays off unless MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true.
 MLFLOW_SERVER_PORT ?= 5001
 MLFLOW_SERVER_STORE ?= sqlite:///$(CURDIR)/mlflow-server.db
 MLFLOW_ARTIFACTS ?= s3://llm-mlflow/artifacts
 mlflow-server: setup
-	PATH=$(CURDIR)/$(BIN):$$PATH exec $(BIN)/mlflow server --host 127.0.0.1 --port $(MLFLOW_SERVER_PORT) --workers 1 \
+	PATH=$(CURDIR)/$(BIN):$$PATH MLFLOW_SERVER_ENABLE_JOB_EXECUTION=$${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false} \
+		exec $(BIN)/mlflow server --host 127.0.0.1 --port $(MLFLOW_SERVER_PORT) --workers 1 \
 		--backend-store-uri '$(MLFLOW_SERVER_STORE)' --artifacts-destination '$(MLFLOW_ARTIFACTS)' --serve-artifacts
 
 clean-env:

@@ -8,7 +8,7 @@ for its answer; a failure there fails the stage with the worker's one line. A st
 first closes the pipe, and the worker logs nothing. Called as a library (no worker open), the
 stage logs in its own process.
 
-Protocol, one JSON line each way: the stage writes {"params", "root"} at start and the RunLog at
+Protocol, one JSON line each way: the stage writes {"params", "root", "run_dir"} at start and the RunLog at
 the end (nothing: cancelled); the worker answers {"run_id"} or {"error", "user"} last on stdout.
 """
 
@@ -39,14 +39,15 @@ class RunLog:
     champion_bpb: float | None = None  # evaluate: register the model; `champion` moves if this val bpb wins
 
 
-def apply(run_log: RunLog, params: Params, root: Path) -> str:
+def apply(run_log: RunLog, params: Params, layout: Layout) -> str:
     """Log into the run that trained the model (llm.tracking.resume_run); returns its id."""
     from llm.mlflow_store import open_mlflow
     from llm.registry import register_and_gate
     from llm.tracking import resume_run
 
+    root = layout.root
     mlflow = open_mlflow(root)
-    with resume_run(Layout(root).metrics("train"), root, params) as run:
+    with resume_run(layout.metrics("train"), root, params) as run:
         if run_log.metrics:
             mlflow.log_metrics(run_log.metrics)
         for path, folder in run_log.artifacts:
@@ -60,12 +61,14 @@ def apply(run_log: RunLog, params: Params, root: Path) -> str:
 
 
 class Worker:
-    """The stage's side: starts `python -m llm.stage_log` and warms it with the params and root."""
+    """The stage's side: starts `python -m llm.stage_log` and warms it with the params and layout."""
 
-    def __init__(self, params: Params, root: Path):
+    def __init__(self, params: Params, layout: Layout):
         self.proc = subprocess.Popen([sys.executable, "-m", "llm.stage_log"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)
-        self.proc.stdin.write(json.dumps({"params": params.model_dump(mode="json"), "root": str(root)}) + "\n")
+        start = {"params": params.model_dump(mode="json"), "root": str(layout.root),
+                 "run_dir": str(layout.run_dir) if layout.run_dir is not None else None}
+        self.proc.stdin.write(json.dumps(start) + "\n")
         self.proc.stdin.flush()
 
     def send(self, run_log: RunLog) -> str:
@@ -98,7 +101,7 @@ def worker(params: Params, layout: Layout) -> Iterator[None]:
     if not params.tracking.enabled:
         yield
         return
-    _worker = started = Worker(params, layout.root)
+    _worker = started = Worker(params, layout)
     try:
         yield
     finally:
@@ -110,7 +113,7 @@ def log_to_run(run_log: RunLog, params: Params, layout: Layout) -> str:
     """Hand the RunLog to this stage's worker, or log it here when there is none."""
     global _worker
     if _worker is None:
-        return apply(run_log, params, layout.root)
+        return apply(run_log, params, layout)
     worker_, _worker = _worker, None  # one RunLog a stage
     return worker_.send(run_log)
 
@@ -137,14 +140,14 @@ def main() -> int:
     setup_logging("INFO")
     os.nice(10)  # a core the stage leaves idle (its imports) is this process's; one it computes on is not
     start = json.loads(sys.stdin.readline())
-    params, root = Params.model_validate(start["params"]), Path(start["root"])
+    params, layout = Params.model_validate(start["params"]), Layout.of(start["root"], start["run_dir"])
     # the import and the store, warm while the stage works; an error waits for the stage's RunLog
-    warm = _answer(lambda: _warm(open_mlflow(root)))
+    warm = _answer(lambda: _warm(open_mlflow(layout.root)))
     try:
         run_log = RunLog(**json.loads(sys.stdin.readline()))
     except ValueError:  # the stage died or gave up: log nothing
         return 0
-    answer = warm if "error" in warm else _answer(lambda: apply(run_log, params, root))
+    answer = warm if "error" in warm else _answer(lambda: apply(run_log, params, layout))
     print(ANSWER + json.dumps(answer), flush=True)
     return 0
 

@@ -31,6 +31,11 @@ from llm.mlflow_view import ui_url
 GRACE_SECONDS = 10.0
 
 
+# One person's MLflow UI: one web worker, not MLflow's 4, and no GenAI job runner (a dozen huey
+# consumers); each of those processes imports MLflow, and nothing here runs MLflow jobs.
+MLFLOW_UI_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 def _start(cmd: list[str], **kw) -> subprocess.Popen:
     def child_setup() -> None:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -105,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     mlflow_url = ui_url(f"http://127.0.0.1:{args.mlflow_port}", experiment_of(args.mlflow_store, args.experiment))
     servers = {
         "mlflow": (_start([str(bin_dir / "mlflow"), "ui", "--backend-store-uri", args.mlflow_store,
-                           "--host", "127.0.0.1", "--port", str(args.mlflow_port), "--workers", "1"]),
-                   signal.SIGTERM),  # one person's UI: one worker, not MLflow's 4 (each imports MLflow)
+                           "--host", "127.0.0.1", "--port", str(args.mlflow_port), "--workers", "1"],
+                          env=MLFLOW_UI_ENV | os.environ), signal.SIGTERM),
         "dagster": (_start([str(bin_dir / "dagster"), "dev", "-w", args.workspace, "-h", "127.0.0.1",
                             "-p", str(args.dagster_port)]), signal.SIGINT),
     }

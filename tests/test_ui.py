@@ -29,6 +29,7 @@ import pytest
 
 from llm.common import free_port
 from llm.mlflow_view import ui_url
+from pipelines.ui import MLFLOW_UI_ENV
 from tests.conftest import REPO, Template, copy_project, dvc_bin, project_env, run
 
 pytestmark = pytest.mark.slow
@@ -114,7 +115,7 @@ def served(template: Template, tmp_path_factory):
     home.mkdir()
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\nnux:\n  enabled: false\n")
     bin_dir = Path(sys.executable).parent
-    env = project_env(LLM_PROJECT=str(project), DAGSTER_HOME=str(home))
+    env = project_env(LLM_PROJECT=str(project), DAGSTER_HOME=str(home), **MLFLOW_UI_ENV)
     dagster_port, mlflow_port = free_port(), free_port()
     # Started in the project, not the repo root, where Dagster would read the checkout's .env.
     dagster = server([str(bin_dir / "dagster"), "dev", "-m", "pipelines", "-h", "127.0.0.1", "-p", str(dagster_port)],
