@@ -129,13 +129,25 @@ def test_greedy_generation_of_64_tokens_equals_llm_sample(exported):
         assert len(text) > 20
 
 
+def run_completion(cmd: list[str], tries: int = 5, **kw) -> subprocess.CompletedProcess:
+    """llama-completion, run again when it ended before its closing perf summary. Its log is written
+    by a thread, and on a loaded machine (the suite's) the process can exit, with code 0, before
+    that thread has written the last tokens: stdout is then a prefix of the text and stderr stops
+    before `common_perf_print`. Seen here 1 time in 2 with the 2 cores busy; never the other way."""
+    for _ in range(tries):
+        out = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, **kw)
+        if out.returncode != 0 or "common_perf_print" in out.stderr:
+            return out
+    return out
+
+
 def test_llama_completion_continues_a_prompt_as_llm_sample(exported):
     _, layout, _ = exported
     # The README's command, with -no-cnv for a plain base model and --simple-io for a pipe.
     cmd = [str(llama_home() / "llama-completion"), "-m", str(layout.gguf / file_name("f32")), "-p", "ROMEO:",
            "-n", "64", "--temp", "0", "-no-cnv", "--simple-io", "--no-display-prompt", "-t", "1",
            "-ctk", "f32", "-ctv", "f32", "--no-warmup"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    out = run_completion(cmd, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     text = out.stdout.removesuffix("\n\n").removesuffix(" [end of text]")  # what llama-completion adds
     assert "ROMEO:" + text == sample_greedy(layout, "ROMEO:", 64)
@@ -263,9 +275,9 @@ def test_the_readme_use_your_model_commands_work_as_written(exported):
     for command in commands:
         if "ollama" in command:
             continue
-        out = subprocess.run(["bash", "-c", command], cwd=layout.root, capture_output=True, text=True, timeout=300,
-                             env={**os.environ, "PATH": path, "LLM_PROGRESS": "0", "HF_HUB_OFFLINE": "1"},
-                             stdin=subprocess.DEVNULL)
+        out = run_completion(["bash", "-c", command], tries=5 if command.startswith("llama-completion") else 1,
+                             cwd=layout.root, timeout=300,
+                             env={**os.environ, "PATH": path, "LLM_PROGRESS": "0", "HF_HUB_OFFLINE": "1"})
         assert out.returncode == 0, f"{command}\n{out.stderr[-2000:]}"
         # print() ends llm's and python's output with a newline, llama-completion with two
         # (after " [end of text]" when the model ends the text).
