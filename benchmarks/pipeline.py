@@ -58,9 +58,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from llm.common import dvc_command, table  # noqa: E402
+from llm.common import deep_merge, dvc_command, git_commit, table  # noqa: E402
 from llm.corpus.clean import normalize_whitespace, strip_markdown  # noqa: E402
-from tests.conftest import deep_update, plays_dir  # noqa: E402
+from tests.conftest import plays_dir  # noqa: E402
 
 OUT = REPO / "benchmarks" / "out"
 UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9}
@@ -248,7 +248,7 @@ def make_project(root: Path, code: Path, source: Path, override: dict) -> None:
         else:
             shutil.copy2(src, dst)
     params = yaml.safe_load((code / "params.yaml").read_text())
-    params = deep_update(params, {"ingest": {"sources": [str(source.resolve())]}, **override})
+    params = deep_merge(params, {"ingest": {"sources": [str(source.resolve())]}, **override})
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = stage_env(root)
     for cmd in (["git", "init", "-q"], [dvc_bin(), "init", "-q"]):
@@ -482,7 +482,7 @@ def git_state() -> dict:
     def git(*a: str) -> str:
         return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()
     dirty = git("status", "--porcelain", "--", *SNAPSHOT)
-    return {"commit": git("rev-parse", "HEAD"), "dirty": dirty.splitlines()}
+    return {"commit": git_commit(REPO).removesuffix("-dirty"), "dirty": dirty.splitlines()}
 
 
 def main() -> None:
