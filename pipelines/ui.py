@@ -52,7 +52,15 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
 
 
 def stop(servers: dict[str, tuple[subprocess.Popen, int]], grace: float = GRACE_SECONDS) -> None:
-    """Each tree its polite signal, then SIGKILL to the groups of those still running."""
+    """Each tree its polite signal, then SIGKILL to every process of the trees still running: their
+    groups, and the descendants that left them (dagster dev's code servers start sessions of their
+    own, and outlive a dagster dev that the grace ran out on)."""
+    import psutil
+
+    tree = []
+    for proc, _ in servers.values():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            tree += psutil.Process(proc.pid).children(recursive=True)
     for proc, sig in servers.values():
         _signal_group(proc, sig)
     deadline = time.monotonic() + grace
@@ -62,6 +70,10 @@ def stop(servers: dict[str, tuple[subprocess.Popen, int]], grace: float = GRACE_
     for proc, _ in servers.values():
         _signal_group(proc, signal.SIGKILL)  # children that outlived their parent too
         proc.wait()
+    for child in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    psutil.wait_procs(tree, timeout=5)
 
 
 def busy_port(ports: dict[str, int]) -> str:
