@@ -133,7 +133,7 @@ def run_completion(cmd: list[str], tries: int = 5, **kw) -> subprocess.Completed
     """llama-completion, run again when it ended before its closing perf summary. Its log is written
     by a thread, and on a loaded machine (the suite's) the process can exit, with code 0, before
     that thread has written the last tokens: stdout is then a prefix of the text and stderr stops
-    before `common_perf_print`. Seen here 1 time in 2 with the 2 cores busy; never the other way."""
+    before `common_perf_print`. Seen here in 5 runs of 6 with 3 busy loops on the 2 cores."""
     for _ in range(tries):
         out = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, **kw)
         if out.returncode != 0 or "common_perf_print" in out.stderr:
