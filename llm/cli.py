@@ -88,6 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: outputs of this stage were left as they were", file=sys.stderr)
         return 130
+    except Exception as e:
+        from llm.mlflow_store import server_problem
+
+        if line := server_problem(e):  # a tracking server that refused us or is gone: not a bug of ours
+            report_error(line)
+            return EXIT_USER_ERROR
+        raise
 
 
 def report_error(message: str) -> None:

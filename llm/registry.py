@@ -22,7 +22,12 @@ def register_and_gate(root: Path, name: str, run: Any, artifact_path: str, val_b
     try:
         client.get_registered_model(name)
     except Exception:  # noqa: BLE001 - not registered yet
-        client.create_registered_model(name, description="GPT models trained by llm-pipeline; champion = best val_bpb")
+        try:
+            client.create_registered_model(name, description="GPT models trained by llm-pipeline; champion = best "
+                                                             "val_bpb")
+        except mlflow.exceptions.MlflowException as e:  # a parallel experiment registered it first
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
     source = f"{run.info.artifact_uri}/{artifact_path}"
     run = client.get_run(run.info.run_id)  # with the tags set since it started
     data = {k: v for k, v in run.data.tags.items() if k.startswith("dvc.")}

@@ -27,6 +27,7 @@ from pathlib import Path
 from llm.config import Params
 from llm.errors import UserError
 from llm.layout import Layout
+from llm.mlflow_store import server_problem
 
 log = logging.getLogger(__name__)
 ANSWER = "llm.stage_log: "  # the worker's answer line on stdout; anything else there is passed through
@@ -124,6 +125,8 @@ def _answer(fn) -> dict:
     except UserError as e:
         return {"error": str(e), "user": True}
     except Exception as e:  # handed to the stage, which fails with it; the traceback is logged here
+        if line := server_problem(e):
+            return {"error": line, "user": True}
         log.exception("logging to MLflow failed")
         return {"error": f"logging to MLflow failed: {type(e).__name__}: {e}", "user": False}
 
