@@ -49,7 +49,7 @@ def client(uri: str, run_name: str, steps: int, metrics: int, batch: int, out: P
     import mlflow
     from mlflow.entities import Metric
 
-    from llm.mlflow_store import server_problem
+    from llm.errors import server_problem
 
     try:
         c = mlflow.MlflowClient(uri)

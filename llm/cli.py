@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from llm.errors import UserError
+from llm.errors import UserError, server_problem
 
 EXIT_USER_ERROR = 2
 
@@ -89,8 +89,6 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: outputs of this stage were left as they were", file=sys.stderr)
         return 130
     except Exception as e:
-        from llm.mlflow_store import server_problem
-
         if line := server_problem(e):  # a tracking server that refused us or is gone: not a bug of ours
             report_error(line)
             return EXIT_USER_ERROR

@@ -25,9 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from llm.config import Params
-from llm.errors import UserError
+from llm.errors import UserError, server_problem
 from llm.layout import Layout
-from llm.mlflow_store import server_problem
 
 log = logging.getLogger(__name__)
 ANSWER = "llm.stage_log: "  # the worker's answer line on stdout; anything else there is passed through

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llm.common import free_port
-from llm.errors import UserError
+from llm.errors import UserError, server_problem
 from pipelines.postgres import DATABASES, Cluster
 from pipelines.ui import busy_port, stop
 
@@ -305,8 +305,10 @@ def services(s: Settings, cluster: Cluster, internal: dict[str, str]) -> tuple[l
                            "--port", str(s.mlflow_port), "--workers", str(s.workers),
                            "--backend-store-uri", cluster.url("mlflow"),
                            "--artifacts-destination", s.artifacts, "--serve-artifacts"], mlflow_env),
+        # --db-pool-recycle 1: a pooled connection older than a second is replaced, so none survives
+        # a restart of Postgres to fail the UI's next query (a new connection costs milliseconds).
         Service("dagster-webserver", [str(bin_dir / "dagster-webserver"), "-w", workspace, "-h", "127.0.0.1",
-                                      "-p", str(dagster_internal)], dagster_env),
+                                      "-p", str(dagster_internal), "--db-pool-recycle", "1"], dagster_env),
         Service("dagster-daemon", [str(bin_dir / "dagster-daemon"), "run", "-w", workspace], dagster_env),
         Service("caddy", ["caddy", "run", "--config", str(files["caddyfile"]), "--adapter", "caddyfile"],
                 base | {"XDG_CONFIG_HOME": str(s.data / "caddy"), "XDG_DATA_HOME": str(s.data / "caddy")}),
@@ -555,8 +557,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
-        from llm.mlflow_store import server_problem
-
         if line := server_problem(e):
             print(f"error: {line}", file=sys.stderr)
             return 2
