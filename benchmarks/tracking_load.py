@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     ks = [int(k) for k in args.clients.split(",")]
     results = []
     with tempfile.TemporaryDirectory(prefix="tracking-load-") as tmp:
+        Path(tmp).chmod(0o711)  # Postgres, run as `postgres` under root, must reach its data directory
         for store in ("postgres", "sqlite"):
             print(f"{store}: starting mlflow server (basic-auth)", flush=True)
             proc, uri, pg = start_server(store, Path(tmp) / store)
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{args.steps} steps x {args.metrics} metrics a client, {args.batch} steps a log call "
           f"({args.batch * args.metrics} points); one run, same machine")
     print(table(["K clients", "Postgres points/s", "sqlite points/s", "ratio", "Postgres p50 ms", "sqlite p50 ms",
-                 "Postgres p99 ms", "sqlite p99 ms"], rows, markdown=True))
+                 "Postgres p99 ms", "sqlite p99 ms"], rows, align="r" * 8, markdown=True))
     out = REPO / "benchmarks" / "out"
     out.mkdir(parents=True, exist_ok=True)
     (out / "tracking_load.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1) + "\n")
