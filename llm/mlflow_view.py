@@ -55,7 +55,11 @@ def experiment_id(mlflow, root: Path, name: str) -> str:
         location = None
         if tracking_uri(root).startswith("sqlite:"):
             location = (store_root(root) / "mlartifacts").as_uri()
-        mlflow.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+        try:
+            mlflow.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+        except mlflow.exceptions.MlflowException as e:  # a run in parallel (dvc queue start -j N) made it first
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
         exp = mlflow.get_experiment_by_name(name)
     wanted = {**EXPERIMENT_KIND, RUNS_VIEW_TAG: runs_view(exp.creation_time or 0)}
     client = mlflow.MlflowClient()

@@ -298,6 +298,38 @@ def test_a_stage_refused_by_the_server_stops_with_one_line_naming_the_variable(t
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
+RACE = """
+import sys, time
+from pathlib import Path
+import mlflow
+from llm.mlflow_view import experiment_id
+mlflow.set_tracking_uri(sys.argv[1])
+Path(sys.argv[2] + "." + sys.argv[3]).touch()
+while not Path(sys.argv[2]).exists():
+    time.sleep(0.005)
+print(experiment_id(mlflow, Path("."), "made-at-once"))
+"""
+
+
+def test_runs_started_at_once_share_one_new_experiment(team: Server, tmp_path: Path):
+    """`dvc queue start -j 4` on a new server: every stage asks for the experiment at once, and
+    all but one find that another made it in between."""
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, team.mlflow, str(go), str(i)], cwd=REPO,
+                              env=team.client_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(8)]
+    while len(list(tmp_path.glob("go.*"))) < 8:
+        assert all(p.poll() is None for p in procs), [p.communicate()[1][-2000:] for p in procs if p.poll()]
+        time.sleep(0.05)
+    go.touch()
+    ids = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
+        ids.append(out.strip().splitlines()[-1])
+    assert len(set(ids)) == 1 and ids[0] == team.mlflow_client().get_experiment_by_name("made-at-once").experiment_id
+
+
 # ----------------------------------------------------------------------------- load and failures
 RUNS = """query Runs($tag: String!) { runsOrError(filter: {tags: [{key: "llm/trigger", value: $tag}]}) {
   ... on Runs { results { runId status tags { key value } } } } }"""
