@@ -65,5 +65,9 @@ def experiment_id(mlflow, root: Path, name: str) -> str:
     client = mlflow.MlflowClient()
     for key, value in wanted.items():
         if exp.tags.get(key) != value:
-            client.set_experiment_tag(exp.experiment_id, key, value)
+            try:
+                client.set_experiment_tag(exp.experiment_id, key, value)
+            except mlflow.exceptions.MlflowException:  # a parallel run set the same tag at the same moment
+                if client.get_experiment(exp.experiment_id).tags.get(key) != value:
+                    raise
     return exp.experiment_id
