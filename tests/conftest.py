@@ -9,6 +9,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -328,3 +329,20 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
         terminalreporter.write_line(f"kill trials: {k['trials']} ({k['inside']} killed inside the stage's process), "
                                     f"partial or corrupt artifacts found: {k['partial']}, "
                                     f"reruns that failed: {k['rerun_failed']}")
+
+
+# ----------------------------------------------------------------------------- the browser
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    path = Path(os.environ.get("TEST_ARTIFACTS") or tempfile.mkdtemp(prefix="llm-test-artifacts-"))
+    path.mkdir(parents=True, exist_ok=True)
+    print(f"\nscreenshots: {path}")
+    return path
+
+
+def chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        pytest.fail("chromium is not installed: `make test` installs it (make system-deps), or apt-get install "
+                    "chromium")
+    return found

@@ -27,7 +27,17 @@ import yaml
 
 from benchmarks.tracking_load import client_cmd, point_value
 from llm.common import free_port
-from tests.conftest import DATA_STAGES, REPO, TEMPLATE_SLICE, Template, copy_project, plays_dir, project_env, run
+from tests.conftest import (
+    DATA_STAGES,
+    REPO,
+    TEMPLATE_SLICE,
+    Template,
+    chromium,
+    copy_project,
+    plays_dir,
+    project_env,
+    run,
+)
 
 pytestmark = pytest.mark.slow
 PASSWORD = "team-admin-password-1"
@@ -478,6 +488,35 @@ def test_the_sensor_fires_under_the_daemon_and_its_run_logs_to_the_server(team: 
     exp = c.get_experiment_by_name("llm")
     (mlflow_run,) = c.search_runs([exp.experiment_id], filter_string=f"tags.`dagster.run_id` = '{run_id}'")
     assert "val_bpb" in mlflow_run.data.metrics and "train_loss" in mlflow_run.data.metrics
+
+
+def test_a_browser_gets_both_uis_with_the_login_and_neither_without(team: Server, unattended_run: dict,
+                                                                     artifacts: Path):
+    from playwright.sync_api import sync_playwright
+
+    run_id = unattended_run["run"]["runId"]
+    c = team.mlflow_client()
+    exp = c.get_experiment_by_name("llm")
+    (mlflow_run,) = c.search_runs([exp.experiment_id], filter_string=f"tags.`dagster.run_id` = '{run_id}'")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium(), headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            for url in (f"{team.dagster}/runs/{run_id}", f"{team.mlflow}/#/experiments/{exp.experiment_id}"):
+                assert page.goto(url).status == 401, url  # the browser would ask for the login
+            context = browser.new_context(http_credentials={"username": "admin", "password": PASSWORD},
+                                          viewport={"width": 1600, "height": 1000})
+            page = context.new_page()
+            page.goto(f"{team.dagster}/runs/{run_id}")
+            page.get_by_text("build_all").first.wait_for(timeout=120_000)  # the daemon's run, from Postgres
+            page.get_by_text("new_raw_files").first.wait_for(timeout=30_000)
+            page.screenshot(path=str(artifacts / "team_dagster_run.png"), full_page=True)
+            page.goto(f"{team.mlflow}/#/experiments/{exp.experiment_id}/runs/{mlflow_run.info.run_id}")
+            page.get_by_text("val_bpb").first.wait_for(timeout=120_000)
+            page.screenshot(path=str(artifacts / "team_mlflow_run.png"), full_page=True)
+            assert mlflow_run.info.run_name in page.inner_text("body")
+        finally:
+            browser.close()
 
 
 def test_run_history_survives_a_crash_of_the_supervisor_and_a_restart(team: Server, unattended_run: dict):

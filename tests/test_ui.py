@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -30,26 +28,10 @@ import pytest
 from llm.common import free_port
 from llm.mlflow_view import ui_url
 from pipelines.ui import MLFLOW_UI_ENV
-from tests.conftest import REPO, Template, copy_project, dvc_bin, project_env, run
+from tests.conftest import REPO, Template, chromium, copy_project, dvc_bin, project_env, run
 
 pytestmark = pytest.mark.slow
 STAGES = ["ingest", "clean", "tokenizer", "shards", "train", "evaluate", "report", "export"]
-
-
-@pytest.fixture(scope="session")
-def artifacts() -> Path:
-    path = Path(os.environ.get("TEST_ARTIFACTS") or tempfile.mkdtemp(prefix="llm-test-artifacts-"))
-    path.mkdir(parents=True, exist_ok=True)
-    print(f"\nscreenshots: {path}")
-    return path
-
-
-def chromium() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found is None:
-        pytest.fail("chromium is not installed: `make test` installs it (make system-deps), or apt-get install "
-                    "chromium")
-    return found
 
 
 def wait_for(url: str, proc: subprocess.Popen, log: Path, seconds: float = 180) -> None:
