@@ -10,12 +10,15 @@ RETRAIN = ["train", "evaluate", "report"]
 
 
 def build_jobs(stage_names: list[str]) -> list[dg.UnresolvedAssetJobDefinition]:
+    # In one process: each step is a `dvc repro` of its stage, and DVC runs one at a time in a
+    # workspace (its lock), so a process per step (Dagster's default) would add only start-up.
     build_all = dg.define_asset_job(
-        "build_all", selection=dg.AssetSelection.assets(*stage_names),
+        "build_all", selection=dg.AssetSelection.assets(*stage_names), executor_def=dg.in_process_executor,
         description="Every stage of dvc.yaml, in DVC order (stages whose inputs did not change are reported cached)",
     )
     retrain = dg.define_asset_job(
         "retrain", selection=dg.AssetSelection.assets(*[s for s in RETRAIN if s in stage_names]),
+        executor_def=dg.in_process_executor,
         description="Train, evaluate and report on the current shards",
     )
     ladder = dg.define_asset_job(

@@ -113,6 +113,8 @@ def test_jobs_and_the_retrain_schedule():
     assert selected("build_all") == set(STAGES)
     assert selected("retrain") == {"train", "evaluate", "report"}
     assert selected("scaling_ladder") == {"ladder"}
+    # DVC runs one stage at a time: the pipeline's jobs step in one process, not one process a step
+    assert {defs.resolve_job_def(j).executor_def.name for j in ("build_all", "retrain")} == {"in_process"}
     schedule = defs.resolve_schedule_def("retrain_schedule")
     assert schedule.cron_schedule == params.orchestration.retrain_cron
     assert schedule.execution_timezone == params.orchestration.timezone
