@@ -83,7 +83,7 @@ class Settings:
                    dagster_port=_port(merged, "LLM_SERVE_DAGSTER_PORT", 3300),
                    artifacts=merged.get("MLFLOW_ARTIFACTS") or str(data / "artifacts"),
                    admin_user=merged.get("LLM_SERVE_ADMIN_USER") or "admin", admin_password=password,
-                   workers=int(merged.get("LLM_SERVE_MLFLOW_WORKERS") or 2))
+                   workers=_port(merged, "LLM_SERVE_MLFLOW_WORKERS", 2, "a number of processes from 1 to 64", 64))
 
     @property
     def mlflow_url(self) -> str:
@@ -98,10 +98,10 @@ def _client_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
-def _port(env: dict[str, str], knob: str, default: int) -> int:
+def _port(env: dict[str, str], knob: str, default: int, what: str = "a TCP port", top: int = 65535) -> int:
     value = env.get(knob) or str(default)
-    if not value.isdigit() or not 0 < int(value) < 65536:
-        raise UserError(f"{knob}={value!r} is not a TCP port: set it to a number such as {default}")
+    if not value.isdigit() or not 0 < int(value) <= top:
+        raise UserError(f"{knob}={value!r} is not {what}: set it to a number such as {default}")
     return int(value)
 
 

@@ -207,6 +207,19 @@ def test_the_password_may_come_from_the_secrets_file(tmp_path: Path):
     assert s.admin_password == "the-environment-wins"
 
 
+@pytest.mark.parametrize(("knob", "value"), [("LLM_SERVE_MLFLOW_PORT", "http"), ("LLM_SERVE_PG_PORT", "70000"),
+                                             ("LLM_SERVE_MLFLOW_WORKERS", "0")])
+def test_a_bad_setting_stops_with_one_line_naming_it(tmp_path: Path, knob: str, value: str):
+    env = project_env(LLM_SERVE_DIR=str(tmp_path / "serve"), LLM_SERVE_ADMIN_PASSWORD=PASSWORD,
+                      LLM_SERVE_SECRETS=str(tmp_path / "none.env"), **{knob: value})
+    proc = subprocess.run([sys.executable, "-m", "pipelines.serve", "start"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: {knob}={value!r} is not") and "such as" in line, line
+    assert not (tmp_path / "serve").exists()
+
+
 def test_a_second_start_on_the_same_data_says_it_is_running(team: Server):
     proc = subprocess.run(["make", "-s", "serve"], cwd=REPO, env=team.env, capture_output=True, text=True,
                           timeout=120)
