@@ -29,6 +29,7 @@ import fcntl
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,7 +37,6 @@ import tarfile
 import time
 import urllib.error
 import urllib.request
-from base64 import b64encode
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,7 +67,7 @@ class Settings:
     workers: int = 2
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None, need_password: bool = True) -> Settings:
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
         env = dict(os.environ if env is None else env)
         project = Path(env.get("LLM_PROJECT") or PROJECT).resolve()
         secrets_file = Path(env.get("LLM_SERVE_SECRETS") or project / "serve.env")
@@ -75,8 +75,7 @@ class Settings:
         merged = file_values | env  # the environment wins over the file
         data = Path(merged.get("LLM_SERVE_DIR") or project / ".serve").resolve()
         password = merged.get("LLM_SERVE_ADMIN_PASSWORD", "")
-        if need_password:
-            check_password(password, secrets_file)
+        check_password(password, secrets_file)
         return cls(project=project, data=data, host=merged.get("LLM_SERVE_HOST") or "127.0.0.1",
                    pg_port=_port(merged, "LLM_SERVE_PG_PORT", 5433),
                    mlflow_port=_port(merged, "LLM_SERVE_MLFLOW_PORT", 5500),
@@ -144,10 +143,6 @@ def internal_secrets(data: Path) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- one instance per data dir
-class AlreadyRunning(UserError):
-    pass
-
-
 @contextlib.contextmanager
 def exclusive(data: Path):
     """The data directory's lock, held while the services run (or a restore works)."""
@@ -159,7 +154,7 @@ def exclusive(data: Path):
         lock.seek(0)
         pid = lock.read().strip() or "?"
         lock.close()
-        raise AlreadyRunning(f"the team server is already running on {data} (pid {pid}): use it, or stop it "
+        raise UserError(f"the team server is already running on {data} (pid {pid}): use it, or stop it "
                              f"(Ctrl-C in its terminal, or kill {pid}) first") from None
     lock.seek(0)
     lock.truncate()
@@ -329,27 +324,37 @@ def ready_check(svc: Service, s: Settings, cluster: Cluster, dagster_internal: i
 
 
 def check_tools() -> None:
-    import shutil
-
     if not shutil.which("caddy"):
         raise UserError("make serve needs caddy (the Dagster UI's login proxy): apt-get install caddy")
+
+
+def cluster_of(s: Settings) -> tuple[Cluster, dict[str, str]]:
+    """The data directory's Postgres cluster, and the internal secrets it was made with."""
+    internal = internal_secrets(s.data)
+    return Cluster(s.data / "postgres", s.pg_port, internal["LLM_SERVE_PG_PASSWORD"]), internal
+
+
+def take_over(s: Settings, ports: dict[str, int]) -> tuple[Cluster, dict[str, str]]:
+    """With the data directory's lock held: what a killed supervisor left running stopped, the
+    ports checked, the cluster made if it is new."""
+    stop_leftovers(s.data)
+    (s.data / "logs").mkdir(exist_ok=True)
+    cluster, internal = cluster_of(s)
+    cluster.stop_stale()
+    if busy := busy_port(ports):
+        raise UserError(busy.replace("make ui", "make serve"))
+    if not cluster.initialized():
+        print(f"serve: a new Postgres cluster in {cluster.data}", flush=True)
+        cluster.init()
+    return cluster, internal
 
 
 def start(s: Settings) -> int:
     check_tools()
     with exclusive(s.data):
-        stop_leftovers(s.data)
+        cluster, internal = take_over(s, {"LLM_SERVE_PG_PORT": s.pg_port, "LLM_SERVE_MLFLOW_PORT": s.mlflow_port,
+                                          "LLM_SERVE_DAGSTER_PORT": s.dagster_port})
         logs = s.data / "logs"
-        logs.mkdir(exist_ok=True)
-        internal = internal_secrets(s.data)
-        cluster = Cluster(s.data / "postgres", s.pg_port, internal["LLM_SERVE_PG_PASSWORD"])
-        cluster.stop_stale()
-        if busy := busy_port({"LLM_SERVE_PG_PORT": s.pg_port, "LLM_SERVE_MLFLOW_PORT": s.mlflow_port,
-                              "LLM_SERVE_DAGSTER_PORT": s.dagster_port}):
-            raise UserError(busy.replace("make ui", "make serve"))
-        if not cluster.initialized():
-            print(f"serve: a new Postgres cluster in {cluster.data}", flush=True)
-            cluster.init()
         svcs, dagster_internal = services(s, cluster, internal)
         stopping = {"why": ""}
 
@@ -464,8 +469,7 @@ def add_user(s: Settings, name: str, permission: str, password: str) -> str:
 # ----------------------------------------------------------------------------- backup and restore
 def backup(s: Settings, dest: Path) -> str:
     """pg_dump of each database (consistent while the services write) and the artifact folder."""
-    internal = internal_secrets(s.data)
-    cluster = Cluster(s.data / "postgres", s.pg_port, internal["LLM_SERVE_PG_PASSWORD"])
+    cluster, _ = cluster_of(s)
     dest.mkdir(parents=True, exist_ok=True)
     if any(dest.iterdir()):
         raise UserError(f"backup folder {dest} is not empty: name a new folder")
@@ -491,13 +495,7 @@ def restore(s: Settings, src: Path) -> str:
     if not (src / "manifest.json").is_file():
         raise UserError(f"{src} is not a backup (no manifest.json): name a folder that make serve-backup wrote")
     with exclusive(s.data):
-        stop_leftovers(s.data)
-        internal = internal_secrets(s.data)
-        cluster = Cluster(s.data / "postgres", s.pg_port, internal["LLM_SERVE_PG_PASSWORD"])
-        cluster.stop_stale()
-        if not cluster.initialized():
-            cluster.init()
-        (s.data / "logs").mkdir(exist_ok=True)
+        cluster, _ = take_over(s, {"LLM_SERVE_PG_PORT": s.pg_port})
         pg = Service("postgres", cluster.command(), os.environ | cluster.env, signal.SIGINT, cluster.popen_kwargs())
         pg.start(s.data / "logs", s.data)
         try:
@@ -507,24 +505,19 @@ def restore(s: Settings, src: Path) -> str:
         finally:
             stop({"postgres": (pg.proc, signal.SIGINT)}, grace=30.0)
         if (src / "artifacts.tar").is_file() and "://" not in s.artifacts:
-            import shutil
-
             target = Path(s.artifacts)
+            unpacked = target.parent / ".restore"  # unpacked in full before the old folder goes
+            shutil.rmtree(unpacked, ignore_errors=True)
+            with tarfile.open(src / "artifacts.tar") as tar:
+                tar.extractall(unpacked, filter="data")
             if target.exists():
                 shutil.rmtree(target)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tarfile.open(src / "artifacts.tar") as tar:
-                tar.extractall(target.parent / ".restore", filter="data")
-            (target.parent / ".restore" / "artifacts").rename(target)
-            (target.parent / ".restore").rmdir()
+            (unpacked / "artifacts").rename(target)
+            unpacked.rmdir()
     return f"restored {', '.join(DATABASES)} and the artifacts from {src}; start the server: make serve"
 
 
 # ----------------------------------------------------------------------------- CLI
-def basic_auth_header(user: str, password: str) -> str:
-    return "Basic " + b64encode(f"{user}:{password}".encode()).decode()
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipelines.serve", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
