@@ -129,16 +129,17 @@ def test_greedy_generation_of_64_tokens_equals_llm_sample(exported):
         assert len(text) > 20
 
 
-def run_completion(cmd: list[str], tries: int = 5, **kw) -> subprocess.CompletedProcess:
-    """llama-completion, run again when it ended before its closing perf summary. Its log is written
-    by a thread, and on a loaded machine (the suite's) the process can exit, with code 0, before
-    that thread has written the last tokens: stdout is then a prefix of the text and stderr stops
-    before `common_perf_print`. Seen here in 5 runs of 6 with 3 busy loops on the 2 cores."""
+def run_completion(cmd: list[str], tries: int = 40, **kw) -> subprocess.CompletedProcess:
+    """llama-completion, run again until it exits with its closing perf summary written. Its log
+    singleton is leaked on purpose (common/log.cpp, upstream issue 22142), so the thread that writes
+    stdout can lose the last tokens when the process exits: with code 0, stdout a prefix of the text,
+    and stderr stopping before `common_perf_print` (written after the text, by the same thread, in
+    order). Seen here in 5 runs of 12 with 3 busy loops on the 2 cores; 5 tries once all lost on CI."""
     for _ in range(tries):
         out = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, **kw)
         if out.returncode != 0 or "common_perf_print" in out.stderr:
             return out
-    return out
+    pytest.fail(f"llama-completion lost the end of its output in each of {tries} runs: {cmd}")
 
 
 def test_llama_completion_continues_a_prompt_as_llm_sample(exported):
@@ -275,9 +276,10 @@ def test_the_readme_use_your_model_commands_work_as_written(exported):
     for command in commands:
         if "ollama" in command:
             continue
-        out = run_completion(["bash", "-c", command], tries=5 if command.startswith("llama-completion") else 1,
-                             cwd=layout.root, timeout=300,
-                             env={**os.environ, "PATH": path, "LLM_PROGRESS": "0", "HF_HUB_OFFLINE": "1"})
+        kw = {"cwd": layout.root, "timeout": 300,
+              "env": {**os.environ, "PATH": path, "LLM_PROGRESS": "0", "HF_HUB_OFFLINE": "1"}}
+        out = (run_completion(["bash", "-c", command], **kw) if command.startswith("llama-completion") else
+               subprocess.run(["bash", "-c", command], capture_output=True, text=True, stdin=subprocess.DEVNULL, **kw))
         assert out.returncode == 0, f"{command}\n{out.stderr[-2000:]}"
         # print() ends llm's and python's output with a newline, llama-completion with two
         # (after " [end of text]" when the model ends the text).
