@@ -259,6 +259,9 @@ class ModelParams(_Shape):
     """gelu (GPT-2), relu2 (ReLU squared), swiglu (gated SiLU, Llama; same parameter count)."""
     zero_init: bool = True
     """Projections into the residual stream start at zero (every block starts as the identity)."""
+    tie_embeddings: bool = True
+    """The LM head is the token embedding (GPT-2, Qwen3); false: a head of its own (zero at start
+    under zero_init)."""
     rope_theta: float = Field(10000.0, gt=0.0)
     """Base of the rotary frequencies."""
 

@@ -55,7 +55,7 @@ def _gpt2(model: GPT, tok: Tokenizer) -> tuple[dict, dict[str, torch.Tensor]]:
     hf = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
           "n_positions": cfg.block_size, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
           "n_inner": cfg.mlp_hidden, "activation_function": cfg.mlp, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
-          "attn_pdrop": 0.0, "layer_norm_epsilon": 1e-5, **_common(tok)}
+          "attn_pdrop": 0.0, "layer_norm_epsilon": 1e-5, **_common(tok, cfg)}
     sd = model.state_dict()
 
     def linear(name: str) -> dict[str, torch.Tensor]:  # GPT-2's Conv1D stores (in, out)
@@ -74,7 +74,7 @@ def _gpt2(model: GPT, tok: Tokenizer) -> tuple[dict, dict[str, torch.Tensor]]:
                  "mlp.c_fc": linear(f"blocks.{i}.mlp.fc"), "mlp.c_proj": linear(f"blocks.{i}.mlp.proj")}
         out.update({f"transformer.h.{i}.{k}.{p}": t for k, d in parts.items() for p, t in d.items()})
     out.update({f"transformer.ln_f.{p}": t for p, t in norm("ln_f").items()})
-    return hf, out
+    return hf, out | _head(model)
 
 
 def _llama_family(model: GPT, tok: Tokenizer, arch: str) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -84,7 +84,7 @@ def _llama_family(model: GPT, tok: Tokenizer, arch: str) -> tuple[dict, dict[str
           "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_head,
           "head_dim": cfg.head_dim, "max_position_embeddings": cfg.block_size, "rms_norm_eps": NORM_EPS,
           "hidden_act": "silu", "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-          "attention_bias": cfg.bias, "attention_dropout": 0.0, **_common(tok),
+          "attention_bias": cfg.bias, "attention_dropout": 0.0, **_common(tok, cfg),
           **({} if arch == "qwen3" else {"mlp_bias": cfg.bias})}
     sd = model.state_dict()
     C = cfg.n_embd
@@ -104,7 +104,13 @@ def _llama_family(model: GPT, tok: Tokenizer, arch: str) -> tuple[dict, dict[str
         if cfg.qk_norm:
             out[f"{dst}.self_attn.q_norm.weight"] = sd[f"{src}.attn.q_norm.weight"]
             out[f"{dst}.self_attn.k_norm.weight"] = sd[f"{src}.attn.k_norm.weight"]
-    return hf, out
+    return hf, out | _head(model)
+
+
+def _head(model: GPT) -> dict[str, torch.Tensor]:
+    """The LM head where it is not the embedding (model.tie_embeddings: false); llama.cpp's
+    converter names it `output`."""
+    return {} if model.config.tie_embeddings else {"lm_head.weight": model.state_dict()["lm_head.weight"]}
 
 
 def _ids(tok: Tokenizer) -> dict[str, int | None]:
@@ -114,10 +120,10 @@ def _ids(tok: Tokenizer) -> dict[str, int | None]:
     return {"bos_token_id": known(tok.bos_id), "eos_token_id": known(tok.eos_id), "pad_token_id": known(tok.pad_id)}
 
 
-def _common(tok: Tokenizer) -> dict:
-    """What every architecture's config.json says beside its shape: fp32, the embedding tied to
+def _common(tok: Tokenizer, cfg: GPTConfig) -> dict:
+    """What every architecture's config.json says beside its shape: fp32, whether the embedding is
     the head, the special ids."""
-    return {"dtype": "float32", "tie_word_embeddings": True, "use_cache": True, **_ids(tok)}
+    return {"dtype": "float32", "tie_word_embeddings": cfg.tie_embeddings, "use_cache": True, **_ids(tok)}
 
 
 def merges_by_score(pieces: list[str], scores: list[float], skip: set[str]) -> list[tuple[str, str]]:

@@ -49,6 +49,7 @@ class GPTConfig:
     mlp: Literal["gelu", "relu2", "swiglu"]
     zero_init: bool
     rope_theta: float
+    tie_embeddings: bool = True  # a field of its own only since 2026-12: configs saved before lack it
 
     @classmethod
     def from_params(cls, model: ModelParams, vocab_size: int) -> GPTConfig:
@@ -212,8 +213,11 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         # Weight tying: the output projection is the input embedding. Fewer parameters, and
         # rare tokens learn from both ends.
-        self.lm_head.weight = self.wte.weight
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
         self.apply(self._init_weights)
+        if not cfg.tie_embeddings and cfg.zero_init:
+            nn.init.zeros_(self.lm_head.weight)  # uniform logits at the start, as modded-nanogpt's head
 
     def _init_weights(self, module: nn.Module) -> None:
         # GPT-2: N(0, 0.02) everywhere; projections into the residual stream scaled by
@@ -281,11 +285,13 @@ class GPT(nn.Module):
 
     # -- accounting
     def num_params(self, non_embedding: bool = True) -> int:
-        """Parameters; the position table is left out by default (it costs no FLOPs), the
-        token embedding counts once, as the tied LM head."""
+        """Parameters; by default without the tables that cost no FLOPs: the position table, and
+        the token embedding where the head is its own (tied, it counts once, as the head)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding and self.wpe is not None:
             n -= self.wpe.weight.numel()
+        if non_embedding and not self.config.tie_embeddings:
+            n -= self.wte.weight.numel()
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> float:

@@ -24,8 +24,9 @@ from tests.test_train import CLASSIC, MODERN, project_from
 
 RECIPES = {
     "gpt2": CLASSIC,
-    "gpt2-relu2": deep_merge(CLASSIC, {"model": {"mlp": "relu2", "bias": False}}),
-    "llama": deep_merge(MODERN, {"model": {"qk_norm": False, "bias": True}}),
+    # Two recipes with a head of their own (model.tie_embeddings: false): lm_head.weight in the export.
+    "gpt2-relu2": deep_merge(CLASSIC, {"model": {"mlp": "relu2", "bias": False, "tie_embeddings": False}}),
+    "llama": deep_merge(MODERN, {"model": {"qk_norm": False, "bias": True, "tie_embeddings": False}}),
     "qwen3": MODERN,
 }
 LOGIT_TOL = {"cpu": 1e-4, "cuda": 1e-3}  # max |HF logits - ours|, both in fp32

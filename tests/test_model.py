@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from llm.config import ModelParams
-from llm.model import GPT, attend
+from llm.model import GPT, GPTConfig, attend
 from tests.conftest import GPT2_RECIPE, gpt_config
 
 
@@ -107,6 +107,30 @@ def test_lm_head_is_tied_and_counted_once():
     total = sum(p.numel() for p in model.parameters())
     assert model.num_params(non_embedding=False) == total
     assert model.num_params() == total - 32 * 32  # position embedding left out
+
+
+def test_an_untied_head_is_its_own_zero_started_adamw_matrix_and_costs_the_flops_of_one(tmp_path):
+    from safetensors.torch import load_model, save_model
+
+    from llm.config import TrainParams
+    from llm.device import pick_device
+    from llm.optim import build_optimizer
+
+    tied, untied = (tiny(**RECIPES["modern"], zero_init=True, tie_embeddings=tie) for tie in (True, False))
+    assert untied.lm_head.weight is not untied.wte.weight
+    assert untied.lm_head.weight.abs().max().item() == 0.0  # zero_init: uniform logits at the start
+    assert untied.num_params(non_embedding=False) == tied.num_params(non_embedding=False) + 64 * 32
+    assert untied.flops_per_token() == tied.flops_per_token()  # the embedding's lookup costs nothing
+    opt = build_optimizer(untied, TrainParams(optimizer="muon"), pick_device("cpu"))
+    adamw = {id(p) for g in opt.optimizers["adamw"].param_groups for p in g["params"]}
+    assert id(untied.lm_head.weight) in adamw
+    with torch.no_grad():
+        untied.lm_head.weight.normal_()
+    x = torch.randint(0, 64, (2, 16))
+    save_model(untied, str(tmp_path / "m.safetensors"))  # as llm/artifacts.py saves and loads a model
+    again = GPT(GPTConfig(**untied.config.to_dict()))
+    load_model(again, str(tmp_path / "m.safetensors"))
+    assert not again.config.tie_embeddings and torch.equal(again.eval()(x), untied.eval()(x))
 
 
 def test_flops_per_token_formula():
