@@ -11,6 +11,11 @@ themselves then depend on steps only, not on the machine's load.
 
 Every variant but `defaults` starts from the classic (2022) recipe, whatever params.yaml says.
 
+The tokenizer's vocabulary, at equal compute: `--prepare-vocab 1024` tokenizes the repo's
+data/clean again into benchmarks/out/vocab-1024/ (tokenizer and shards stages, nothing else
+changed); `--data benchmarks/out/vocab-1024 --set '{"tokenizer": {"vocab_size": 1024}}'` then
+trains on it (bits per byte stay comparable: they count the text's bytes, not its tokens).
+
 Needs `dvc repro shards` first. Runs go to benchmarks/out/ablation/NAME-SEED/ (MLflow
 experiment llm-ablation, not registered); the table also goes to benchmarks/out/ablation.json.
 """
@@ -95,6 +100,23 @@ def variant_params(base: dict, name: str, steps: int, seed: int, extra: dict) ->
     return parse_params(data, source=f"ablation {name}")
 
 
+def prepare_vocab(base: dict, vocab: int) -> Path:
+    """The repo's cleaned data tokenized with a `vocab`-piece tokenizer, in a project of its own."""
+    from llm.stages import run
+
+    root = REPO / "benchmarks" / "out" / f"vocab-{vocab}"
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    clean = root / "data" / "clean"
+    if not clean.exists():
+        clean.symlink_to(REPO / "data" / "clean", target_is_directory=True)
+    data = json.loads(json.dumps(base))
+    data["tokenizer"]["vocab_size"] = vocab
+    params = parse_params(data, source=f"ablation vocab {vocab}")
+    for stage in ("tokenizer", "shards"):
+        run(stage, params, Layout(root))
+    return root
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=600)
@@ -106,9 +128,16 @@ def main() -> int:
     ap.add_argument("--set", default="{}",
                     help='JSON overrides for every variant, e.g. {"train": {"muon_learning_rate": 0.01}}')
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "ablation.json"))
+    ap.add_argument("--data", default=str(REPO),
+                    help="the project whose data/tokenizer and data/shards the runs train on (default: this repo)")
+    ap.add_argument("--prepare-vocab", type=int, default=0, metavar="N",
+                    help="tokenize data/clean again with N pieces into benchmarks/out/vocab-N, then stop")
     args = ap.parse_args()
     setup_logging("WARNING")
     base = load_params(REPO / "params.yaml").model_dump(mode="json")
+    if args.prepare_vocab:
+        print(f"--data {prepare_vocab(base, args.prepare_vocab)}")
+        return 0
     names = args.variants.split(",")
     if args.same_steps:
         speeds = {name: 0 for name in names} | {"baseline": 0}
@@ -121,7 +150,7 @@ def main() -> int:
         steps = args.steps if args.same_steps else round(args.steps * speeds[name] / speeds["baseline"])
         for seed in (int(s) for s in args.seeds.split(",")):
             params = variant_params(base, name, steps, seed, json.loads(args.set))
-            layout = Layout.of(REPO, REPO / "benchmarks" / "out" / "ablation"
+            layout = Layout.of(args.data, REPO / "benchmarks" / "out" / "ablation"
                                / f"{name}-{seed}{args.label and '-' + args.label}")
             t0 = time.perf_counter()
             summary = train(params, layout, resume="never", tags={"ablation": name})

@@ -293,7 +293,7 @@ class TrainParams(_Group):
     learning_rate: float = Field(2e-3, gt=0.0)
     """AdamW's peak learning rate (after warmup)."""
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
-    """The cosine decay ends at learning_rate * min_lr_ratio at max_steps."""
+    """Either schedule ends at learning_rate * min_lr_ratio at max_steps."""
     warmup_steps: int = Field(75, ge=0)
     weight_decay: float = Field(0.1, ge=0.0)
     beta1: float = Field(0.9, ge=0.0, lt=1.0)

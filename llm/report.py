@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from llm.artifacts import load_final
-from llm.config import Params
+from llm.config import Params, TrainParams
 from llm.errors import UserError
 from llm.io import atomic_dir, code_fence, read_json
 from llm.layout import Layout
@@ -133,9 +133,8 @@ def report(params: Params, layout: Layout) -> dict:
         "training": f"{train['steps']} steps, {train['tokens_seen']:,} tokens, {train['train_seconds']:.0f} s "
                     f"({train['tokens_per_sec']:,} tokens/s, MFU {100 * train['mfu']:.1f}%), stopped by "
                     f"{train['stopped_by']}",
-        "hyperparameters": f"peak lr {params.train.learning_rate:g} ({params.train.warmup_steps} warmup steps, cosine "
-                           f"to {params.train.learning_rate * params.train.min_lr_ratio:g}), "
-                           f"{params.train.tokens_per_step:,} tokens/step (batch {params.train.batch_size}), "
+        **recipe(cfg, params.train),
+        "hyperparameters": f"{params.train.tokens_per_step:,} tokens/step (batch {params.train.batch_size}), "
                            f"weight decay {params.train.weight_decay:g}, "
                            f"dropout {cfg['dropout']:g}, grad clip {params.train.grad_clip:g}, seed {params.seed}",
         "device": f"{train['device']} x {train['processes']}",
@@ -155,6 +154,28 @@ def report(params: Params, layout: Layout) -> dict:
             _track(params, lay, tmp)
     log.info("report: %s (%d samples)", lay.reports / "report.html", len(samples))
     return {"samples": len(samples), "path": str(lay.reports / "report.html")}
+
+
+def recipe(cfg: dict, tp: TrainParams) -> dict[str, str]:
+    """The card's names for what ran: each architecture choice (from the model's saved config),
+    the optimizers and the learning-rate schedule (from the train params)."""
+    mlp = {"gelu": "GELU", "relu2": "ReLU²", "swiglu": "SwiGLU"}[cfg["mlp"]]
+    arch = [
+        "rotary positions" if cfg["position"] == "rope" else "learned positions",
+        "RMSNorm" if cfg["norm"] == "rmsnorm" else "LayerNorm", *(["QK-norm"] if cfg["qk_norm"] else []),
+        f"{mlp} MLP", "biases" if cfg["bias"] else "no biases",
+        *(["zero-init output projections"] if cfg["zero_init"] else []),
+        "head tied to the embedding" if cfg.get("tie_embeddings", True) else "head of its own",
+    ]
+    adamw = f"AdamW (lr {tp.learning_rate:g}, betas {tp.beta1:g}/{tp.beta2:g})"
+    optimizer = (f"Muon for the blocks' matrices (lr {tp.muon_learning_rate:g}, momentum {tp.muon_momentum:g}), "
+                 f"{adamw} for embeddings, head, norms and biases" if tp.optimizer == "muon"
+                 else f"{adamw} for every parameter")
+    floor = f"{tp.min_lr_ratio:g} x peak"
+    schedule = (f"WSD: {tp.warmup_steps} warmup steps, the peak held, then a linear decay to {floor} over the last "
+                f"{100 * tp.decay_fraction:g}% of the steps" if tp.schedule == "wsd"
+                else f"cosine: {tp.warmup_steps} warmup steps, then a cosine decay to {floor}")
+    return {"architecture": ", ".join(arch), "optimizer": optimizer, "schedule": schedule}
 
 
 def _baseline_rows(evaluation: dict) -> list[tuple[str, float, str]]:

@@ -27,7 +27,11 @@ def test_report_renders_and_escapes_what_the_model_wrote(built, tmp_path: Path):
         assert f"<h2>{section}</h2>" in html and f"## {section}" in md
     assert html.count("<pre>") == 4  # 2 prompts x 2 temperatures
     assert "bz2" in html and "this model" in html
-    assert f"peak lr {params.train.learning_rate:g}" in html and "tokens/step" in md
+    assert "tokens/step" in md and "cosine" not in html  # the tests' recipe is the default: WSD, Muon
+    assert (f"WSD: {params.train.warmup_steps} warmup steps, the peak held, then a linear decay to 0 x peak over the "
+            f"last 30% of the steps") in html
+    assert f"Muon for the blocks&#x27; matrices (lr {params.train.muon_learning_rate:g}" in html
+    assert "rotary positions, RMSNorm, QK-norm, SwiGLU MLP, no biases, zero-init output projections, head tied" in md
     assert "````text\n```\nJULIET:" in md  # a fence longer than the backticks the text holds
     assert sorted(p.name for p in Layout(root).reports.iterdir()) == ["attention.png", "loss.png", "report.html",
                                                                       "report.md"]
@@ -59,3 +63,19 @@ def test_sink_score_is_the_mean_attention_on_the_first_token():
     w[0, 1, 1, 1] = 1.0
     w[0, 1, 2, 0], w[0, 1, 2, 2] = 0.5, 0.5
     assert torch.allclose(sink_scores(w), torch.tensor([[1.0, 0.25]]))
+
+
+def test_the_card_names_the_recipe_that_ran():
+    from llm.config import ModelParams, TrainParams
+    from llm.report import recipe
+
+    classic = ModelParams(position="learned", norm="layernorm", qk_norm=False, mlp="gelu", bias=True, zero_init=False,
+                          tie_embeddings=False).model_dump()
+    card = recipe(classic, TrainParams(optimizer="adamw", schedule="cosine", learning_rate=6e-4, min_lr_ratio=0.1,
+                                       warmup_steps=20))
+    assert card == {"architecture": "learned positions, LayerNorm, GELU MLP, biases, head of its own",
+                    "optimizer": "AdamW (lr 0.0006, betas 0.9/0.95) for every parameter",
+                    "schedule": "cosine: 20 warmup steps, then a cosine decay to 0.1 x peak"}
+    card = recipe(ModelParams(mlp="relu2").model_dump(), TrainParams(decay_fraction=0.5))
+    assert "ReLU² MLP" in card["architecture"] and "over the last 50% of the steps" in card["schedule"]
+    assert card["optimizer"].startswith("Muon for the blocks' matrices (lr 0.006, momentum 0.95), AdamW (lr 0.002")
