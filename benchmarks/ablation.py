@@ -61,8 +61,10 @@ VARIANTS: dict[str, dict] = {
 }
 
 
-def step_speeds(base: dict, names: list[str]) -> dict[str, float]:
-    """Training tokens/s of each variant's model and optimizer on random tokens, in one process."""
+def step_speeds(base: dict, names: list[str], extra: dict | None = None) -> dict[str, float]:
+    """Training tokens/s of each variant's model and optimizer on random tokens, in one process.
+    `defaults` is measured with the --set overrides (model, tokenizer.vocab_size, train.optimizer)
+    and `defaults-plain` without: a sweep's steps are then scaled to params.yaml's own speed."""
     from benchmarks.train import measure
     from llm.device import measure_matmul_peak, pick_device, set_threads
 
@@ -70,17 +72,24 @@ def step_speeds(base: dict, names: list[str]) -> dict[str, float]:
     set_threads(0)
     peak = measure_matmul_peak(device, seconds=1.0)
     m, t = base["model"], base["train"]
-    accum = max(1, t["tokens_per_step"] // (t["batch_size"] * m["block_size"]))
-    shape = (m["n_layer"], m["n_embd"], m["n_head"], m["block_size"], t["batch_size"], accum)
+    extra = extra or {}
     speeds = {}
-    for name in names:
-        variant = VARIANTS[name]
-        model = m if variant is None else {**m, **CLASSIC["model"], **variant.get("model", {})}
+    for name in names + (["defaults-plain"] if "defaults" in names else []):
+        variant = VARIANTS.get(name)
+        if name == "defaults":
+            model, train, vocab = ({**m, **extra.get("model", {})}, {**t, **extra.get("train", {})},
+                                   extra.get("tokenizer", {}).get("vocab_size", base["tokenizer"]["vocab_size"]))
+        elif variant is None:  # defaults-plain
+            model, train, vocab = m, t, base["tokenizer"]["vocab_size"]
+        else:
+            model, train = {**m, **CLASSIC["model"], **variant.get("model", {})}, {**CLASSIC["train"],
+                                                                                   **variant.get("train", {})}
+            vocab = base["tokenizer"]["vocab_size"]
+        accum = max(1, train["tokens_per_step"] // (train["batch_size"] * model["block_size"]))
+        shape = (model["n_layer"], model["n_embd"], model["n_head"], model["block_size"], train["batch_size"], accum)
         options = {k: v for k, v in model.items()
-                   if k in ("position", "norm", "qk_norm", "mlp", "zero_init", "bias", "rope_theta")}
-        optimizer = t["optimizer"] if variant is None else {**CLASSIC["train"], **variant.get("train", {})}["optimizer"]
-        speeds[name] = measure(shape, base["tokenizer"]["vocab_size"], 12, 3, device, peak,
-                               (options, optimizer))["tokens_per_s"]
+                   if k in ("position", "norm", "qk_norm", "mlp", "zero_init", "bias", "rope_theta", "tie_embeddings")}
+        speeds[name] = measure(shape, vocab, 12, 3, device, peak, (options, train["optimizer"]))["tokens_per_s"]
     return speeds
 
 
@@ -142,12 +151,13 @@ def main() -> int:
     if args.same_steps:
         speeds = {name: 0 for name in names} | {"baseline": 0}
     else:
-        speeds = step_speeds(base, sorted(set(names) | {"baseline"}))
+        speeds = step_speeds(base, sorted(set(names) | {"baseline"}), json.loads(args.set))
         print("tokens/s: " + ", ".join(f"{n} {v:,}" for n, v in speeds.items()), flush=True)
     rows = []
     for name in names:
         # same wall clock
-        steps = args.steps if args.same_steps else round(args.steps * speeds[name] / speeds["baseline"])
+        reference = speeds.get("defaults-plain" if name == "defaults" else "baseline")
+        steps = args.steps if args.same_steps else round(args.steps * speeds[name] / reference)
         for seed in (int(s) for s in args.seeds.split(",")):
             params = variant_params(base, name, steps, seed, json.loads(args.set))
             layout = Layout.of(args.data, REPO / "benchmarks" / "out" / "ablation"
