@@ -153,8 +153,8 @@ llama-cpp: $(VENV)/.llama-cpp
 
 # pytest-xdist runs the test files on TEST_WORKERS processes, a file on one worker (--dist loadfile):
 # a module's fixtures (a built project, the Ray cluster, the S3 server) are made once. Most of a
-# test waits on the subprocesses it starts (DVC, the stages, servers), so 2 workers on 2 cores take
-# 12 minutes where one took 19.
+# test waits on the subprocesses it starts (DVC, the stages, servers); on 2 cores 2 workers beat
+# both 1 and 3 (docs/LOG.md).
 TEST_WORKERS ?= 2
 
 # The browser tests' screenshots go to test-artifacts/ (gitignored); pytest alone puts them in a
