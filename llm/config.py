@@ -308,8 +308,11 @@ class TrainParams(_Group):
     muon_momentum: float = Field(0.95, ge=0.0, lt=1.0)
     schedule: Literal["cosine", "wsd"] = "wsd"
     """cosine: warmup, then cosine decay to learning_rate * min_lr_ratio. wsd: warmup, stable
-    at the peak, then linear decay over the last decay_fraction of the steps."""
+    at the peak, then a decay (decay_shape) over the last decay_fraction of the steps."""
     decay_fraction: float = Field(0.3, gt=0.0, le=1.0)
+    decay_shape: Literal["linear", "sqrt"] = "linear"
+    """wsd's way down over the decay: linear, or sqrt (1 - sqrt of the decay's progress: faster at
+    first, then slower; Hägele et al. 2024)."""
     eval_interval: int = Field(100, ge=1)
     eval_tokens: int = Field(65536, ge=1)
     """Val tokens (a fixed prefix of the val stream) for the periodic val loss."""

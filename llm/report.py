@@ -172,7 +172,8 @@ def recipe(cfg: dict, tp: TrainParams) -> dict[str, str]:
                  f"{adamw} for embeddings, head, norms and biases" if tp.optimizer == "muon"
                  else f"{adamw} for every parameter")
     floor = f"{tp.min_lr_ratio:g} x peak"
-    schedule = (f"WSD: {tp.warmup_steps} warmup steps, the peak held, then a linear decay to {floor} over the last "
+    schedule = (f"WSD: {tp.warmup_steps} warmup steps, the peak held, then a "
+                f"{'linear' if tp.decay_shape == 'linear' else '1 - sqrt'} decay to {floor} over the last "
                 f"{100 * tp.decay_fraction:g}% of the steps" if tp.schedule == "wsd"
                 else f"cosine: {tp.warmup_steps} warmup steps, then a cosine decay to {floor}")
     return {"architecture": ", ".join(arch), "optimizer": optimizer, "schedule": schedule}

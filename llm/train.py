@@ -74,6 +74,8 @@ def lr_at(step: int, tp: TrainParams) -> float:
     if tp.schedule == "wsd":
         decay_start = tp.max_steps - max(1, round(tp.decay_fraction * tp.max_steps))
         progress = min(1.0, max(0.0, (step - decay_start) / max(1, tp.max_steps - decay_start)))
+        if tp.decay_shape == "sqrt":
+            progress = math.sqrt(progress)
         return tp.learning_rate - (tp.learning_rate - low) * progress
     span = max(1, tp.max_steps - tp.warmup_steps)
     progress = min(1.0, (step - tp.warmup_steps) / span)

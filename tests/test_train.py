@@ -269,6 +269,10 @@ def test_warmup_stable_decay_schedule():
     assert lr_at(99, tp) == pytest.approx(1.0 - 0.9 * 11 / 22)  # linear on the way down
     assert lr_at(110, tp) == pytest.approx(0.1)
     assert all(lr_at(s, tp) >= lr_at(s + 1, tp) for s in range(10, 120))
+    sqrt = tp.model_copy(update={"decay_shape": "sqrt"})
+    assert [lr_at(s, sqrt) for s in (87, 110)] == [1.0, pytest.approx(0.1)]
+    assert lr_at(93, sqrt) == pytest.approx(1.0 - 0.9 * math.sqrt(5 / 22))  # 1 - sqrt: below linear's 1 - 5/22
+    assert all(lr_at(s, sqrt) <= lr_at(s, tp) for s in range(88, 110))
 
 
 def test_train_outputs(built, tmp_path: Path):
