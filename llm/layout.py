@@ -66,7 +66,8 @@ class Layout:
 
     @property
     def reports(self) -> Path:
-        return self.run_dir or self.root / "reports"
+        """A folder of its own in a run directory too: `llm report` replaces it whole."""
+        return (self.run_dir or self.root) / "reports"
 
     @property
     def metrics_dir(self) -> Path:

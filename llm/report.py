@@ -24,7 +24,7 @@ from llm.config import Params, TrainParams
 from llm.errors import UserError
 from llm.io import atomic_dir, code_fence, read_json
 from llm.layout import Layout
-from llm.sample import SamplingParams, complete
+from llm.sample import SamplingParams, complete_many
 from llm.shards import read_manifest
 
 log = logging.getLogger(__name__)
@@ -117,9 +117,12 @@ def report(params: Params, layout: Layout) -> dict:
     splits = read_manifest(lay.shards)["splits"]
     rp = params.report
     samples = []
-    for prompt, t, k, p in itertools.product(rp.prompts, rp.temperatures, rp.top_k, rp.top_p):
-        sp = SamplingParams(max_new_tokens=rp.max_new_tokens, temperature=t, top_k=k, top_p=p, seed=rp.seed)
-        samples.append(Sample(prompt, t, k, p, complete(model, tok, prompt, sp)))
+    settings = list(itertools.product(rp.temperatures, rp.top_k, rp.top_p))
+    for prompt in rp.prompts:  # a prompt's settings sampled together: one forward pass a token for all
+        sps = [SamplingParams(max_new_tokens=rp.max_new_tokens, temperature=t, top_k=k, top_p=p, seed=rp.seed)
+               for t, k, p in settings]
+        samples += [Sample(prompt, *setting, text)
+                    for setting, text in zip(settings, complete_many(model, tok, prompt, sps), strict=True)]
     pieces, weights = attention_maps(model, tok, rp.attention_prompt)
     sinks = sink_scores(weights)
     cfg, train = info["model"], read_json(_needs(lay.metrics("train"), "train"))

@@ -54,32 +54,53 @@ def generate(
 ) -> list[int]:
     """New token ids after `prompt` (not including it); stops at eos (not included) or
     max_new_tokens. The same seed gives the same tokens, with or without the cache."""
+    return generate_many(model, prompt, [sp], eos_id, use_cache)[0]
+
+
+@torch.no_grad()
+def generate_many(
+    model: GPT, prompt: list[int], sps: list[SamplingParams], eos_id: int | None = None, use_cache: bool = True
+) -> list[list[int]]:
+    """`generate` for several sampling settings of one prompt at once: one forward pass a token
+    for all of them (the report's samples), each row drawing from its own seeded generator."""
     model.eval()
     device = next(model.parameters()).device
     block = model.config.block_size
-    generator = torch.Generator().manual_seed(sp.seed)
-    tokens = list(prompt) or ([eos_id] if eos_id is not None and eos_id >= 0 else [0])
+    generators = [torch.Generator().manual_seed(sp.seed) for sp in sps]
+    start = list(prompt) or ([eos_id] if eos_id is not None and eos_id >= 0 else [0])
+    tokens = [list(start) for _ in sps]  # every row grows by one token a step, finished or not
     past: KVCache | None = None
-    out: list[int] = []
-    for _ in range(sp.max_new_tokens):
-        if use_cache and past is not None and len(tokens) <= block:
-            logits, past = model.forward_cached(torch.tensor([[tokens[-1]]], device=device), past)
+    out: list[list[int]] = [[] for _ in sps]
+    done = [sp.max_new_tokens <= 0 for sp in sps]
+    for _ in range(max((sp.max_new_tokens for sp in sps), default=0)):
+        if all(done):
+            break
+        if use_cache and past is not None and len(tokens[0]) <= block:
+            logits, past = model.forward_cached(torch.tensor([row[-1:] for row in tokens], device=device), past)
         else:
             # No cache yet, or the context outgrew the block: recompute on the last block tokens.
-            context = tokens[-block:]
-            logits, past = model.forward_cached(torch.tensor([context], device=device))
-            if len(tokens) >= block:
+            logits, past = model.forward_cached(torch.tensor([row[-block:] for row in tokens], device=device))
+            if len(tokens[0]) >= block:
                 past = None  # absolute positions: a cropped window cannot reuse the old cache
-        nxt = pick(logits[0, -1], sp, generator)
-        if eos_id is not None and nxt == eos_id:
-            break
-        tokens.append(nxt)
-        out.append(nxt)
+        for i, sp in enumerate(sps):
+            nxt = pick(logits[i, -1], sp, generators[i]) if not done[i] else tokens[i][-1]
+            tokens[i].append(nxt)
+            if done[i]:
+                continue
+            if eos_id is not None and nxt == eos_id:
+                done[i] = True
+                continue
+            out[i].append(nxt)
+            done[i] = len(out[i]) >= sp.max_new_tokens
     return out
 
 
 def complete(model: GPT, tokenizer, text: str, sp: SamplingParams) -> str:
-    return tokenizer.decode(generate(model, tokenizer.encode(text), sp, tokenizer.eos_id))
+    return complete_many(model, tokenizer, text, [sp])[0]
+
+
+def complete_many(model: GPT, tokenizer, text: str, sps: list[SamplingParams]) -> list[str]:
+    return [tokenizer.decode(ids) for ids in generate_many(model, tokenizer.encode(text), sps, tokenizer.eos_id)]
 
 
 def sample_flags(defaults: SampleParams, flags: dict) -> dict:

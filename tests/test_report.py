@@ -35,6 +35,8 @@ def test_report_renders_and_escapes_what_the_model_wrote(built, tmp_path: Path):
     assert "````text\n```\nJULIET:" in md  # a fence longer than the backticks the text holds
     assert sorted(p.name for p in Layout(root).reports.iterdir()) == ["attention.png", "loss.png", "report.html",
                                                                       "report.md"]
+    run = Layout.of(root, root / "ladder" / "a")  # a run directory (a ladder rung's) keeps its model beside it
+    assert run.reports == run.run_dir / "reports" and run.reports.parent != run.final
 
 
 def test_what_the_model_writes_is_escaped_too(built, tmp_path: Path, monkeypatch):
@@ -44,8 +46,9 @@ def test_what_the_model_writes_is_escaped_too(built, tmp_path: Path, monkeypatch
     root, params = project_from(built, tmp_path, report={"prompts": ["ROMEO:"], "temperatures": [0.8]})
     train(params, Layout(root))
     evaluate(params, Layout(root))
-    real = llm.report.complete
-    monkeypatch.setattr(llm.report, "complete", lambda *a: "</pre><script>alert(1)</script>\n```\n" + real(*a))
+    real = llm.report.complete_many
+    monkeypatch.setattr(llm.report, "complete_many",
+                        lambda *a: ["</pre><script>alert(1)</script>\n```\n" + text for text in real(*a)])
     report(params, Layout(root))
     html = (Layout(root).reports / "report.html").read_text()
     md = (Layout(root).reports / "report.md").read_text()

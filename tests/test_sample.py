@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
 from llm.layout import Layout
-from llm.sample import SamplingParams, filter_logits, generate
+from llm.sample import SamplingParams, filter_logits, generate, generate_many
 from tests.test_model import tiny
 
 
@@ -41,6 +43,20 @@ def test_filter_logits_keeps_exactly_the_top_k_and_the_nucleus():
     shuffled = logits[[3, 0, 4, 2, 1]]
     kept = torch.isfinite(filter_logits(shuffled, top_k=0, top_p=0.8))
     assert kept.tolist() == [False, True, False, True, True]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_many_settings_of_one_prompt_at_once_give_what_each_gives_alone(seed: int):
+    """The report's batched samples: each row is `generate`'s own, past the block (cache cropped)
+    and with rows that end early at eos or at their own max_new_tokens."""
+    model = tiny()
+    rnd = random.Random(seed)
+    prompt = [rnd.randrange(64) for _ in range(rnd.randint(0, 5))]
+    sps = [SamplingParams(max_new_tokens=rnd.choice([5, 40, 70]), temperature=rnd.choice([0.0, 0.7, 1.3]),
+                          top_k=rnd.choice([0, 5]), top_p=rnd.choice([1.0, 0.9]), seed=rnd.randrange(1000))
+           for _ in range(rnd.randint(2, 5))]
+    eos = rnd.choice([None, 3])
+    assert generate_many(model, prompt, sps, eos) == [generate(model, prompt, sp, eos) for sp in sps]
 
 
 def test_generation_stops_at_eos():
