@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -140,7 +139,8 @@ def main() -> int:
     from llm.progress import setup_logging
 
     setup_logging("INFO")
-    os.nice(10)  # a core the stage leaves idle (its imports) is this process's; one it computes on is not
+    # Not niced: on a busy machine (the suite, a shared server) a nice 10 worker got a tenth of a
+    # core, and the stage, done with its own work, waited minutes for it (docs/LOG.md).
     start = json.loads(sys.stdin.readline())
     params, layout = Params.model_validate(start["params"]), Layout.of(start["root"], start["run_dir"])
     # the import and the store, warm while the stage works; an error waits for the stage's RunLog
