@@ -34,7 +34,7 @@ from llm.device import pick_device
 from llm.io import write_json
 from llm.layout import Layout
 from llm.progress import progress_enabled
-from llm.shards import open_split, read_manifest, token_counts
+from llm.shards import int_view, open_split, read_manifest, token_counts
 
 log = logging.getLogger(__name__)
 LN2 = math.log(2)
@@ -113,13 +113,13 @@ def cover_val(shards_dir: Path, max_tokens: int = 0) -> ValDocs:
     total = 0
     for batch in (batch for table in open_split(shards_dir, "val") for batch in table.to_batches()):
         tokens = batch.column("tokens")
-        lengths = tokens.value_lengths().to_numpy()
+        lengths = int_view(tokens.value_lengths())
         ends = total + np.cumsum(lengths)
         keep = len(lengths) if not max_tokens else int(np.searchsorted(ends, max_tokens, side="right"))
         if not spans and len(lengths):
             keep = max(keep, 1)
         if keep:
-            pieces.append(tokens.flatten().to_numpy(zero_copy_only=True)[: ends[keep - 1] - total])
+            pieces.append(int_view(tokens.flatten())[: ends[keep - 1] - total])
             spans += zip([total, *ends[: keep - 1].tolist()], ends[:keep].tolist())
             sources += batch.column("source").slice(0, keep).to_pylist()
             n_bytes += batch.column("n_bytes").slice(0, keep).to_pylist()

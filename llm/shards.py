@@ -312,7 +312,7 @@ def _extents_of(path: Path) -> tuple[list[Extent], np.dtype]:
         mm.seek(0)
         size = mm.size()
         reader = pa.ipc.open_file(mm)
-        dtype = np.dtype(reader.schema.field("tokens").type.value_type.to_pandas_dtype())
+        dtype = int_dtype(reader.schema.field("tokens").type.value_type)
         arrays = token_stream(reader.read_all())
         out = []
         for arr in arrays:
@@ -326,7 +326,20 @@ def _extents_of(path: Path) -> tuple[list[Extent], np.dtype]:
 
 def token_stream(table: pa.Table) -> list[np.ndarray]:
     """The token ids of a shard as zero-copy numpy views, one per record batch."""
-    out = []
-    for chunk in table.column("tokens").chunks:
-        out.append(chunk.flatten().to_numpy(zero_copy_only=True))
-    return out
+    return [int_view(chunk.flatten()) for chunk in table.column("tokens").chunks]
+
+
+def int_dtype(arrow_type: pa.DataType) -> np.dtype:
+    """numpy's dtype of an Arrow integer type (pyarrow's to_pandas_dtype imports pandas)."""
+    if not pa.types.is_integer(arrow_type):
+        raise TypeError(f"not an integer type: {arrow_type}")
+    return np.dtype(str(arrow_type))
+
+
+def int_view(arr: pa.Array) -> np.ndarray:
+    """An Arrow integer array without nulls as a zero-copy, read-only numpy view. pyarrow's own
+    to_numpy imports pandas on first use: 0.3-0.5 s of the start-up of every stage that reads shards."""
+    if arr.null_count:
+        raise ValueError(f"{arr.null_count} nulls in an array of {arr.type} token ids or lengths")
+    dtype = int_dtype(arr.type)
+    return np.frombuffer(arr.buffers()[1], dtype=dtype, count=len(arr), offset=arr.offset * dtype.itemsize)

@@ -253,3 +253,33 @@ def test_finite_pass_and_batches(built):
     batches = list(ds.batches(8))
     assert sum(len(x) for x, _ in batches) == len(ds)
     assert batches[0][0].shape == (8, 32)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_int_view_is_to_numpy_without_pandas_for_any_slice(seed: int):
+    from llm.shards import int_view
+
+    rng = np.random.default_rng(seed)
+    kind = [pa.uint8(), pa.uint16(), pa.uint32(), pa.int32(), pa.int64()][seed % 5]
+    lists = [rng.integers(0, 200, rng.integers(0, 9)).tolist() for _ in range(rng.integers(1, 40))]
+    arr = pa.array(lists, type=pa.list_(kind))
+    start = int(rng.integers(0, len(arr)))
+    part = arr.slice(start, int(rng.integers(0, len(arr) - start + 1)))
+    for piece in (part.flatten(), part.value_lengths(), arr.flatten().slice(1)):
+        assert int_view(piece).dtype == piece.to_numpy(zero_copy_only=False).dtype
+        assert int_view(piece).tolist() == piece.to_pylist()
+    with pytest.raises(ValueError, match="1 nulls"):
+        int_view(pa.array([1, None, 3], type=kind))
+
+
+def test_reading_the_val_split_imports_no_pandas(built):
+    """evaluate's reading of the shards: pandas' import was 0.3-0.5 s of its start-up."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from llm.evaluate import cover_val; docs = cover_val(sys.argv[1], 0); "
+            "assert len(docs.stream) > 0; print('pandas' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(Layout(built[0]).shards)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
