@@ -49,7 +49,7 @@ class GPTConfig:
     mlp: Literal["gelu", "relu2", "swiglu"]
     zero_init: bool
     rope_theta: float
-    tie_embeddings: bool = True  # a field of its own only since 2026-12: configs saved before lack it
+    tie_embeddings: bool = True  # a saved config without the field is a tied model
 
     @classmethod
     def from_params(cls, model: ModelParams, vocab_size: int) -> GPTConfig:

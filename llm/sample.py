@@ -83,15 +83,16 @@ def generate_many(
             if len(tokens[0]) >= block:
                 past = None  # absolute positions: a cropped window cannot reuse the old cache
         for i, sp in enumerate(sps):
-            nxt = pick(logits[i, -1], sp, generators[i]) if not done[i] else tokens[i][-1]
-            tokens[i].append(nxt)
             if done[i]:
+                tokens[i].append(tokens[i][-1])  # a finished row keeps pace with the others
                 continue
+            nxt = pick(logits[i, -1], sp, generators[i])
+            tokens[i].append(nxt)
             if eos_id is not None and nxt == eos_id:
                 done[i] = True
-                continue
-            out[i].append(nxt)
-            done[i] = len(out[i]) >= sp.max_new_tokens
+            else:
+                out[i].append(nxt)
+                done[i] = len(out[i]) >= sp.max_new_tokens
     return out
 
 

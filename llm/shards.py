@@ -338,7 +338,7 @@ def int_dtype(arrow_type: pa.DataType) -> np.dtype:
 
 def int_view(arr: pa.Array) -> np.ndarray:
     """An Arrow integer array without nulls as a zero-copy, read-only numpy view. pyarrow's own
-    to_numpy imports pandas on first use: 0.3-0.5 s of the start-up of every stage that reads shards."""
+    to_numpy imports pandas on first use, a cost in the start-up of every stage that reads shards."""
     if arr.null_count:
         raise ValueError(f"{arr.null_count} nulls in an array of {arr.type} token ids or lengths")
     dtype = int_dtype(arr.type)

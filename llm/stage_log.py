@@ -139,8 +139,7 @@ def main() -> int:
     from llm.progress import setup_logging
 
     setup_logging("INFO")
-    # Not niced: on a busy machine (the suite, a shared server) a nice 10 worker got a tenth of a
-    # core, and the stage, done with its own work, waited minutes for it (docs/LOG.md).
+    # At the stage's own priority: niced, it starves on a busy machine while the stage waits for it.
     start = json.loads(sys.stdin.readline())
     params, layout = Params.model_validate(start["params"]), Layout.of(start["root"], start["run_dir"])
     # the import and the store, warm while the stage works; an error waits for the stage's RunLog
